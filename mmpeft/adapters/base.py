@@ -1,0 +1,56 @@
+"""The adapter contract and the wrapper that puts an adapter beside a base layer.
+
+An adapter plugin is a class registered under the entry-point group
+``mmpeft.adapters``. It is an ``nn.Module`` that computes only the *update*
+``delta(x)``; :class:`AdaptedLinear` adds it to the frozen base layer's output, so
+no adapter ever copies or subclasses the model's own layers, and every adapter
+works on every quantization through the one seam in :mod:`mmpeft.adapters.quant`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from mmpeft.adapters.quant import base_forward
+
+
+@runtime_checkable
+class AdapterPlugin(Protocol):
+    """What an adapter class registered under ``mmpeft.adapters`` provides.
+
+    ``config_class`` is a dataclass whose fields are the adapter's hyperparameters;
+    the class is constructed as ``cls(in_features, out_features, config)`` and called
+    as ``delta = module(x)`` with ``x`` of shape ``(..., in_features)`` returning
+    ``(..., out_features)``. Its parameters are the trainable ones.
+    """
+
+    config_class: ClassVar[type]
+
+    def __call__(self, in_features: int, out_features: int, config: Any) -> nn.Module: ...
+
+
+class AdaptedLinear(nn.Module):
+    """``y = base(x) + adapter(x)``: a frozen base linear layer with an adapter beside it."""
+
+    def __init__(self, base: nn.Linear, adapter: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+        self.adapter_name = adapter_name
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Some model code reads `.weight` of a projection (e.g. for its dtype); point it at the base.
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = base_forward(self.base, x)  # (..., out_features)
+        return y + self.adapter(x).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter_name!r}"

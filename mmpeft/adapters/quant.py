@@ -1,0 +1,43 @@
+"""The one seam between adapters and (possibly quantized) base layers.
+
+Every adapter layer runs its frozen base layer through :func:`base_forward` and
+reads its weight through :func:`dequantized_weight`; nothing else in the project
+knows how bitsandbytes stores a 4-bit or 8-bit matrix. Adding a quantization
+backend means extending these functions, not writing a layer class per adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for plain and bitsandbytes linear layers (both subclass ``nn.Linear``)."""
+    return isinstance(module, nn.Linear)
+
+
+def quantization_of(layer: nn.Module) -> str:
+    """``"nf4"``/``"fp4"`` for 4-bit layers, ``"int8"`` for 8-bit, ``"none"`` otherwise."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return layer.weight.quant_type
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return "int8"
+    return "none"
+
+
+def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run the frozen base layer. bitsandbytes layers dequantize inside their own kernels."""
+    return layer(x)
+
+
+def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
+    """The base weight as a float32 ``(out_features, in_features)`` tensor."""
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt) and getattr(weight, "SCB", None) is not None:
+        return (weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0)
+    return weight.detach().float()
