@@ -1,0 +1,451 @@
+"""Tiny, randomly initialised multimodal checkpoints of real transformers architectures.
+
+`build_tiny_model` writes a folder that loads back through exactly the path a real
+checkpoint takes (`AutoProcessor.from_pretrained` / `AutoModelForImageTextToText.from_pretrained`,
+optionally 4-bit through bitsandbytes), so tests and smoke runs exercise the same code as
+production without network access or model downloads.
+
+Everything is created locally: a byte-level BPE tokenizer trained on a small built-in corpus,
+the family's image processor sized for ~16 image tokens per small image, a chat template that
+mimics the real checkpoint's, and a model with a few thousand parameters per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+__all__ = ["FAMILIES", "MARKER_FILE", "build_tiny_model"]
+
+FAMILIES = ("llava", "qwen2_vl")
+
+# Written last: its presence means every other file of the build is complete.
+MARKER_FILE = ".mmpeft-tiny.json"
+# Bump when the layout of a build changes so stale caches are rebuilt rather than reused.
+_BUILD_VERSION = 2
+
+# Shared text-model size (both families).
+_TEXT_HIDDEN = 64
+_TEXT_LAYERS = 2
+_TEXT_HEADS = 4
+_TEXT_KV_HEADS = 2
+_TEXT_INTERMEDIATE = 128
+_MAX_POSITIONS = 4096
+_TARGET_VOCAB = 1000
+
+# LLaVA: a 32x32 crop cut into 8x8 CLIP patches gives 16 patches (+ CLS, dropped by "default").
+_LLAVA_IMAGE_SIZE = 32
+_LLAVA_PATCH = 8
+# Qwen2-VL: every image is resized to 64x64 pixels, cut into 8x8 patches (an 8x8 grid) and
+# 2x2-merged, so any small image becomes 16 image tokens.
+_QWEN_PATCH = 8
+_QWEN_MERGE = 2
+_QWEN_TEMPORAL_PATCH = 2
+_QWEN_PIXELS = 64 * 64
+# Text head_dim is 16, so rotary uses 8 frequency pairs split over (temporal, height, width);
+# same 1:1.5:1.5 proportions as the real [16, 24, 24] for head_dim 128.
+_QWEN_MROPE_SECTION = [2, 3, 3]
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+_SHAPES = ("circle", "square", "triangle")
+_NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_POSITIONS = ("left", "right", "top", "bottom")
+
+_NOUNS = (
+    "cat dog bird fish horse cow sheep tree flower house car bus train boat ship plane road river lake sea "
+    "mountain hill city town street garden park school teacher student book pen paper table chair door "
+    "window wall floor roof kitchen bread apple banana water milk tea coffee cake ball game music song "
+    "picture photo camera phone computer friend family mother father child baby man woman person day "
+    "night morning evening week year time world country forest field farm beach island bridge tower "
+    "market shop store restaurant hospital office library museum station airport village sky cloud "
+    "rain snow wind storm star moon sun grass leaf stone sand box bag cup plate bottle glass key clock lamp "
+    "question answer story letter number colour shape line circle corner edge middle side front back "
+    "jacket shoe hat umbrella blanket pillow mirror basket ladder bicycle wheel engine rocket robot"
+)
+_VERBS = (
+    "sees likes wants finds makes takes gives shows holds draws paints reads writes opens closes carries "
+    "moves follows watches helps builds cleans cooks brings buys sells keeps leaves meets visits "
+    "throws catches pushes pulls fixes counts sorts compares describes remembers"
+)
+_ADJECTIVES = (
+    "big small old new happy sad bright dark warm cold long short tall round flat soft hard quick slow "
+    "quiet loud clean dirty empty full heavy light young early late simple beautiful strange friendly "
+    "shiny wooden plastic golden careful curious gentle narrow wide"
+)
+
+_LLAVA_SPECIALS = {"bos": "<s>", "eos": "</s>", "unk": "<unk>", "pad": "<pad>", "image": "<image>"}
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# Same pre-tokenisation as transformers' Qwen2Tokenizer, which rebuilds its pipeline from
+# vocab/merges on load: training with anything else would tokenize differently after a reload.
+_QWEN_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Like llava-hf/llava-1.5-7b-hf ("USER: <image>\n... ASSISTANT: ...</s>"), but also accepts
+# string content and an optional leading system message.
+_LLAVA_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}"
+    "{%- set parts = message['content'] -%}"
+    "{%- endif -%}"
+    "{%- set text = parts | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ text + ' ' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}"
+    "{%- for part in parts | selectattr('type', 'equalto', 'image') -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{{ text + ' ' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ 'ASSISTANT: ' + text + '</s>' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# Qwen/Qwen2-VL-2B-Instruct's template.
+_QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_model(
+    family: str, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False
+) -> pathlib.Path:
+    """Build, save and return `out_dir` holding a tiny random checkpoint of `family`.
+
+    A complete build of the same family and seed already in `out_dir` is reused untouched
+    unless `overwrite` is set. The build happens in a temporary sibling folder that is renamed
+    into place at the end, so an interrupted build never leaves a complete-looking folder.
+    A non-empty `out_dir` that is not a tiny-model build is only replaced with `overwrite=True`.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    out = pathlib.Path(out_dir)
+    wanted = {"family": family, "seed": seed, "version": _BUILD_VERSION}
+    if not overwrite and _read_marker(out) == wanted:
+        return out
+    if out.exists() and any(out.iterdir()) and _read_marker(out) is None and not overwrite:
+        raise FileExistsError(f"{out} is not empty and holds no tiny model build; pass overwrite=True to replace it")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        _BUILDERS[family](staging, seed)
+        (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _read_marker(out: pathlib.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+    # A directory can only be renamed onto an empty one, so an old build is moved aside first
+    # and deleted only once the new one is in place.
+    retired = None
+    if out.exists():
+        retired = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, retired / "build")
+    os.replace(staging, out)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _corpus() -> list[str]:
+    """A few hundred lines of simple English covering the synthetic data's vocabulary."""
+    lines = [
+        "Describe the image in one sentence.",
+        "What is in the picture? Please answer the question with a short answer.",
+        "You are a helpful assistant.",
+        "USER: What do you see? ASSISTANT: I see a picture.",
+        "system\nuser\nassistant\nThe system asks the user, and the assistant answers the user.",
+        "Yes, that is right. No, that is not correct.",
+        "The answer is yes. The answer is no.",
+        "Count the objects and tell me the number.",
+        "The image shows a simple scene with a few objects.",
+        "0 1 2 3 4 5 6 7 8 9 10",
+    ]
+    for colour in _COLOURS:
+        for shape in _SHAPES:
+            lines += [
+                f"There is a {colour} {shape} in the image.",
+                f"What color is the {shape}? The {shape} is {colour}.",
+                f"What shape is the {colour} object? It is a {shape}.",
+                f"Is there a {colour} {shape} in the image? yes",
+                f"Is there an {colour} {shape} on the left? no",
+                # Chat-template words, so USER/ASSISTANT/user/assistant become single tokens.
+                f"USER: What color is the {shape}? ASSISTANT: {colour}",
+                f"user\nWhat shape is {colour}?\nassistant\nA {shape}.",
+            ]
+            for position in _POSITIONS:
+                lines.append(f"The {colour} {shape} is on the {position} of the image.")
+    for number, word in enumerate(_NUMBER_WORDS, start=1):
+        lines += [
+            f"How many shapes are there? There are {word} shapes.",
+            f"How many shapes are there in the image? {number}",
+            f"I can count {word} ({number}) shapes in the image.",
+        ]
+    # Everyday sentences built by striding through small word lists (co-prime strides give
+    # varied combinations) so the tokenizer also learns ordinary English words.
+    nouns, verbs, adjectives = _NOUNS.split(), _VERBS.split(), _ADJECTIVES.split()
+    for i, noun in enumerate(nouns):
+        adjective, verb = adjectives[i % len(adjectives)], verbs[i % len(verbs)]
+        other, place = nouns[(i * 7 + 3) % len(nouns)], nouns[(i * 11 + 5) % len(nouns)]
+        lines += [
+            f"The {adjective} {noun} {verb} a {adjectives[(i * 5 + 1) % len(adjectives)]} {other} near the {place}.",
+            f"Where is the {noun}? It is in the {place}, next to the {other}.",
+            f"My friend said that the {noun} was very {adjective} today, and I agree.",
+        ]
+    return lines
+
+
+def _train_bpe(pre_tokenizer: pre_tokenizers.PreTokenizer, special_tokens: list[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE; the 256-byte initial alphabet lets any text round-trip."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return tokenizer
+
+
+def _llava_tokenizer() -> PreTrainedTokenizerFast:
+    specials = _LLAVA_SPECIALS
+    # <unk>, <s>, </s> take ids 0-2 as in Llama; <image> then <pad> follow the vocabulary as in
+    # llava-hf/llava-1.5-7b-hf (32000, 32001).
+    backend = _train_bpe(
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        [specials["unk"], specials["bos"], specials["eos"]],
+        _TARGET_VOCAB - 2,
+    )
+    backend.add_special_tokens([specials["image"], specials["pad"]])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=specials["bos"],
+        eos_token=specials["eos"],
+        unk_token=specials["unk"],
+        pad_token=specials["pad"],
+        extra_special_tokens={"image_token": specials["image"]},
+        add_bos_token=True,  # Llama tokenizers prepend <s>; the chat template does not
+        add_eos_token=False,
+        padding_side="right",
+        model_max_length=_MAX_POSITIONS,
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend = _train_bpe(pre_tokenizer, [], _TARGET_VOCAB - len(_QWEN_SPECIALS))
+    model = json.loads(backend.to_str())["model"]
+    # Special tokens follow the vocabulary in Qwen2's order (<|endoftext|> first), so their ids
+    # do not depend on the order in which the tokenizer class registers them.
+    vocab = dict(model["vocab"])
+    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(_QWEN_SPECIALS)})
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[tuple(merge) for merge in model["merges"]],
+        unk_token=None,
+        eos_token="<|im_end|>",  # as in Qwen2-VL-*-Instruct
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        model_max_length=_MAX_POSITIONS,
+        chat_template=_QWEN_CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIALS)})
+    return tokenizer
+
+
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise RuntimeError(f"tokenizer has no id for special token {token!r}")
+    return token_id
+
+
+def _build_llava(out: pathlib.Path, seed: int) -> None:
+    tokenizer = _llava_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    ids = {name: _token_id(tokenizer, token) for name, token in _LLAVA_SPECIALS.items()}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=_LLAVA_IMAGE_SIZE,
+            patch_size=_LLAVA_PATCH,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=_TEXT_HIDDEN,
+            intermediate_size=_TEXT_INTERMEDIATE,
+            num_hidden_layers=_TEXT_LAYERS,
+            num_attention_heads=_TEXT_HEADS,
+            num_key_value_heads=_TEXT_KV_HEADS,
+            max_position_embeddings=_MAX_POSITIONS,
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+            pad_token_id=ids["pad"],
+        ),
+        image_token_index=ids["image"],
+        image_seq_length=(_LLAVA_IMAGE_SIZE // _LLAVA_PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    generation_config = GenerationConfig(
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
+    )
+    _save_model(LlavaForConditionalGeneration, config, generation_config, out, seed)
+    processor.save_pretrained(out)
+
+
+def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
+    tokenizer = _qwen_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=_QWEN_PIXELS,
+        max_pixels=_QWEN_PIXELS,
+        patch_size=_QWEN_PATCH,
+        temporal_patch_size=_QWEN_TEMPORAL_PATCH,
+        merge_size=_QWEN_MERGE,
+    )
+    ids = {token: _token_id(tokenizer, token) for token in _QWEN_SPECIALS}
+    end_of_text, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": _TEXT_HIDDEN,
+            "intermediate_size": _TEXT_INTERMEDIATE,
+            "num_hidden_layers": _TEXT_LAYERS,
+            "num_attention_heads": _TEXT_HEADS,
+            "num_key_value_heads": _TEXT_KV_HEADS,
+            "max_position_embeddings": _MAX_POSITIONS,
+            "max_window_layers": _TEXT_LAYERS,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
+            "bos_token_id": end_of_text,
+            "eos_token_id": im_end,
+            "pad_token_id": end_of_text,
+        },
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": _TEXT_HIDDEN,  # the merger projects straight into the text model
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": _QWEN_PATCH,
+            "spatial_merge_size": _QWEN_MERGE,
+            "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    generation_config = GenerationConfig(
+        bos_token_id=end_of_text, eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text
+    )
+    _save_model(Qwen2VLForConditionalGeneration, config, generation_config, out, seed)
+    # Saved part by part, the layout of Qwen/Qwen2-VL-2B-Instruct (preprocessor_config.json plus
+    # tokenizer files): building a Qwen2VLProcessor needs its video processor, which needs
+    # torchvision. AutoProcessor rebuilds the processor from these files, and the video
+    # processor from preprocessor_config.json, where torchvision is installed.
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+
+
+def _save_model(
+    model_class: type[PreTrainedModel],
+    config: PreTrainedConfig,
+    generation_config: GenerationConfig,
+    out: pathlib.Path,
+    seed: int,
+) -> None:
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    model.generation_config = generation_config
+    model.save_pretrained(out)  # safetensors
+
+
+_BUILDERS = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}
