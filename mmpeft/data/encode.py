@@ -1,0 +1,143 @@
+"""Turn a parsed sample into model inputs with its processor, and batch them.
+
+Label masking works for any chat template without special markers: each assistant
+turn's characters are found by rendering the conversation up to the turn with and
+without it (templates render prefixes stably), tokens are mapped to characters with
+the fast tokenizer's offsets, and the processor's image-token expansion is aligned
+back by dropping image tokens on both sides. Only assistant tokens (their end-of-turn
+token included) are trained on; prompts, images and padding are ``-100``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from mmpeft.data.sample import Sample, SampleError, parse_sample
+
+IGNORE_INDEX = -100
+REPORT_FIRST = 5
+"""How many skipped samples per reason are reported with their shard and key."""
+
+log = logging.getLogger("mmpeft.data")
+
+
+def image_token_id(processor: Any) -> int:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return int(token_id)
+
+
+class ChatEncoder:
+    """Callable for a WebDataset pipeline: raw sample -> encoded sample, or ``None`` when skipped (and counted)."""
+
+    def __init__(self, processor: Any, tasks: list[str], max_length: int) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.task_ids = {task: i for i, task in enumerate(tasks)}
+        self.max_length = max_length
+        self.image_token_id = image_token_id(processor)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        self.skipped: Counter[str] = Counter()
+        """Skips since the last batch was collated, by reason (shipped with the batch, so counts survive worker processes)."""
+        self._reported: Counter[str] = Counter()
+
+    # -- one sample -------------------------------------------------------------------------
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.encode(parse_sample(raw))
+        except SampleError as exc:
+            self.skipped[exc.reason] += 1
+            self._reported[exc.reason] += 1
+            if self._reported[exc.reason] <= REPORT_FIRST:
+                log.warning("skipped sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+            return None
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The chat as text and the character span of every assistant turn in it."""
+        apply = self.processor.apply_chat_template
+        text = apply(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = apply(messages[:i], tokenize=False, add_generation_prompt=True)
+            upto = apply(messages[: i + 1], tokenize=False)
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise SampleError("template_not_prefix_stable", "the chat template renders prefixes differently")
+            spans.append((len(prompt), len(upto)))
+        return text, spans
+
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        if sample.task not in self.task_ids:
+            raise SampleError("unknown_task", f"task {sample.task!r} is not in the task vocabulary")
+        text, spans = self.render(sample.messages)
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
+        enc = self.processor(
+            text=[text], images=sample.images or None, return_tensors="pt", add_special_tokens=add_special
+        )
+        ids = enc["input_ids"][0]  # (L,) with image placeholders expanded
+        plain = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        plain_ids = torch.tensor(plain["input_ids"])  # (n,) one token per image placeholder
+        offsets = torch.tensor(plain["offset_mapping"]).reshape(-1, 2)  # (n, 2) character spans
+        start, end = offsets[:, 0], offsets[:, 1]
+        plain_target = torch.zeros_like(plain_ids, dtype=torch.bool)
+        for a, b in spans:
+            plain_target |= (start >= a) & (start < b) & (end > start)
+
+        is_image = ids == self.image_token_id
+        plain_is_image = plain_ids == self.image_token_id
+        if not torch.equal(ids[~is_image], plain_ids[~plain_is_image]):
+            raise SampleError("tokenization_mismatch", "processor and tokenizer disagree outside image tokens")
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        target[~is_image] = plain_target[~plain_is_image]
+
+        length = ids.numel()
+        if length > self.max_length:
+            if is_image[self.max_length :].any():
+                raise SampleError("too_long", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
+            length = self.max_length
+        if not target[:length].any():
+            raise SampleError("no_target_tokens", "no assistant token left within max_length")
+
+        labels = torch.where(target, ids, IGNORE_INDEX)[:length]
+        tokens, images = {}, {}
+        for name, value in enc.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() == 2 and value.shape == (1, ids.numel()):
+                tokens[name] = value[0, :length]  # per-token inputs: input_ids, attention_mask, ...
+            else:
+                images[name] = value  # pixel_values, image_grid_thw, image_sizes, ...: concatenated across a batch
+        return {"key": sample.key, "task_id": self.task_ids[sample.task], "tokens": tokens, "images": images, "labels": labels}
+
+    # -- a batch ----------------------------------------------------------------------------
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad the token inputs and concatenate the image inputs of ``items``."""
+        longest = max(item["labels"].numel() for item in items)
+        inputs: dict[str, torch.Tensor] = {}
+        for name in items[0]["tokens"]:
+            fill = self.pad_token_id if name == "input_ids" else 0
+            inputs[name] = torch.full((len(items), longest), fill, dtype=items[0]["tokens"][name].dtype)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
+        for row, item in enumerate(items):
+            n = item["labels"].numel()
+            for name, value in item["tokens"].items():
+                inputs[name][row, :n] = value
+            labels[row, :n] = item["labels"]
+        for name in {name for item in items for name in item["images"]}:
+            inputs[name] = torch.cat([item["images"][name] for item in items if name in item["images"]])
+        skipped, self.skipped = dict(self.skipped), Counter()
+        return {
+            "inputs": inputs,
+            "labels": labels,
+            "task_ids": torch.tensor([item["task_id"] for item in items]),  # (batch,)
+            "keys": [item["key"] for item in items],
+            "skipped": skipped,
+        }

@@ -1,0 +1,82 @@
+"""Parse one raw WebDataset sample into a task label, a chat and its images.
+
+Format (docs/data.md): ``<key>.json`` holds ``{"task": ..., "messages": [...]}``;
+the k-th ``{"type": "image"}`` part of the conversation is ``<key>.img{k}.<ext>``
+(a lone ``<key>.jpg``/``.png`` counts as ``img0``). Anything wrong with a sample
+raises :class:`SampleError` with a short reason used as a skip-counter name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class SampleError(Exception):
+    """A sample that cannot be used; ``reason`` names the skip counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    key: str
+    task: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image]
+
+
+def _normalise_content(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list) and all(isinstance(p, dict) and "type" in p for p in content):
+        return content
+    raise SampleError("bad_json", "message content must be a string or a list of typed parts")
+
+
+def _image_bytes(raw: dict[str, Any], k: int) -> bytes | None:
+    for ext in IMAGE_EXTENSIONS:
+        value = raw.get(f"img{k}.{ext}")
+        if value is None and k == 0:
+            value = raw.get(ext)
+        if value is not None:
+            return value
+    return None
+
+
+def parse_sample(raw: dict[str, Any]) -> Sample:
+    """Decode ``raw`` (webdataset's dict of key -> bytes) into a :class:`Sample`."""
+    key = raw.get("__key__", "?")
+    try:
+        meta = json.loads(raw["json"])
+        task = meta["task"]
+        messages = [{"role": m["role"], "content": _normalise_content(m["content"])} for m in meta["messages"]]
+    except SampleError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SampleError("bad_json", f"{type(exc).__name__}: {exc}") from exc
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError("no_assistant_turn")
+    n_images = sum(p["type"] == "image" for m in messages for p in m["content"])
+    images = []
+    for k in range(n_images):
+        data = _image_bytes(raw, k)
+        if data is None:
+            raise SampleError("image_count_mismatch", f"the text has {n_images} image(s) but img{k} is missing")
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as exc:  # PIL raises many types for corrupt files
+            raise SampleError("bad_image", f"img{k}: {exc}") from exc
+        images.append(image.convert("RGB"))
+    if _image_bytes(raw, n_images) is not None:
+        raise SampleError("image_count_mismatch", f"more image files than the {n_images} image part(s) in the text")
+    return Sample(key=key, task=task, messages=messages, images=images)
