@@ -1,0 +1,78 @@
+"""``python -m mmpeft``: LightningCLI's fit/validate/test/predict plus a few tools beside them.
+
+    python -m mmpeft fit --config configs/demo.yaml
+    python -m mmpeft adapters                     # registered adapter plugins
+    python -m mmpeft tiny-model --family llava --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningCLI
+
+from mmpeft import registry
+from mmpeft.errors import ConfigError
+
+
+class MMPeftCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data is encoded by the model's own processor unless the config says otherwise.
+        parser.link_arguments("model.backbone.pretrained", "data.processor")
+        parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
+
+
+def cmd_adapters(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="mmpeft adapters", description="List the adapter plugins registered under the 'mmpeft.adapters' entry-point group.").parse_args(argv)
+    rows = registry.describe(registry.ADAPTERS)
+    width = max([len(r.name) for r in rows] + [4])
+    dist_width = max([len(r.distribution) for r in rows] + [12])
+    print(f"{'name':<{width}}  {'distribution':<{dist_width}}  class")
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.distribution:<{dist_width}}  {r.target}" + (f"  [BROKEN: {r.error}]" if r.error else ""))
+    return 0
+
+
+def cmd_tiny_model(argv: list[str]) -> int:
+    from mmpeft.models.tiny import FAMILIES, build_tiny_model
+
+    parser = argparse.ArgumentParser(prog="mmpeft tiny-model", description="Build a tiny random multimodal model of a real architecture, with its processor, for demos and tests.")
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--out", required=True, help="output folder (reused when it already holds a build)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.family, args.out, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"adapters": cmd_adapters, "tiny-model": cmd_tiny_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli_args = argv  # None: LightningCLI reads sys.argv itself
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in TOOLS:
+            return TOOLS[argv[0]](argv[1:])
+        if not argv or argv[0] in ("-h", "--help"):
+            print("tools: " + ", ".join(TOOLS) + "  (python -m mmpeft TOOL --help)\n")
+        # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        from mmpeft.data import ShardDataModule
+        from mmpeft.module import MMPeftModule
+
+        MMPeftCLI(
+            MMPeftModule,
+            ShardDataModule,
+            args=cli_args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+        )
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

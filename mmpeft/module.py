@@ -1,0 +1,143 @@
+"""The LightningModule: a quantized multimodal backbone with adapters in its language model.
+
+The loss is the LM loss on assistant tokens plus the adapters' auxiliary losses.
+The model is loaded in ``configure_model`` (on the strategy's device, after the data
+is prepared) so that the tiny demo model can be built in ``prepare_data`` first and
+distributed strategies place weights themselves.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.data.encode import IGNORE_INDEX
+from mmpeft.models.backbone import Backbone, language_model, load_backbone
+
+
+@dataclass
+class Optim:
+    """Optimizer and learning-rate schedule."""
+
+    lr: float = 2e-4
+    """Peak learning rate (QLoRA and the AsymLoRA reference script use 2e-4)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay on the trainable tensors."""
+
+    warmup: float = 0.03
+    """Linear warmup: a fraction of all steps when < 1, else a number of steps. Cosine decay to 0 follows."""
+
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    """``adamw`` is torch's; the 8-bit ones are bitsandbytes' (paged needs CUDA) and save optimizer memory."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates."""
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the tokens whose label is not ``IGNORE_INDEX``."""
+    logits = logits[:, :-1].flatten(0, 1).float()  # (batch * (seq - 1), vocab)
+    targets = labels[:, 1:].flatten()  # (batch * (seq - 1),)
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+
+
+class MMPeftModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapters: list[AdapterGroup] | None = None,
+        optim: Optim = Optim(),
+    ) -> None:
+        """Adapter fine-tuning of a (quantized) multimodal model.
+
+        Args:
+            backbone: The multimodal checkpoint and how to load it.
+            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on every linear layer.
+            optim: Optimizer and schedule.
+        """
+        super().__init__()
+        adapters = adapters if adapters is not None else [AdapterGroup()]
+        self.save_hyperparameters()
+        self.backbone = backbone
+        self.adapter_groups = adapters
+        self.optim = optim
+        for i, group in enumerate(adapters):
+            group.resolve(i)  # unknown adapter names and keys fail here, before any model is loaded
+        if backbone.build_tiny is None:
+            backbone.check_exists()
+        self.model: torch.nn.Module | None = None
+        # Checkpoints hold only trainable tensors, so loading one must accept the frozen base's absence.
+        self.strict_loading = False
+        self._skipped: Counter[str] = Counter()
+
+    # -- setup ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.backbone.build_tiny is not None:
+            from mmpeft.models.tiny import build_tiny_model
+
+            build_tiny_model(self.backbone.build_tiny, self.backbone.pretrained)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = load_backbone(self.backbone, self.trainer.strategy.root_device)
+        inject_adapters(language_model(model), self.adapter_groups)
+        self.model = model
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- steps ------------------------------------------------------------------------------
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        logits = self(batch["inputs"])
+        loss = lm_loss(logits, batch["labels"])
+        size = batch["labels"].shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
+        for reason, count in batch.get("skipped", {}).items():
+            self._skipped[reason] += count
+            self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=size)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    # -- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        params = self.trainable_parameters()
+        if o.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        else:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if o.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+            optimizer = cls(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen base can be reloaded from `backbone.pretrained`; keep checkpoints adapter-sized.
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
