@@ -90,7 +90,8 @@ class MMPeftModule(L.LightningModule):
             return
         model = load_backbone(self.backbone, self.trainer.strategy.root_device)
         inject_adapters(language_model(model), self.adapter_groups)
-        self.model = model
+        # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
+        self.model = model.train()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

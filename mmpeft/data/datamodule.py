@@ -61,6 +61,7 @@ def resolve_shards(spec: str, what: str) -> list[str]:
     if _is_remote(spec):
         return list(braceexpand(spec))
     path = Path(spec).expanduser()
+    missing: list[str] = []
     if path.is_dir():
         index = path / INDEX
         if index.is_file():
@@ -68,18 +69,32 @@ def resolve_shards(spec: str, what: str) -> list[str]:
         else:
             urls = sorted(str(p) for p in path.glob("*.tar"))
     else:
-        urls = [p for pattern in braceexpand(spec) for p in sorted(glob.glob(str(Path(pattern).expanduser())))]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if not urls or missing:
-        detail = f"missing: {', '.join(missing[:3])}" if missing else "no file matches"
-        raise ConfigError(f"{what}: shard pattern {spec!r} matches no usable shards ({detail})")
+        urls = []
+        for pattern in braceexpand(spec):
+            pattern = str(Path(pattern).expanduser())
+            if glob.has_magic(pattern):
+                urls += sorted(glob.glob(pattern))
+            else:  # a named shard (from a brace range) must exist
+                (urls if Path(pattern).is_file() else missing).append(pattern)
+    missing += [u for u in urls if not Path(u).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(f"{what}: shard pattern {spec!r} names missing shards: {', '.join(missing[:3])}{more}")
+    if not urls:
+        raise ConfigError(f"{what}: shard pattern {spec!r} matches no file")
     return urls
 
 
-def read_tasks(spec: str) -> list[str] | None:
-    """The task vocabulary from a shard directory's index, if there is one."""
-    index = Path(spec).expanduser() / INDEX
+def read_tasks(urls: list[str]) -> list[str] | None:
+    """The task vocabulary from the ``dataset.json`` beside the first local shard, if there is one."""
+    if not urls or _is_remote(urls[0]):
+        return None
+    index = Path(urls[0]).parent / INDEX
     return list(json.loads(index.read_text())["tasks"]) if index.is_file() else None
+
+
+# Which splits each Lightning stage reads; the first is required.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -116,29 +131,39 @@ class ShardDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        # Under LightningCLI, hparams hold the config as parsed (dicts), not the instances.
+        self.prepare_runs = list(prepare or [])
+        self.urls: dict[str, list[str]] = {}
+        """Resolved shard files per split, filled by ``setup``."""
         self.encoder: ChatEncoder | None = None
 
     def prepare_data(self) -> None:
-        for run in self.hparams.prepare or []:
+        for run in self.prepare_runs:
             run.run()
 
     def setup(self, stage: str) -> None:
+        hp = self.hparams
+        # Every shard pattern this stage reads must resolve before any model work starts.
+        required = STAGE_SPLITS[stage][0]
+        for split in STAGE_SPLITS[stage]:
+            spec = getattr(hp, split)
+            if spec is None and split == required:
+                raise ConfigError(f"data.{split} is not set; `{stage}` needs it")
+            if spec is not None and split not in self.urls:
+                self.urls[split] = resolve_shards(spec, f"data.{split}")
         if self.encoder is not None:
             return
-        hp = self.hparams
         if not hp.processor:
             raise ConfigError("data.processor is not set (it defaults to model.backbone.pretrained)")
-        tasks = hp.tasks or (read_tasks(hp.train) if hp.train else None) or (read_tasks(hp.val) if hp.val else None)
+        tasks = hp.tasks or next(filter(None, (read_tasks(urls) for urls in self.urls.values())), None)
         if not tasks:
-            raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary was found")
+            raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary lies beside the shards")
         self.tasks = list(tasks)
         processor = load_processor(hp.processor, hp.trust_remote_code)
         self.encoder = ChatEncoder(processor, self.tasks, hp.max_length)
 
-    def _loader(self, spec: str | None, what: str, train: bool) -> DataLoader:
-        if spec is None:
-            raise ConfigError(f"data.{what} is not set")
-        urls = resolve_shards(spec, f"data.{what}")
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        urls = self.urls[split]
         dataset = wds.WebDataset(
             urls,
             shardshuffle=len(urls) if train else False,
@@ -154,11 +179,11 @@ class ShardDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0 and train)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.train, "train", train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         # No validation shards means no validation loop (Lightning skips an empty list).
-        return self._loader(self.hparams.val, "val", train=False) if self.hparams.val else []
+        return self._loader("val", train=False) if "val" in self.urls else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.test, "test", train=False)
+        return self._loader("test", train=False)

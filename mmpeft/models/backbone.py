@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import logging
+import re
 from typing import Literal
 
 import torch
@@ -94,9 +95,10 @@ def language_model(model: nn.Module) -> nn.Module:
 
 def _skip_modules(backbone: Backbone) -> list[str]:
     # Never quantize the LM head (QLoRA keeps it in 16-bit) or a projector that will be trained.
+    # transformers matches these as regexes from the start of a module path, or as suffixes.
     skip = ["lm_head"]
     if backbone.train_projector:
-        skip += ["multi_modal_projector", "merger", "connector"]
+        skip += [r"(.*\.)?" + re.escape(path.rsplit("model.", 1)[-1]) for path in PROJECTOR_PATHS]
     return skip
 
 
@@ -181,6 +183,6 @@ def prepare_for_training(model: nn.Module, backbone: Backbone) -> None:
         projector = get_path(model, PROJECTOR_PATHS, "projector")[1]
         projector.float().requires_grad_(True)
     if backbone.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph connected.
         model.enable_input_require_grads()

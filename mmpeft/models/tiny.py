@@ -45,7 +45,7 @@ FAMILIES = ("llava", "qwen2_vl")
 # Written last: its presence means every other file of the build is complete.
 MARKER_FILE = ".mmpeft-tiny.json"
 # Bump when the layout of a build changes so stale caches are rebuilt rather than reused.
-_BUILD_VERSION = 2
+_BUILD_VERSION = 3
 
 # Shared text-model size (both families).
 _TEXT_HIDDEN = 64
@@ -55,12 +55,17 @@ _TEXT_KV_HEADS = 2
 _TEXT_INTERMEDIATE = 128
 _MAX_POSITIONS = 4096
 _TARGET_VOCAB = 1000
+# A random frozen LM head with the usual std of 0.02 bounds every logit at about
+# 0.02 * hidden * 1 = 1.3, so no adapter could push the loss far below ln(vocab). A wider
+# init gives the frozen head the logit range a trained one has, and the demo's loss room to fall.
+_TEXT_INIT_STD = 0.1
 
 # LLaVA: a 32x32 crop cut into 8x8 CLIP patches gives 16 patches (+ CLS, dropped by "default").
 _LLAVA_IMAGE_SIZE = 32
 _LLAVA_PATCH = 8
-# Qwen2-VL: every image is resized to 64x64 pixels, cut into 8x8 patches (an 8x8 grid) and
-# 2x2-merged, so any small image becomes 16 image tokens.
+# Qwen2-VL: every image is resized to roughly 64x64 pixels (keeping its aspect ratio, sides
+# rounded to 16), cut into 8x8 patches and 2x2-merged: a square image becomes 16 image tokens,
+# others a few more, and, as in the real model, the count varies with the image.
 _QWEN_PATCH = 8
 _QWEN_MERGE = 2
 _QWEN_TEMPORAL_PATCH = 2
@@ -366,6 +371,7 @@ def _build_llava(out: pathlib.Path, seed: int) -> None:
             num_attention_heads=_TEXT_HEADS,
             num_key_value_heads=_TEXT_KV_HEADS,
             max_position_embeddings=_MAX_POSITIONS,
+            initializer_range=_TEXT_INIT_STD,
             bos_token_id=ids["bos"],
             eos_token_id=ids["eos"],
             pad_token_id=ids["pad"],
@@ -403,6 +409,7 @@ def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
             "num_key_value_heads": _TEXT_KV_HEADS,
             "max_position_embeddings": _MAX_POSITIONS,
             "max_window_layers": _TEXT_LAYERS,
+            "initializer_range": _TEXT_INIT_STD,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
             "bos_token_id": end_of_text,
             "eos_token_id": im_end,
