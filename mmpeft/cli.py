@@ -11,18 +11,31 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
-
 from mmpeft import registry
 from mmpeft.errors import ConfigError
 
 
-class MMPeftCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The data is encoded by the model's own processor unless the config says otherwise.
-        parser.link_arguments("model.backbone.pretrained", "data.processor")
-        parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
+def run_lightning_cli(args: list[str] | None) -> None:
+    """LightningCLI's fit/validate/test/predict on the mmpeft module and data module.
+
+    Imported here, not at module level: Lightning takes seconds to import and the tools
+    beside it (``adapters``, ``tiny-model``) do not need it.
+    """
+    from jsonargparse import set_parsing_settings
+    from lightning.pytorch.cli import LightningCLI
+
+    from mmpeft.data import ShardDataModule
+    from mmpeft.module import MMPeftModule
+
+    class MMPeftCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The data is encoded by the model's own processor unless the config says otherwise.
+            parser.link_arguments("model.backbone.pretrained", "data.processor")
+            parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
+
+    # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    MMPeftCLI(MMPeftModule, ShardDataModule, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True})
 
 
 def cmd_adapters(argv: list[str]) -> int:
@@ -60,18 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return TOOLS[argv[0]](argv[1:])
         if not argv or argv[0] in ("-h", "--help"):
             print("tools: " + ", ".join(TOOLS) + "  (python -m mmpeft TOOL --help)\n")
-        # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
-        set_parsing_settings(docstring_parse_attribute_docstrings=True)
-        from mmpeft.data import ShardDataModule
-        from mmpeft.module import MMPeftModule
-
-        MMPeftCLI(
-            MMPeftModule,
-            ShardDataModule,
-            args=cli_args,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-        )
+        run_lightning_cli(cli_args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,66 @@
+"""The LightningModule: its loss against transformers' own, optimizers and schedule in a real Trainer."""
+
+from __future__ import annotations
+
+import math
+
+import bitsandbytes as bnb
+import lightning as L
+import pytest
+import torch
+
+from data_recipes.synthetic import SyntheticRecipe
+from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.data.datamodule import ShardDataModule
+from mmpeft.models.backbone import Backbone, language_model, load_backbone
+from mmpeft.module import MMPeftModule, Optim, lm_loss
+
+from test_backbone import _batch
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_lm_loss_matches_transformers_loss_on_assistant_tokens(tiny_model_dirs, family):
+    model = load_backbone(Backbone(pretrained=tiny_model_dirs[family]), torch.device("cpu")).eval()
+    inject_adapters(language_model(model), [AdapterGroup()])
+    batch = _batch(tiny_model_dirs[family])
+    with torch.no_grad():
+        out = model(**batch["inputs"], labels=batch["labels"], use_cache=False)
+    torch.testing.assert_close(lm_loss(out.logits, batch["labels"]), out.loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("module-shards")
+    SyntheticRecipe(samples=48, samples_per_shard=24, seed=5).build(out, progress=False)
+    return str(out)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
+def test_fit_with_each_optimizer_and_warmup_cosine_schedule(tmp_path, tiny_model_dirs, small_shards, optimizer):
+    path = tiny_model_dirs["qwen2_vl"]
+    module = MMPeftModule(
+        Backbone(pretrained=path),
+        [AdapterGroup("lora", ["mlp"], {"r": 64, "alpha": 64})],  # 64 x 128 A/B: big enough for 8-bit state
+        Optim(lr=1e-3, warmup=2, optimizer=optimizer),
+    )
+    data = ShardDataModule(train=small_shards, processor=path, batch_size=4, max_length=256)
+    lrs: list[float] = []
+
+    class RecordLR(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordLR()], default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+    opt = trainer.optimizers[0]
+    expected = {"adamw": torch.optim.AdamW, "adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    assert type(opt) is expected[optimizer]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.parameters() if p.requires_grad}
+    if optimizer != "adamw":
+        assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())
+    # Linear warmup over 2 steps to the peak, then half a cosine down to 0 at step 6.
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)) for step in range(2, 6)]
+    assert lrs == pytest.approx([0.0, 5e-4, *cosine], abs=1e-9)
