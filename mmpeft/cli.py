@@ -35,7 +35,15 @@ def run_lightning_cli(args: list[str] | None) -> None:
 
     # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    MMPeftCLI(MMPeftModule, ShardDataModule, args=args, seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    MMPeftCLI(
+        MMPeftModule,
+        ShardDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "python -m mmpeft"},
+        auto_configure_optimizers=False,  # the optimizer and schedule are model.optim
+    )
 
 
 def cmd_adapters(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ distributed strategies place weights themselves.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,10 +16,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.data.encode import IGNORE_INDEX
+from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 
 
@@ -42,11 +45,28 @@ class Optim:
     """Adam's moment decay rates."""
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the tokens whose label is not ``IGNORE_INDEX``."""
-    logits = logits[:, :-1].flatten(0, 1).float()  # (batch * (seq - 1), vocab)
-    targets = labels[:, 1:].flatten()  # (batch * (seq - 1),)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions predict a trained token, and those tokens.
+
+    ``labels`` is ``(batch, seq)`` with ``IGNORE_INDEX`` where nothing is trained. Returns a
+    ``(batch, seq)`` bool mask of the positions whose *next* token is trained and the
+    ``(n_kept,)`` tokens they must predict, in the mask's row-major order.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq): the token each position predicts
+    keep = shifted != IGNORE_INDEX
+    return keep, shifted[keep]
+
+
+def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the assistant tokens.
+
+    Logits are computed only where a trained token is predicted (``logits_to_keep``), so
+    prompts and image tokens never reach the LM head: with a 150k-token vocabulary the
+    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step.
+    """
+    keep, targets = next_token_targets(labels)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
+    return F.cross_entropy(logits.float(), targets)
 
 
 class MMPeftModule(L.LightningModule):
@@ -93,6 +113,14 @@ class MMPeftModule(L.LightningModule):
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
         self.model = model.train()
 
+    def on_fit_start(self) -> None:
+        low = sorted({str(p.dtype) for p in self.trainable_parameters() if p.dtype != torch.float32})
+        if low:
+            rank_zero_warn(
+                f"trainable parameters are {', '.join(low)}, not float32 (trainer.precision="
+                f"{self.trainer.precision!r} casts them); use a '-mixed' precision to keep adapters in float32"
+            )
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -101,8 +129,7 @@ class MMPeftModule(L.LightningModule):
         return self.model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        logits = self(batch["inputs"])
-        loss = lm_loss(logits, batch["labels"])
+        loss = lm_loss(self.model, batch["inputs"], batch["labels"])
         size = batch["labels"].shape[0]
         self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
         for reason, count in batch.get("skipped", {}).items():
@@ -132,7 +159,13 @@ class MMPeftModule(L.LightningModule):
 
             cls = bnb.optim.PagedAdamW8bit if o.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
             optimizer = cls(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total < 1:
+            raise ConfigError(
+                "trainer.max_steps is not set: streamed shards have no length, so the warmup and cosine "
+                "schedule need the run's length in optimizer steps"
+            )
+        total = int(total)
         warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -80,7 +80,7 @@ def test_zero_init_lora_leaves_4bit_logits_unchanged_and_training_moves_only_ada
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    loss = lm_loss(model(**batch["inputs"], use_cache=False).logits, batch["labels"])
+    loss = lm_loss(model, batch["inputs"], batch["labels"])
     loss.backward()
     lora_a = [p for name, p in model.named_parameters() if name.endswith("adapter.A")]
     lora_b = [p for name, p in model.named_parameters() if name.endswith("adapter.B")]

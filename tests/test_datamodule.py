@@ -104,3 +104,16 @@ def test_prepare_builds_once_and_rebuilds_when_arguments_change(tmp_path):
     assert json.loads((out / "dataset.json").read_text())["samples"] == 12
     with pytest.raises(ConfigError, match=r"data.prepare \(synthetic\).args.*bogus"):
         RecipeRun("synthetic", str(out), {"bogus": 1}).run()
+
+
+def test_processor_kwargs_reach_the_processor(tiny_model_dirs, shards):
+    """Capping Qwen2-VL's pixels caps its image tokens: 64x64 pixels give 16 tokens, 32x32 give 4."""
+    from mmpeft.data.sample import Sample
+
+    counts = []
+    for kwargs in (None, {"max_pixels": 32 * 32, "min_pixels": 16 * 16}):
+        dm = ShardDataModule(train=shards, processor=tiny_model_dirs["qwen2_vl"], processor_kwargs=kwargs)
+        dm.setup("fit")
+        item = dm.encoder.encode(Sample("k", dm.tasks[0], [user("What?", 1), assistant("red")], [image(size=(64, 64))]))
+        counts.append(int((item["tokens"]["input_ids"] == dm.encoder.image_token_id).sum()))
+    assert counts == [16, 4]

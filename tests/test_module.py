@@ -12,8 +12,9 @@ import torch
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.data.datamodule import ShardDataModule
+from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.module import MMPeftModule, Optim, lm_loss
+from mmpeft.module import MMPeftModule, Optim, lm_loss, next_token_targets
 
 from test_backbone import _batch
 
@@ -25,7 +26,12 @@ def test_lm_loss_matches_transformers_loss_on_assistant_tokens(tiny_model_dirs, 
     batch = _batch(tiny_model_dirs[family])
     with torch.no_grad():
         out = model(**batch["inputs"], labels=batch["labels"], use_cache=False)
-    torch.testing.assert_close(lm_loss(out.logits, batch["labels"]), out.loss, rtol=1e-5, atol=1e-5)
+        ours = lm_loss(model, batch["inputs"], batch["labels"])
+    torch.testing.assert_close(ours, out.loss, rtol=1e-5, atol=1e-5)
+    # Only the positions that predict an assistant token reached the LM head.
+    keep, targets = next_token_targets(batch["labels"])
+    assert keep.sum() == targets.numel() == (batch["labels"] != -100).sum()
+    assert keep.sum() < keep.numel() // 3
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +70,10 @@ def test_fit_with_each_optimizer_and_warmup_cosine_schedule(tmp_path, tiny_model
     # Linear warmup over 2 steps to the peak, then half a cosine down to 0 at step 6.
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 2) / 4)) for step in range(2, 6)]
     assert lrs == pytest.approx([0.0, 5e-4, *cosine], abs=1e-9)
+
+
+def test_a_run_without_max_steps_is_refused_by_name(tmp_path, tiny_model_dirs, small_shards):
+    path = tiny_model_dirs["llava"]
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps is not set"):
+        trainer.fit(MMPeftModule(Backbone(pretrained=path)), ShardDataModule(train=small_shards, processor=path))

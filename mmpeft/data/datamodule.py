@@ -104,6 +104,7 @@ class ShardDataModule(L.LightningDataModule):
         val: str | None = None,
         test: str | None = None,
         processor: str | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
         tasks: list[str] | None = None,
         batch_size: int = 8,
         max_length: int = 1024,
@@ -120,6 +121,7 @@ class ShardDataModule(L.LightningDataModule):
             val: Validation shards, same forms.
             test: Test shards, same forms.
             processor: Checkpoint whose processor encodes the samples; by default the model's (``model.backbone.pretrained``).
+            processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to cap Qwen2-VL's image tokens.
             tasks: Task vocabulary (task id = position). By default read from the training directory's ``dataset.json``, so ids stay stable.
             batch_size: Samples per batch and device.
             max_length: Longest sequence in tokens; longer samples are truncated, or skipped and counted when the cut would go through image tokens.
@@ -159,7 +161,7 @@ class ShardDataModule(L.LightningDataModule):
         if not tasks:
             raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary lies beside the shards")
         self.tasks = list(tasks)
-        processor = load_processor(hp.processor, hp.trust_remote_code)
+        processor = load_processor(hp.processor, hp.trust_remote_code, **(hp.processor_kwargs or {}))
         self.encoder = ChatEncoder(processor, self.tasks, hp.max_length)
 
     def _loader(self, split: str, train: bool) -> DataLoader:

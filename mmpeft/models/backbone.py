@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import logging
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ def quantization_config(backbone: Backbone, dtype: torch.dtype) -> BitsAndBytesC
     )
 
 
-def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = "data.processor"):
+def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = "data.processor", **kwargs: Any):
     """The checkpoint's processor through ``AutoProcessor``.
 
     Processors of video-capable families (Qwen2-VL, ...) need torchvision for their video
@@ -124,14 +124,14 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
     class is loaded without its video part rather than failing.
     """
     check_checkpoint(pretrained, key)
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs["trust_remote_code"] = trust_remote_code
     try:
         try:
             return AutoProcessor.from_pretrained(pretrained, **kwargs)
         except ImportError as exc:
             if "torchvision" not in str(exc).lower() or is_torchvision_available():
                 raise
-            config = AutoConfig.from_pretrained(pretrained, **kwargs)
+            config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
             return _without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(pretrained, **kwargs)
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
