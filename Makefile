@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# setuptools leaves build metadata in the tree; a stale copy there would shadow the
+	# installed entry points (the adapter registry) for `python -m` run from this folder.
+	rm -rf mmpeft.egg-info
 	touch $@
 
 demo: $(STAMP)

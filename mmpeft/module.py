@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
@@ -75,6 +76,7 @@ class MMPeftModule(L.LightningModule):
         backbone: Backbone,
         adapters: list[AdapterGroup] | None = None,
         optim: Optim = Optim(),
+        routing: RoutingLosses = RoutingLosses(),
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
@@ -82,6 +84,7 @@ class MMPeftModule(L.LightningModule):
             backbone: The multimodal checkpoint and how to load it.
             adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on every linear layer.
             optim: Optimizer and schedule.
+            routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a router).
         """
         super().__init__()
         adapters = adapters if adapters is not None else [AdapterGroup()]
@@ -89,6 +92,9 @@ class MMPeftModule(L.LightningModule):
         self.backbone = backbone
         self.adapter_groups = adapters
         self.optim = optim
+        self.routing = routing
+        # Shared by every router of the model: carries the batch's masks and task ids in, router records out.
+        self.routing_context = RoutingContext()
         for i, group in enumerate(adapters):
             group.resolve(i)  # unknown adapter names and keys fail here, before any model is loaded
         if backbone.build_tiny is None:
@@ -109,9 +115,14 @@ class MMPeftModule(L.LightningModule):
         if self.model is not None:
             return
         model = load_backbone(self.backbone, self.trainer.strategy.root_device)
-        inject_adapters(language_model(model), self.adapter_groups)
+        inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
         self.model = model.train()
+
+    def setup(self, stage: str) -> None:
+        tasks = getattr(self.trainer.datamodule, "tasks", None) if self._trainer is not None else None
+        if tasks:
+            self.routing_context.num_tasks = len(tasks)
 
     def on_fit_start(self) -> None:
         low = sorted({str(p.dtype) for p in self.trainable_parameters() if p.dtype != torch.float32})
@@ -129,9 +140,22 @@ class MMPeftModule(L.LightningModule):
         return self.model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        loss = lm_loss(self.model, batch["inputs"], batch["labels"])
-        size = batch["labels"].shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=stage != "train")
+        inputs, labels = batch["inputs"], batch["labels"]
+        attention = inputs.get("attention_mask")
+        prompt = labels == IGNORE_INDEX  # (batch, seq): what instance routers pool over
+        if attention is not None:
+            prompt &= attention.bool()
+        train = stage == "train"
+        with self.routing_context.step(attention, prompt, batch["task_ids"], record=train):
+            loss = lm_loss(self.model, inputs, labels)
+            aux = routing_losses(self.routing_context, self.routing) if train else {}
+        size = labels.shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=not train)
+        for name, value in aux.items():
+            self.log(f"train/aux/{name}", value, batch_size=size)
+        extra = weighted_sum(aux, self.routing)
+        if extra is not None:
+            loss = loss + extra
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[reason] += count
             self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=size)

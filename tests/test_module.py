@@ -77,3 +77,29 @@ def test_a_run_without_max_steps_is_refused_by_name(tmp_path, tiny_model_dirs, s
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"trainer\.max_steps is not set"):
         trainer.fit(MMPeftModule(Backbone(pretrained=path)), ShardDataModule(train=small_shards, processor=path))
+
+
+def test_per_group_adapters_train_with_their_routing_losses_logged(tmp_path, tiny_model_dirs, small_shards):
+    """HydraLoRA's recipe: plain LoRA on attention, AsymLoRA on the MLP; every auxiliary loss is logged."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from mmpeft.adapters.routing import RoutingLosses
+    from test_cli import scalars
+
+    path = tiny_model_dirs["llava"]
+    module = MMPeftModule(
+        Backbone(pretrained=path),
+        [AdapterGroup("lora", ["attention"], {"r": 4}), AdapterGroup("asymlora", ["mlp"], {"r": 4, "heads": 3})],
+        Optim(lr=1e-3, warmup=0),
+        RoutingLosses(load_balance=0.05, z_loss=1e-3, localized_balance=0.01, mutual_information=0.01),
+    )
+    data = ShardDataModule(train=small_shards, processor=path, batch_size=4, max_length=256)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, data)
+    assert module.routing_context.num_tasks == len(data.tasks) == 4
+    for name in ("load_balance", "z_loss", "localized_balance", "mutual_information"):
+        values = scalars(tmp_path / "run" / "version_0", f"train/aux/{name}")
+        assert len(values) == 4 and all(math.isfinite(v) for v in values), name
+    # Summed over the 2 x 3 routed MLP layers: balanced dense routing gives a load balance of 1 per layer.
+    assert 5.0 < scalars(tmp_path / "run" / "version_0", "train/aux/load_balance")[0] < 7.0

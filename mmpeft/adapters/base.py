@@ -25,6 +25,18 @@ class AdapterPlugin(Protocol):
     the class is constructed as ``cls(in_features, out_features, config)`` and called
     as ``delta = module(x)`` with ``x`` of shape ``(..., in_features)`` returning
     ``(..., out_features)``. Its parameters are the trainable ones.
+
+    Two optional methods extend it:
+
+    - ``attach_base(view)``: called once after construction with a
+      :class:`~mmpeft.adapters.quant.BaseLayerView`, for adapters whose update depends on the
+      frozen weight (DoRA). The view reads the weight dequantized, whatever the storage.
+    - ``delta_weight()``: the update as a dense ``(out_features, in_features)`` matrix, for
+      adapters that can be merged into the base weight (instance- or token-routed mixtures cannot).
+
+    Mixture adapters route with :mod:`mmpeft.adapters.routing`; their routers are bound to
+    the model's routing context at injection, which is how they see task labels and masks and
+    report auxiliary losses.
     """
 
     config_class: ClassVar[type]

@@ -19,7 +19,8 @@ from torch import nn
 
 from mmpeft import registry
 from mmpeft.adapters.base import AdaptedLinear
-from mmpeft.adapters.quant import is_linear
+from mmpeft.adapters.quant import BaseLayerView, is_linear
+from mmpeft.adapters.routing import RoutingContext, bind_routers
 from mmpeft.errors import ConfigError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -63,11 +64,15 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def inject_adapters(language_model: nn.Module, groups: list[AdapterGroup]) -> dict[str, AdaptedLinear]:
+def inject_adapters(
+    language_model: nn.Module, groups: list[AdapterGroup], context: RoutingContext | None = None
+) -> dict[str, AdaptedLinear]:
     """Wrap each targeted linear layer in an :class:`AdaptedLinear`; returns them by path.
 
-    Raises ConfigError when a pattern matches no layer (listing the layers that exist)
-    or when two groups claim the same layer.
+    The routers of mixture adapters are bound to ``context`` (one per model, see
+    :mod:`mmpeft.adapters.routing`); adapters with ``attach_base`` get a read-only view of
+    their base layer. Raises ConfigError when a pattern matches no layer (listing the
+    layers that exist) or when two groups claim the same layer.
     """
     candidates = linear_layer_names(language_model)
     existing = ", ".join(sorted(set(map(_collapse, candidates))))
@@ -96,6 +101,10 @@ def inject_adapters(language_model: nn.Module, groups: list[AdapterGroup]) -> di
         adapter = cls(base.in_features, base.out_features, config)
         # Adapters train in full precision on the base layer's device, whatever the base's storage dtype.
         adapter.to(device=_device_of(base), dtype=torch.float32)
+        if hasattr(adapter, "attach_base"):
+            adapter.attach_base(BaseLayerView(base))
+        if context is not None:
+            bind_routers(adapter, context, name)
         layer = AdaptedLinear(base, adapter, groups[owner[name]].name)
         language_model.set_submodule(name, layer)
         wrapped[name] = layer

@@ -41,3 +41,26 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     if isinstance(layer, bnb.nn.Linear8bitLt) and getattr(weight, "SCB", None) is not None:
         return (weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0)
     return weight.detach().float()
+
+
+class BaseLayerView:
+    """Read-only access to a frozen base layer for adapters that need its weight (e.g. DoRA).
+
+    Deliberately not an ``nn.Module``: an adapter holding a view does not register the base's
+    tensors as its own, so they never enter its state dict, its optimizer or its checkpoint.
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self._layer = layer
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.quantization = quantization_of(layer)
+
+    def weight(self) -> torch.Tensor:
+        """The base weight as float32 ``(out_features, in_features)``, dequantized if needed (no grad)."""
+        with torch.no_grad():
+            return dequantized_weight(self._layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._layer.bias

@@ -1,0 +1,30 @@
+"""Hyperparameters of AsymLoRA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from mmpeft.adapters.lora.config import LoRAConfig
+
+
+@dataclass
+class AsymLoRAConfig(LoRAConfig):
+    heads: int = 3
+    """Number ``N`` of up-projections ``B_i`` sharing one ``A`` (the AsymLoRA reference script uses 3)."""
+
+    routing: Literal["token", "sequence"] = "token"
+    """``token``: a gate per token (the reference setting). ``sequence``: one gate per sample, from its prompt tokens pooled."""
+
+    top_k: int | None = None
+    """``None`` mixes every head with the dense softmax gate; ``k`` keeps the k best heads, renormalised."""
+
+    temperature: float = 1.0
+    """Softmax temperature of the router; above 1 spreads the gate over more heads."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.heads < 1:
+            raise ValueError(f"heads must be >= 1, got {self.heads}")
+        if self.top_k is not None and not 1 <= self.top_k <= self.heads:
+            raise ValueError(f"top_k must be in [1, heads={self.heads}], got {self.top_k}")

@@ -1,0 +1,46 @@
+"""AsymLoRA with every head applied in one matmul."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.adapters.asymlora.config import AsymLoRAConfig
+from mmpeft.adapters.routing import Router
+
+
+class AsymLoRA(nn.Module):
+    """``delta(x) = s * [g_1 z, ..., g_N z] @ [B_1 | ... | B_N]^T`` with ``z = A dropout(x)`` computed once.
+
+    HydraLoRA's code recomputes ``A x`` for every head in a Python loop; here ``A x`` is
+    computed once and the gated copies of it meet all heads in a single matmul against the
+    heads laid side by side, ``B = [B_1 | ... | B_N]`` of shape ``(d_out, N * r)``.
+    """
+
+    config_class = AsymLoRAConfig
+
+    def __init__(self, in_features: int, out_features: int, config: AsymLoRAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.r, self.heads = config.r, config.heads
+        self.scaling = config.alpha / config.r
+        self.A = nn.Parameter(torch.empty(config.r, in_features))  # (r, d_in), shared by every head
+        self.B = nn.Parameter(torch.zeros(out_features, config.heads * config.r))  # (d_out, N * r): head i is B[:, i*r:(i+1)*r]
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        level = "instance" if config.routing == "sequence" else "token"
+        self.router = Router(in_features, config.heads, level=level, top_k=config.top_k, temperature=config.temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        gate = self.router(x)  # (..., N), or (batch, 1, N) per sequence
+        z = F.linear(self.dropout(x), self.A)  # (..., r)
+        gated = (gate.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # (..., N * r): [g_1 z, ..., g_N z]
+        return F.linear(gated, self.B) * self.scaling  # (..., d_out)
+
+    def head(self, i: int) -> torch.Tensor:
+        """``B_i``, ``(d_out, r)``."""
+        return self.B[:, i * self.r : (i + 1) * self.r]

@@ -1,0 +1,42 @@
+"""LoRA-MoE as one LoRA of rank ``N * r`` with a block gate: two matmuls, no loop over experts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpeft.adapters.moelora.config import MoELoRAConfig
+from mmpeft.adapters.routing import Router
+
+
+class MoELoRA(nn.Module):
+    """``delta(x) = s * sum_e g_e(x) B_e A_e dropout(x)``.
+
+    The experts' ``A_e`` are stacked into ``A`` ``(N * r, d_in)`` and their ``B_e`` laid side by
+    side in ``B`` ``(d_out, N * r)``; the gate scales each expert's block of ``A x`` before ``B``.
+    Unselected experts (top-k) get gate 0, so they add nothing and receive no gradient.
+    """
+
+    config_class = MoELoRAConfig
+
+    def __init__(self, in_features: int, out_features: int, config: MoELoRAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.r, self.experts = config.r, config.experts
+        self.scaling = config.alpha / config.r
+        self.A = nn.Parameter(torch.empty(config.experts * config.r, in_features))  # (N * r, d_in): expert e is A[e*r:(e+1)*r]
+        self.B = nn.Parameter(torch.zeros(out_features, config.experts * config.r))  # (d_out, N * r)
+        # Same bound as a separate kaiming init per expert: the fan-in is d_in either way.
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.router = Router(in_features, config.experts, top_k=config.top_k, temperature=config.temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        gate = self.router(x)  # (..., N)
+        z = F.linear(self.dropout(x), self.A)  # (..., N * r)
+        z = z * gate.repeat_interleave(self.r, dim=-1)  # (..., N * r): block gate
+        return F.linear(z, self.B) * self.scaling  # (..., d_out)

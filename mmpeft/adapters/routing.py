@@ -1,0 +1,356 @@
+"""Routing for mixture adapters: routers, the per-model routing context, the auxiliary losses.
+
+Every mixture adapter (AsymLoRA, LoRA-MoE, MixLoRA and third-party ones) routes through
+this module, so gating, top-k, prompt pooling and the balance losses exist once.
+
+How task labels reach the routers without patching the model's forward: all routers of a
+model are bound at injection to one :class:`RoutingContext`. Before each training step the
+LightningModule puts the batch's attention mask, prompt mask and task ids into it
+(:meth:`RoutingContext.step`); routers read them and record their logits into it; after the
+forward the module turns the records into auxiliary losses (:func:`routing_losses`).
+
+Records are taken only during the step's own forward. Non-reentrant gradient checkpointing
+re-runs the forward inside backward; by then recording is off, while the masks stay set so
+that the recomputation routes exactly as the forward did. (Under *reentrant* checkpointing
+the forward runs without grad and a recorded loss would silently not train the routers;
+mmpeft always uses the non-reentrant form.)
+
+Instance routing (MixLoRA, per-sequence AsymLoRA) pools a layer's input over the prompt
+tokens of each sample. When generating, :meth:`RoutingContext.generation` computes that
+routing once per instance, on the prompt, and reuses it at every decoding step, with or
+without a KV cache, so generation routes as training did.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Level = Literal["token", "instance"]
+
+
+@dataclass
+class RouterRecord:
+    """One router's decision in one forward pass, kept for the auxiliary losses and statistics."""
+
+    name: str
+    """Path of the adapted layer (``layers.3.mlp.up_proj``) plus the router's role, if several."""
+
+    logits: torch.Tensor
+    """``(batch, T, experts)`` pre-softmax scores; ``T`` is the sequence length for token routing, 1 for instance routing."""
+
+    probs: torch.Tensor
+    """``(batch, T, experts)`` routing probabilities."""
+
+    selected: torch.Tensor
+    """``(batch, T, experts)`` bool, the experts each token or instance actually used."""
+
+    top_k: int
+    """Experts used per token or instance (the number of experts for a dense router)."""
+
+    level: Level
+
+
+class RoutingContext:
+    """What the routers of one model share during a forward pass: masks, task ids, records."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+        """``(batch, seq)`` bool, the real (non-padding) tokens."""
+        self.prompt_mask: torch.Tensor | None = None
+        """``(batch, seq)`` bool, the tokens an instance router pools over (real and not trained on)."""
+        self.task_ids: torch.Tensor | None = None
+        """``(batch,)`` each sample's task id."""
+        self.num_tasks: int | None = None
+        """Size of the task vocabulary (else inferred from the batch)."""
+        self.records: list[RouterRecord] = []
+        self.recording = False
+        self._instance_cache: dict[Any, Any] | None = None
+
+    # -- set by the trainer -----------------------------------------------------------------
+    @contextmanager
+    def step(
+        self,
+        attention_mask: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None = None,
+        task_ids: torch.Tensor | None = None,
+        record: bool = True,
+    ) -> Iterator[RoutingContext]:
+        """Route one forward pass with these masks and labels, recording router outputs."""
+        self.attention_mask = None if attention_mask is None else attention_mask.bool()
+        self.prompt_mask = None if prompt_mask is None else prompt_mask.bool()
+        self.task_ids = task_ids
+        self.records = []
+        self.recording = record
+        try:
+            yield self
+        finally:
+            # Masks stay: a checkpointed forward is recomputed during backward, after this exits.
+            self.recording = False
+
+    @contextmanager
+    def generation(self, attention_mask: torch.Tensor | None = None) -> Iterator[RoutingContext]:
+        """Generate with instance routing computed once on the prompt and reused for every new token.
+
+        ``attention_mask`` is the prompt's ``(batch, prompt_len)`` mask (left padding is fine).
+        """
+        self.attention_mask = self.prompt_mask = None if attention_mask is None else attention_mask.bool()
+        self.task_ids = None
+        self.records = []
+        self.recording = False
+        self._instance_cache = {}
+        try:
+            yield self
+        finally:
+            self._instance_cache = None
+            self.attention_mask = self.prompt_mask = None
+
+    def generate(self, model: nn.Module, **kwargs: Any) -> Any:
+        """``model.generate(**kwargs)`` inside :meth:`generation` (the prompt's mask taken from the kwargs)."""
+        with self.generation(kwargs.get("attention_mask")):
+            return model.generate(**kwargs)
+
+    # -- used by routers --------------------------------------------------------------------
+    def token_mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask if it lines up with ``x``'s ``(batch, seq)`` dims."""
+        mask = self.attention_mask
+        return mask if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2] else None
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of ``x`` ``(batch, seq, d)`` over each sample's prompt tokens: ``(batch, d)``.
+
+        Falls back to the real tokens, then to every position, when no matching mask is set.
+        """
+        if x.dim() != 3:
+            raise ValueError(f"instance routing needs (batch, seq, features) inputs, got shape {tuple(x.shape)}")
+        mask = next((m for m in (self.prompt_mask, self.attention_mask) if m is not None and m.shape == x.shape[:2]), None)
+        if mask is None:
+            return x.mean(dim=1)
+        weights = mask.to(x.dtype).unsqueeze(-1)  # (batch, seq, 1)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (batch, d)
+
+    def instance_routing(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or during generation its value from the prompt's forward pass."""
+        if self._instance_cache is None:
+            return compute()
+        if key not in self._instance_cache:
+            self._instance_cache[key] = compute()
+        return self._instance_cache[key]
+
+    def record(self, record: RouterRecord) -> None:
+        if self.recording:
+            self.records.append(record)
+
+
+def top_k_gate(probs: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row's ``k`` largest probabilities, renormalised to sum to 1 (MoLA / Mixtral style).
+
+    Returns the gate weights and the bool mask of kept experts, both shaped like ``probs``.
+    ``k=None`` (or ``k >=`` the number of experts) is the dense gate: ``probs`` unchanged.
+    """
+    experts = probs.shape[-1]
+    if k is None or k >= experts:
+        return probs, torch.ones_like(probs, dtype=torch.bool)
+    _, index = probs.topk(k, dim=-1)  # (..., k)
+    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, True)
+    kept = probs * selected
+    return kept / kept.sum(dim=-1, keepdim=True), selected
+
+
+class Router(nn.Module):
+    """A linear router ``softmax(R x / temperature)`` over ``experts``, per token or per instance.
+
+    Called with a layer's input ``x`` ``(..., d_in)``, it returns gate weights ``(..., experts)``
+    for token routing, or ``(batch, 1, experts)`` for instance routing (``x`` pooled over the
+    prompt; broadcastable against ``(batch, seq, ...)``), and records its decision.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        experts: int,
+        *,
+        level: Level = "token",
+        top_k: int | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if experts < 1:
+            raise ValueError(f"a router needs at least one expert, got {experts}")
+        if top_k is not None and not 1 <= top_k <= experts:
+            raise ValueError(f"top_k must be in [1, {experts}], got {top_k}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.level: Level = level
+        self.top_k = top_k
+        self.temperature = temperature
+        self.weight = nn.Parameter(torch.empty(experts, in_features))  # (experts, d_in)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as HydraLoRA's router
+        # Plain attributes, not submodules: the context is shared by every router of the model.
+        self.context = RoutingContext()
+        self.name = ""
+
+    @property
+    def experts(self) -> int:
+        return self.weight.shape[0]
+
+    def bind(self, context: RoutingContext, name: str) -> None:
+        self.context, self.name = context, name
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.to(self.weight.dtype), self.weight)  # (..., experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.level == "instance":
+            return self.context.instance_routing(self, lambda: self._route(self.context.pool(x).unsqueeze(1)))
+        return self._route(x)
+
+    def _route(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(h)  # (..., experts)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        gate, selected = top_k_gate(probs, self.top_k)
+        self.context.record(RouterRecord(self.name, logits, probs, selected, self.top_k or self.experts, self.level))
+        return gate
+
+
+def bind_routers(module: nn.Module, context: RoutingContext, name: str) -> None:
+    """Bind every :class:`Router` inside ``module`` (an adapter) to the model's context."""
+    routers = [(sub_name, sub) for sub_name, sub in module.named_modules() if isinstance(sub, Router)]
+    for sub_name, router in routers:
+        router.bind(context, f"{name}.{sub_name}" if len(routers) > 1 else name)
+
+
+# -- auxiliary losses -----------------------------------------------------------------------
+# Each takes one record and returns a scalar; masks are (batch, T) bool over real tokens.
+
+
+def _mask(record: RouterRecord, context: RoutingContext) -> torch.Tensor:
+    batch, t = record.probs.shape[:2]
+    mask = context.attention_mask if record.level == "token" else None
+    if mask is None or mask.shape != (batch, t):
+        mask = torch.ones(batch, t, dtype=torch.bool, device=record.probs.device)
+    return mask
+
+
+def load_balance_loss(record: RouterRecord, mask: torch.Tensor) -> torch.Tensor:
+    """Switch / Mixtral: ``E * sum_e f_e * P_e`` over real tokens.
+
+    ``f_e`` is the fraction of tokens whose top-k includes expert ``e`` (top-1 for a dense
+    router, whose every expert is "used"), ``P_e`` the mean routing probability. It equals
+    ``k`` when routing is uniform; gradients flow through ``P_e``.
+    """
+    probs = record.probs[mask]  # (tokens, E)
+    experts = probs.shape[-1]
+    if record.top_k >= experts:
+        chosen = F.one_hot(probs.argmax(-1), experts).to(probs.dtype)  # (tokens, E)
+    else:
+        chosen = record.selected[mask].to(probs.dtype)
+    return experts * (chosen.mean(0) * probs.mean(0)).sum()
+
+
+def z_loss(record: RouterRecord, mask: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): ``mean(logsumexp(logits)^2)`` over real tokens, keeps logits small."""
+    return (torch.logsumexp(record.logits[mask].float(), dim=-1) ** 2).mean()
+
+
+def task_groups(experts: int, num_tasks: int) -> torch.Tensor:
+    """``(num_tasks, experts)`` bool: the experts assigned to each task.
+
+    Experts are split into ``min(experts, num_tasks)`` contiguous groups and task ``t`` takes
+    group ``t mod groups`` (LoRAMoE assigns its expert groups to data types the same way).
+    """
+    groups = min(experts, num_tasks)
+    expert_group = torch.arange(experts) * groups // experts  # (E,) contiguous groups
+    return expert_group.unsqueeze(0) == (torch.arange(num_tasks) % groups).unsqueeze(1)
+
+
+def localized_balance_loss(
+    record: RouterRecord, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int, delta: float
+) -> torch.Tensor:
+    """LoRAMoE's localized balancing constraint: ``CV(I * Q)^2``.
+
+    ``Q`` ``(E, batch)`` is each expert's importance for each sample (its routing probability
+    summed over the sample's real tokens); ``I`` is ``1 + delta`` for the experts assigned to
+    the sample's task and ``1 - delta`` for the others.
+    """
+    importance = (record.probs * mask.unsqueeze(-1)).sum(1).T  # (E, batch)
+    assigned = task_groups(importance.shape[0], num_tasks).to(importance.device)[task_ids].T  # (E, batch)
+    weighted = importance * (1 + delta * (2 * assigned.to(importance.dtype) - 1))
+    return weighted.var(unbiased=False) / weighted.mean() ** 2
+
+
+def mutual_information_loss(record: RouterRecord, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Mod-Squad's loss: ``-I(expert; task) = H(expert | task) - H(expert)``.
+
+    ``p(e | t)`` is the mean routing probability over the real tokens of task ``t``'s samples,
+    ``p(t)`` their share of the batch's tokens. Minimising it balances experts overall and
+    specialises them per task.
+    """
+    probs = record.probs[mask].float()  # (tokens, E)
+    token_tasks = task_ids.unsqueeze(1).expand(mask.shape)[mask]  # (tokens,)
+    one_hot = F.one_hot(token_tasks, num_tasks).to(probs.dtype)  # (tokens, tasks)
+    joint = one_hot.T @ probs / probs.shape[0]  # (tasks, E): p(t, e)
+    p_task = joint.sum(1, keepdim=True)  # (tasks, 1)
+    p_expert = joint.sum(0)  # (E,)
+    conditional = joint / p_task.clamp(min=1e-12)  # (tasks, E): p(e | t)
+    h_expert = -(p_expert * p_expert.clamp(min=1e-12).log()).sum()
+    h_conditional = -(p_task.squeeze(1) * (conditional * conditional.clamp(min=1e-12).log()).sum(1)).sum()
+    return h_conditional - h_expert
+
+
+@dataclass
+class RoutingLosses:
+    """Coefficients of the routers' auxiliary losses, each summed over every routed layer."""
+
+    load_balance: float = 0.01
+    """Switch/Mixtral load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022). 0.01 is the usual value; HydraLoRA's MLLM script uses 0.05."""
+
+    z_loss: float = 0.001
+    """Router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022, ST-MoE), keeps router logits small."""
+
+    localized_balance: float = 0.0
+    """LoRAMoE's task-aware localized balancing (Dou et al. 2024); needs task labels. 0 turns it off."""
+
+    localized_delta: float = 0.1
+    """LoRAMoE's ``delta``: how much more a sample's own task group of experts is weighted."""
+
+    mutual_information: float = 0.0
+    """Mod-Squad's expert-task mutual information loss (Chen et al. 2023); needs task labels. 0 turns it off."""
+
+
+def routing_losses(context: RoutingContext, coefficients: RoutingLosses) -> dict[str, torch.Tensor]:
+    """Each enabled auxiliary loss summed over the recorded routers, *unweighted*; empty without routers."""
+    losses: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        losses[name] = losses[name] + value if name in losses else value
+
+    task_ids = context.task_ids
+    num_tasks = context.num_tasks or (int(task_ids.max()) + 1 if task_ids is not None and task_ids.numel() else None)
+    for record in context.records:
+        mask = _mask(record, context)
+        if record.probs.shape[-1] < 2:
+            continue  # one expert: nothing to balance
+        if coefficients.load_balance:
+            add("load_balance", load_balance_loss(record, mask))
+        if coefficients.z_loss:
+            add("z_loss", z_loss(record, mask))
+        if task_ids is not None and num_tasks:
+            if coefficients.localized_balance:
+                add("localized_balance", localized_balance_loss(record, mask, task_ids, num_tasks, coefficients.localized_delta))
+            if coefficients.mutual_information:
+                add("mutual_information", mutual_information_loss(record, mask, task_ids, num_tasks))
+    return losses
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], coefficients: RoutingLosses) -> torch.Tensor | None:
+    """``sum_name coefficient[name] * loss[name]``, or ``None`` when there is nothing to add."""
+    terms = [getattr(coefficients, name) * value for name, value in losses.items()]
+    return torch.stack(terms).sum() if terms else None

@@ -1,0 +1,227 @@
+"""The mixture adapters' math: equivalences with LoRA, loop references, routing losses, generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig
+from mmpeft.adapters.lora import LoRA, LoRAConfig
+from mmpeft.adapters.mixlora import MixLoRA, MixLoRAConfig
+from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
+from mmpeft.adapters.routing import (
+    RouterRecord,
+    RoutingContext,
+    load_balance_loss,
+    localized_balance_loss,
+    mutual_information_loss,
+    task_groups,
+    top_k_gate,
+    z_loss,
+)
+from mmpeft.models.backbone import Backbone, language_model, load_backbone
+
+D_IN, D_OUT, R = 12, 10, 4
+
+
+def lora_twin(a: torch.Tensor, b: torch.Tensor, alpha: float = 8.0) -> LoRA:
+    lora = LoRA(D_IN, D_OUT, LoRAConfig(r=a.shape[0], alpha=alpha, dropout=0.0))
+    with torch.no_grad():
+        lora.A.copy_(a)
+        lora.B.copy_(b)
+    return lora
+
+
+def assert_same_outputs_and_grads(adapter, lora, pairs, x):
+    """``adapter`` and ``lora`` give the same output; the gradients of paired parameters match."""
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = adapter(x1), lora(x2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+def test_asymlora_with_one_head_is_lora(routing):
+    torch.manual_seed(0)
+    adapter = AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1, routing=routing))
+    torch.nn.init.normal_(adapter.B)
+    lora = lora_twin(adapter.A.detach(), adapter.B.detach())
+    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
+    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(2, 5, D_IN))
+
+
+def test_moelora_with_one_expert_is_lora():
+    torch.manual_seed(0)
+    adapter = MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=R, alpha=8, dropout=0.0, experts=1))
+    torch.nn.init.normal_(adapter.B)
+    lora = lora_twin(adapter.A.detach(), adapter.B.detach())
+    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
+    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(2, 5, D_IN))
+
+
+def test_mixlora_with_the_whole_pool_chosen_and_routers_fixed_is_lora_of_rank_r():
+    torch.manual_seed(0)
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=R))
+    torch.nn.init.normal_(adapter.B)
+    batch = 3
+    identity = torch.arange(R).expand(batch, R)
+    ones = torch.ones(batch, R)
+    adapter.route = lambda x: (identity, ones, identity, ones)  # fixed routers: factor k pairs with factor k
+    lora = lora_twin(adapter.A.detach(), adapter.B.detach())  # B A = sum_k b_k a_k^T
+    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
+    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(batch, 5, D_IN))
+
+
+def test_asymlora_and_moelora_equal_their_per_expert_loops():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, D_IN)
+    asym = AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=3, top_k=2))
+    torch.nn.init.normal_(asym.B)
+    gate, _ = top_k_gate(torch.softmax(x @ asym.router.weight.T, -1), 2)  # (2, 5, 3)
+    loop = sum(gate[..., i : i + 1] * (x @ asym.A.T @ asym.head(i).T) for i in range(3)) * asym.scaling
+    torch.testing.assert_close(asym(x), loop, rtol=1e-5, atol=1e-6)
+
+    moe = MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=2, alpha=8, dropout=0.0, experts=4))
+    torch.nn.init.normal_(moe.B)
+    gate = torch.softmax(x @ moe.router.weight.T, -1)  # (2, 5, 4)
+    loop = sum(
+        gate[..., e : e + 1] * (x @ moe.A[2 * e : 2 * e + 2].T @ moe.B[:, 2 * e : 2 * e + 2].T) for e in range(4)
+    ) * moe.scaling
+    torch.testing.assert_close(moe(x), loop, rtol=1e-5, atol=1e-6)
+    assert math.isclose(moe.scaling, 4.0)
+
+
+def test_mixlora_equals_its_per_instance_dense_update_and_routes_on_the_prompt():
+    """The reference materialises ``delta_W`` per instance; ours gathers factors. Routing ignores answer tokens."""
+    torch.manual_seed(0)
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, weighting="score"))
+    torch.nn.init.normal_(adapter.B)
+    torch.nn.init.normal_(adapter.condition)
+    x = torch.randn(3, 6, D_IN)
+    prompt = torch.ones(3, 6, dtype=torch.bool)
+    prompt[:, 4:] = False  # the last two tokens are the answer
+    context = RoutingContext()
+    for router in (adapter.router_a, adapter.router_b):
+        router.bind(context, "layer")
+    with context.step(torch.ones(3, 6), prompt):
+        out = adapter(x)
+        index_a, weight_a, index_b, weight_b = adapter.route(x)
+    for i in range(3):
+        delta_w = sum(weight_b[i, k] * weight_a[i, k] * torch.outer(adapter.B[:, index_b[i, k]], adapter.A[index_a[i, k]]) for k in range(R))
+        torch.testing.assert_close(out[i], x[i] @ delta_w.T * adapter.scaling, rtol=1e-5, atol=1e-6)
+    # The reference B scores: instance softmax plus the summed softmaxes of the chosen A-factors' projections.
+    h = x[:, :4].mean(1)  # (3, d_in): pooled over the prompt only
+    scores_b = torch.softmax(h @ adapter.router_b.weight.T, -1) + torch.softmax(adapter.A[index_a] @ adapter.condition.T, -1).sum(1)
+    assert torch.equal(index_b, scores_b.topk(R, -1).indices)
+    assert torch.equal(index_a, (h @ adapter.router_a.weight.T).topk(R, -1).indices)
+    # Changing the answer tokens changes nothing about the routing.
+    x2 = x.clone()
+    x2[:, 4:] += 5
+    with context.step(torch.ones(3, 6), prompt):
+        assert torch.equal(adapter.route(x2)[0], index_a)
+    assert len(context.records) == 2 and context.records[0].probs.shape == (3, 1, 10)
+
+
+def test_mixlora_straight_through_keeps_the_paper_forward_and_trains_the_routers():
+    torch.manual_seed(0)
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10))
+    torch.nn.init.normal_(adapter.B)
+    x = torch.randn(2, 5, D_IN)
+    index_a, weight_a, index_b, weight_b = adapter.route(x)
+    assert torch.equal(weight_a, torch.ones_like(weight_a)) and torch.equal(weight_b, torch.ones_like(weight_b))
+    adapter(x).pow(2).sum().backward()
+    for param in (adapter.router_a.weight, adapter.router_b.weight, adapter.condition):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+
+
+# -- routing losses against direct computations on hand-made tensors -------------------------
+
+LOGITS = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], [[0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]])  # (2 samples, 2 tokens, 3 experts)
+MASK = torch.tensor([[True, True], [True, False]])  # sample 1's second token is padding
+TASKS = torch.tensor([0, 1])
+
+
+def record(top_k=None) -> RouterRecord:
+    probs = torch.softmax(LOGITS, -1)
+    _, selected = top_k_gate(probs, top_k)
+    return RouterRecord("layer", LOGITS, probs, selected, top_k or 3, "token")
+
+
+def test_load_balance_and_z_loss_by_hand():
+    probs = torch.softmax(LOGITS, -1)
+    real = [probs[0, 0], probs[0, 1], probs[1, 0]]
+    mean_p = sum(real) / 3
+    # Dense router: f counts each token's top-1 expert: experts 0, 1, 2 once each.
+    assert torch.isclose(load_balance_loss(record(), MASK), 3 * (mean_p / 3).sum())
+    # Top-2: token 0 -> {0, 1}, token 1 -> {1, 0}, token 2 -> {2, 0 or 1 (tie at 0.0)}.
+    rec = record(top_k=2)
+    f = rec.selected[MASK].float().mean(0)
+    assert f.sum() == 2 and f[0] >= 2 / 3 and f[1] >= 2 / 3
+    assert torch.isclose(load_balance_loss(rec, MASK), 3 * (f * mean_p).sum())
+    lse = [torch.logsumexp(LOGITS[0, 0], 0), torch.logsumexp(LOGITS[0, 1], 0), torch.logsumexp(LOGITS[1, 0], 0)]
+    assert torch.isclose(z_loss(record(), MASK), sum(v**2 for v in lse) / 3)
+
+
+def test_localized_balance_by_hand():
+    probs = torch.softmax(LOGITS, -1)
+    q = torch.stack([probs[0, 0] + probs[0, 1], probs[1, 0]], dim=1)  # (3 experts, 2 samples)
+    # 3 experts, 2 tasks: groups {0, 1} -> task 0 and {2} -> task 1.
+    assert task_groups(3, 2).tolist() == [[True, True, False], [False, False, True]]
+    delta = 0.1
+    weights = torch.tensor([[1.1, 0.9], [1.1, 0.9], [0.9, 1.1]])
+    z = weights * q
+    expected = z.var(unbiased=False) / z.mean() ** 2
+    assert torch.isclose(localized_balance_loss(record(), MASK, TASKS, 2, delta), expected)
+
+
+def test_mutual_information_by_hand():
+    probs = torch.softmax(LOGITS, -1)
+    p_e_given_0 = (probs[0, 0] + probs[0, 1]) / 2
+    p_e_given_1 = probs[1, 0]
+    p_t = torch.tensor([2 / 3, 1 / 3])  # task 0 has two real tokens, task 1 one
+    p_e = p_t[0] * p_e_given_0 + p_t[1] * p_e_given_1
+    entropy = lambda p: -(p * p.log()).sum()  # noqa: E731
+    expected = p_t[0] * entropy(p_e_given_0) + p_t[1] * entropy(p_e_given_1) - entropy(p_e)
+    assert torch.isclose(mutual_information_loss(record(), MASK, TASKS, 2), expected, atol=1e-6)
+    # Perfectly specialised routing reaches -log(2), the most information two tasks can carry.
+    hard = RouterRecord("l", torch.zeros(2, 1, 2), torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), torch.ones(2, 1, 2, dtype=torch.bool), 2, "token")
+    assert torch.isclose(mutual_information_loss(hard, torch.ones(2, 1, dtype=torch.bool), TASKS, 2), torch.tensor(-math.log(2)), atol=1e-5)
+
+
+# -- generation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_model_dirs, family):
+    from test_adapters_common import randomise_b
+    from test_backbone import _batch
+
+    model = load_backbone(Backbone(pretrained=tiny_model_dirs[family]), torch.device("cpu")).eval()
+    context = RoutingContext()
+    torch.manual_seed(0)
+    inject_adapters(language_model(model), [AdapterGroup("mixlora", ["all-linear"], {"r": 2, "factors": 6, "dropout": 0.0})], context)
+    randomise_b(model, seed=3)
+    inputs = _batch(tiny_model_dirs[family])["inputs"]
+    # Generate from the first sample's full chat (it is not padded).
+    n = int(inputs["attention_mask"][0].sum())
+    prompt = {k: (v[:1, :n] if v.dim() == 2 and v.shape[1] == inputs["input_ids"].shape[1] else v) for k, v in inputs.items()}
+    if "image_grid_thw" in prompt:
+        first = int(prompt["image_grid_thw"][0].prod())
+        prompt["image_grid_thw"], prompt["pixel_values"] = prompt["image_grid_thw"][:1], prompt["pixel_values"][:first]
+    else:
+        prompt["pixel_values"] = prompt["pixel_values"][:1]
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    with_cache = context.generate(model, **prompt, use_cache=True, **kwargs)
+    without_cache = context.generate(model, **prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (1, n + 8)
+    assert torch.equal(with_cache, without_cache)
+    assert context._instance_cache is None  # routing is cached only for the duration of one generation
