@@ -104,7 +104,7 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.adapters", '[{"name": "nope"}]'], "unknown adapter 'nope'; registered adapters: lora"),
+        (["--model.adapters", '[{"name": "nope"}]'], "unknown adapter 'nope'; registered adapters: asymlora, lora, mixlora, moelora"),
         (["--model.adapters", '[{"name": "lora", "config": {"rank": 8}}]'], "adapters[0] (lora).config: unknown key(s) 'rank'"),
         (["--model.backbone.pretrained", "/no/such/model", "--model.backbone.build_tiny", "null"], "model.backbone.pretrained: no checkpoint at '/no/such/model'"),
         (["--data.prepare", "[]", "--data.train", "/no/such/shards/train-*.tar"], "data.train: shard pattern '/no/such/shards/train-*.tar' matches no file"),
