@@ -30,3 +30,11 @@ def tiny_llama() -> LlamaForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def fake_distribution(folder, name: str, version: str, entry_points: str) -> None:
+    """An installed distribution's metadata (a dist-info with its entry points) in ``folder``, which goes on ``sys.path``."""
+    dist = folder / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist / "entry_points.txt").write_text(entry_points)

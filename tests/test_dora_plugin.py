@@ -25,6 +25,7 @@ from mmpeft.adapters.quant import BaseLayerView
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 from mmpeft.module import lm_loss
 
+from conftest import fake_distribution
 from test_backbone import _batch
 from test_cli import demo_config, mmpeft
 
@@ -36,10 +37,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 @pytest.fixture
 def dora(tmp_path, monkeypatch):
     """The plugin's source on ``sys.path`` and registered as ``dora`` by a dist-info folder; yields its module."""
-    dist = tmp_path / "mmpeft_dora-0.1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mmpeft-dora\nVersion: 0.1.0\n")
-    (dist / "entry_points.txt").write_text("[mmpeft.adapters]\ndora = mmpeft_dora:DoRA\n")
+    fake_distribution(tmp_path, "mmpeft-dora", "0.1.0", "[mmpeft.adapters]\ndora = mmpeft_dora:DoRA\n")
     monkeypatch.syspath_prepend(str(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
     import mmpeft_dora

@@ -36,49 +36,42 @@ def lora_twin(a: torch.Tensor, b: torch.Tensor, alpha: float = 8.0) -> LoRA:
     return lora
 
 
-def assert_same_outputs_and_grads(adapter, lora, pairs, x):
-    """``adapter`` and ``lora`` give the same output; the gradients of paired parameters match."""
+def assert_is_lora(adapter, x: torch.Tensor) -> None:
+    """With its ``B`` randomised, ``adapter`` gives the outputs and the A, B and input gradients of a LoRA with its A and B."""
+    torch.nn.init.normal_(adapter.B)
+    lora = lora_twin(adapter.A.detach(), adapter.B.detach())
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = adapter(x1), lora(x2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
     (expected * weights).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
-    for ours, theirs in pairs:
-        torch.testing.assert_close(ours(), theirs(), rtol=1e-5, atol=1e-6)
+    for ours, theirs in ((x1, x2), (adapter.A, lora.A), (adapter.B, lora.B)):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("routing", ["token", "sequence"])
-def test_asymlora_with_one_head_is_lora(routing):
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        lambda: AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1)),
+        lambda: AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1, routing="sequence")),
+        lambda: MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=R, alpha=8, dropout=0.0, experts=1)),
+    ],
+    ids=["asymlora-one-head", "asymlora-one-head-per-sequence", "moelora-one-expert"],
+)
+def test_a_mixture_of_one_is_lora(adapter):
     torch.manual_seed(0)
-    adapter = AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1, routing=routing))
-    torch.nn.init.normal_(adapter.B)
-    lora = lora_twin(adapter.A.detach(), adapter.B.detach())
-    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
-    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(2, 5, D_IN))
-
-
-def test_moelora_with_one_expert_is_lora():
-    torch.manual_seed(0)
-    adapter = MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=R, alpha=8, dropout=0.0, experts=1))
-    torch.nn.init.normal_(adapter.B)
-    lora = lora_twin(adapter.A.detach(), adapter.B.detach())
-    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
-    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(2, 5, D_IN))
+    assert_is_lora(adapter(), torch.randn(2, 5, D_IN))
 
 
 def test_mixlora_with_the_whole_pool_chosen_and_routers_fixed_is_lora_of_rank_r():
     torch.manual_seed(0)
     adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=R))
-    torch.nn.init.normal_(adapter.B)
     batch = 3
     identity = torch.arange(R).expand(batch, R)
     ones = torch.ones(batch, R)
     adapter.route = lambda x: (identity, ones, identity, ones)  # fixed routers: factor k pairs with factor k
-    lora = lora_twin(adapter.A.detach(), adapter.B.detach())  # B A = sum_k b_k a_k^T
-    pairs = [(lambda: adapter.A.grad, lambda: lora.A.grad), (lambda: adapter.B.grad, lambda: lora.B.grad)]
-    assert_same_outputs_and_grads(adapter, lora, pairs, torch.randn(batch, 5, D_IN))
+    assert_is_lora(adapter, torch.randn(batch, 5, D_IN))  # B A = sum_k b_k a_k^T
 
 
 def test_asymlora_and_moelora_equal_their_per_expert_loops():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import fake_distribution
 from mmpeft import registry
 from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.cli import main
@@ -35,10 +36,7 @@ def test_unknown_config_key_is_named():
 @pytest.fixture
 def broken_plugin(tmp_path, monkeypatch):
     """A real installed-distribution layout (dist-info with entry_points.txt) whose module raises on import."""
-    dist = tmp_path / "brokenplug-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[mmpeft.adapters]\nbroken = brokenplug_mod:Broken\n")
+    fake_distribution(tmp_path, "brokenplug", "0.1", "[mmpeft.adapters]\nbroken = brokenplug_mod:Broken\n")
     (tmp_path / "brokenplug_mod.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
