@@ -72,7 +72,7 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
     assert len(adam["state"]) == len(state) and ckpt["global_step"] == 40
     base_bytes = sum(t.numel() * t.element_size() for t in load_file(Path(tiny_model_dirs[family]) / "model.safetensors").values())
     assert ckpt_path.stat().st_size < 3 * adapter_bytes + 64_000  # weights + two Adam moments + metadata
-    assert "lm_head" not in str(list(state)) and base_bytes > 0
+    assert "lm_head" not in str(list(state)) and ckpt_path.stat().st_size < base_bytes
 
 
 def test_adapters_lists_lora_with_its_distribution():
