@@ -32,26 +32,17 @@ fixed mtime) as long as Python, Pillow and zlib are the same versions.
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import json
-import os
 import random
-import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import webdataset as wds
 from PIL import Image, ImageDraw
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-FORMAT = "mmpeft-shards/1"
-RECIPE_NAME = "synthetic"
-MANIFEST = "dataset.json"
+from mmpeft.data.build import Record, ShardRecipe, is_built
+
+__all__ = ["SyntheticRecipe", "is_built"]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 25),
@@ -232,7 +223,7 @@ TASKS: dict[str, Callable[[random.Random, int], Sample]] = {
 }
 
 
-# ----------------------------------------------------------------------------- encoding
+# ----------------------------------------------------------------------------- recipe
 
 
 def _png(image: Image.Image) -> bytes:
@@ -241,24 +232,11 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _encode(key: str, task: str, messages: list[Message], images: list[Image.Image]) -> dict[str, Any]:
-    """One webdataset sample with every entry already bytes, so the writer encodes nothing."""
-    payload = {"task": task, "messages": messages, "id": key}
-    sample: dict[str, Any] = {
-        "__key__": key,
-        "json": json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-    }
-    for k, image in enumerate(images):
-        sample[f"img{k}.png"] = _png(image)
-    return sample
-
-
-# ----------------------------------------------------------------------------- recipe
-
-
-@dataclass
-class SyntheticRecipe:
+@dataclass(kw_only=True)
+class SyntheticRecipe(ShardRecipe):
     """Generate a synthetic multi-task image-text mixture as WebDataset shards."""
+
+    name: ClassVar[str] = "synthetic"
 
     samples: int = 1000
     """Total number of samples over all shards."""
@@ -270,11 +248,9 @@ class SyntheticRecipe:
     """Width and height of the rendered square images, in pixels."""
     seed: int = 0
     """Seed for everything random: task order, shapes, colours, layouts and prompt wording."""
-    prefix: str = "train"
-    """Shard file names are ``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ..."""
 
     def __post_init__(self) -> None:
-        # Validate at construction so a bad CLI/config value fails before any file is touched.
+        super().__post_init__()
         if isinstance(self.tasks, str):
             raise TypeError(f"tasks must be a sequence of task names, not the string {self.tasks!r}")
         self.tasks = tuple(self.tasks)
@@ -283,109 +259,22 @@ class SyntheticRecipe:
             raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; valid tasks: {', '.join(sorted(TASKS))}")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be non-empty and without duplicates, got {self.tasks!r}")
-        if self.samples < 1 or self.samples_per_shard < 1:
-            raise ValueError(f"samples ({self.samples}) and samples_per_shard ({self.samples_per_shard}) must be >= 1")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
-        if not self.prefix or "/" in self.prefix or os.sep in self.prefix:
-            raise ValueError(f"prefix must be a non-empty file-name prefix, got {self.prefix!r}")
-
-    def args(self) -> dict[str, Any]:
-        """The fields as JSON values (the manifest's ``args``; ``is_built`` compares these)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def shard_name(self, index: int) -> str:
-        return f"{self.prefix}-{index:06d}.tar"
-
-    def build(self, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-        """Write the shards and ``dataset.json`` into ``out_dir``; return the manifest.
-
-        Shards are written as ``NAME.tmp`` and renamed when complete, and the manifest goes
-        last, so a crashed build never leaves a directory that ``is_built`` accepts. Leftover
-        ``{prefix}-NNNNNN.tar[.tmp]`` files from an earlier, larger build are deleted so that a
-        glob over the directory sees exactly this build's shards.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        # Drop the old manifest first: from here on the directory is not a valid build.
-        (out / MANIFEST).unlink(missing_ok=True)
-
-        rng = random.Random(self.seed)
         # Exact balance (+-1 per task), then a global shuffle so every shard is a mixture.
         order = [self.tasks[i % len(self.tasks)] for i in range(self.samples)]
-        rng.shuffle(order)
+        random.Random(self.seed).shuffle(order)
+        self._order = order
 
-        shards: list[dict[str, Any]] = []
-        columns = (TextColumn("[bold]synthetic[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-            bar_task = bar.add_task(str(out), total=self.samples)
-            for shard_index, start in enumerate(range(0, self.samples, self.samples_per_shard)):
-                name = self.shard_name(shard_index)
-                counts: Counter[str] = Counter()
-                tmp = out / (name + ".tmp")
-                try:
-                    with open(tmp, "wb") as stream:
-                        # mtime=0 keeps tar headers free of the wall clock (reproducible bytes);
-                        # encoder=False makes the writer refuse anything that is not already bytes.
-                        with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-                            for i in range(start, min(start + self.samples_per_shard, self.samples)):
-                                task = order[i]
-                                messages, images = TASKS[task](rng, self.image_size)
-                                writer.write(_encode(f"{task}-{i:06d}", task, messages, images))
-                                counts[task] += 1
-                                bar.advance(bar_task)
-                        stream.flush()
-                        os.fsync(stream.fileno())
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                os.replace(tmp, out / name)
-                shards.append(
-                    {
-                        "name": name,
-                        "samples": sum(counts.values()),
-                        "bytes": (out / name).stat().st_size,
-                        "tasks": {t: counts[t] for t in sorted(self.tasks)},
-                    }
-                )
+    def __len__(self) -> int:
+        return self.samples
 
-        written = {s["name"] for s in shards}
-        stale = re.compile(rf"{re.escape(self.prefix)}-\d{{6}}\.tar(\.tmp)?")
-        for path in out.iterdir():
-            if stale.fullmatch(path.name) and path.name not in written:
-                path.unlink()
-
-        manifest = {
-            "format": FORMAT,
-            "recipe": RECIPE_NAME,
-            "args": self.args(),
-            "tasks": sorted(self.tasks),
-            "shards": shards,
-            "samples": sum(s["samples"] for s in shards),
-            "samples_per_task": {t: sum(s["tasks"][t] for s in shards) for t in sorted(self.tasks)},
-        }
-        tmp = out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / MANIFEST)
-        return manifest
-
-
-def is_built(out_dir: str | os.PathLike, recipe: SyntheticRecipe) -> bool:
-    """True when ``out_dir`` holds a finished build of ``recipe`` (same args, shards intact).
-
-    Besides comparing the manifest's args, every listed shard must exist with its recorded
-    size, so a deleted or truncated shard triggers a rebuild instead of a failure mid-training.
-    """
-    path = Path(out_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
-        return False
-    if manifest.get("format") != FORMAT or manifest.get("recipe") != RECIPE_NAME or manifest.get("args") != recipe.args():
-        return False
-    try:
-        return all((Path(out_dir) / s["name"]).stat().st_size == s["bytes"] for s in manifest["shards"])
-    except (OSError, KeyError, TypeError):
-        return False
+    def record(self, index: int) -> Record:
+        # One generator per sample (seeded by a string, which Python hashes with SHA-512, not
+        # PYTHONHASHSEED): any shard can be rebuilt alone, so interrupted builds resume.
+        rng = random.Random(f"{self.seed}:{index}")
+        task = self._order[index]
+        messages, images = TASKS[task](rng, self.image_size)
+        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(_png(im), "png") for im in images])

@@ -8,7 +8,6 @@ counted by reason and the counts travel with each batch (see ``batch["skipped"]`
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 from dataclasses import dataclass, field
@@ -21,12 +20,10 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
 from mmpeft import registry
+from mmpeft.data.build import INDEX, is_built
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import load_processor
-
-INDEX = "dataset.json"
-"""Each shard directory's index: shard list and sizes, samples per task, the task vocabulary."""
 
 
 @dataclass
@@ -45,11 +42,8 @@ class RecipeRun:
     def run(self) -> None:
         cls = registry.load(registry.DATA_RECIPES, self.recipe)
         recipe = registry.build_config(cls, self.args, f"data.prepare ({self.recipe}).args")
-        wanted = json.loads(json.dumps(dataclasses.asdict(recipe)))
-        index = Path(self.out) / INDEX
-        if index.is_file() and json.loads(index.read_text()).get("args") == wanted:
-            return
-        recipe.build(self.out)
+        if not is_built(self.out, recipe):
+            recipe.build(self.out)
 
 
 def _is_remote(spec: str) -> bool:
