@@ -5,5 +5,13 @@ as one line (``error: ...``) and exits with status 2 instead of a deep traceback
 """
 
 
-class ConfigError(ValueError):
+class MMPeftError(Exception):
+    """Base of the errors whose message is all a user needs (the CLI prints it without a traceback)."""
+
+
+class ConfigError(MMPeftError, ValueError):
     """A setting, path or name in the user's configuration is wrong. The message names it."""
+
+
+class DataError(MMPeftError):
+    """The data cannot be trained on as it is (e.g. too many bad samples). The message names the shard."""

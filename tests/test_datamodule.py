@@ -11,7 +11,7 @@ import webdataset as wds
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.data.datamodule import RecipeRun, ShardDataModule, resolve_shards
-from mmpeft.errors import ConfigError
+from mmpeft.errors import ConfigError, DataError
 
 from test_encode import assistant, image, raw_sample, user
 
@@ -49,18 +49,44 @@ def test_shard_pattern_matching_nothing_is_named(shards, tmp_path, spec):
         resolve_shards(pattern, "data.val")
 
 
-def test_every_sample_once_across_ranks_and_workers(tiny_model_dirs, shards, monkeypatch):
-    """2 ranks x 2 dataloader workers each: the union of what they read is the data set, without repeats."""
-    seen: list[str] = []
-    for rank in range(2):
+def read_as_ranks(tiny_model_dirs, train: str, monkeypatch, world: int = 2, **kwargs) -> list[list[list[str]]]:
+    """The keys of every batch each rank reads (rank and world as torchrun's environment gives them)."""
+    ranks = []
+    for rank in range(world):
         monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        dm = datamodule(tiny_model_dirs, shards, num_workers=2, shuffle_buffer=8)
-        rank_keys = keys_of(dm.train_dataloader())
-        assert 0 < len(rank_keys) < 60
-        seen += rank_keys
-    counts = Counter(seen)
-    assert len(counts) == 60 and set(counts.values()) == {1}
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        dm = datamodule(tiny_model_dirs, train, **kwargs)
+        ranks.append([batch["keys"] for batch in dm.train_dataloader()])
+    return ranks
+
+
+def test_every_sample_once_across_ranks_and_workers(tiny_model_dirs, shards, monkeypatch):
+    """2 ranks x 2 dataloader workers each: no sample twice, and both ranks read the same number of full batches."""
+    ranks = read_as_ranks(tiny_model_dirs, shards, monkeypatch, num_workers=2, shuffle_buffer=8)
+    # 6 shards of 10: a rank's 3 shards fall to its workers as 20 + 10 samples, 5 + 2 full batches of 4.
+    assert [len(batches) for batches in ranks] == [7, 7]
+    assert all(len(keys) == 4 for batches in ranks for keys in batches)
+    counts = Counter(key for batches in ranks for keys in batches for key in keys)
+    assert len(counts) == 56 and set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shard_counts_give_every_rank_the_same_batches(tiny_model_dirs, tmp_path, monkeypatch, workers):
+    """5 shards of different sizes over 2 ranks: equal batch counts (no DDP hang), still no repeats."""
+    out = tmp_path / "uneven"
+    SyntheticRecipe(samples=46, samples_per_shard=10, seed=4).build(out, progress=False)  # 10, 10, 10, 10, 6
+    ranks = read_as_ranks(tiny_model_dirs, str(out), monkeypatch, num_workers=workers, shuffle_buffer=4)
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    keys = [key for batches in ranks for keys in batches for key in keys]
+    assert len(keys) == len(set(keys)) >= 4 * 2 * 4
+
+
+def test_several_ranks_need_sample_counts(tiny_model_dirs, shards, tmp_path, monkeypatch):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "a-000000.tar").write_bytes((Path(shards) / "train-000000.tar").read_bytes())
+    with pytest.raises(ConfigError, match=r"same number of batches.*a-000000.tar has none"):
+        read_as_ranks(tiny_model_dirs, str(lone), monkeypatch, tasks=["color"])
 
 
 def test_tasks_come_from_the_index_and_label_every_sample(tiny_model_dirs, shards):
@@ -74,23 +100,55 @@ def test_tasks_come_from_the_index_and_label_every_sample(tiny_model_dirs, shard
     assert task_counts == Counter(index["samples_per_task"])
 
 
-def test_bad_samples_in_a_shard_are_skipped_counted_and_the_rest_trains(tiny_model_dirs, tmp_path):
-    good = [raw_sample(f"good{i}", "color", [user("What colour?", 1), assistant("green")], [image()]) for i in range(6)]
-    bad = [
-        dict(good[0], **{"__key__": "broken-json", "json": b"{"}),
-        raw_sample("missing-image", "color", [user("What colour?", 1), assistant("green")], []),
-    ]
-    path = tmp_path / "mixed-000000.tar"
+def write_mixed_shard(path: Path, good: int, reasons_bad: int = 1) -> list[str]:
+    """A shard with ``good`` usable samples and two bad ones (malformed JSON, a missing image) per ``reasons_bad``."""
+    rows = [raw_sample(f"good{i}", "color", [user("What colour?", 1), assistant("green")], [image()]) for i in range(good)]
+    bad = []
+    for j in range(reasons_bad):
+        bad += [
+            dict(rows[0], **{"__key__": f"broken-json{j}", "json": b"{"}),
+            raw_sample(f"missing-image{j}", "color", [user("What colour?", 1), assistant("green")], []),
+        ]
     with wds.TarWriter(str(path)) as sink:
-        for raw in good[:3] + bad + good[3:]:
+        for raw in rows[: good // 2] + bad + rows[good // 2 :]:
             sink.write({k: v for k, v in raw.items() if k != "__url__"})
-    dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], shuffle_buffer=1)
+    return [r["__key__"] for r in rows]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bad_samples_in_a_shard_are_skipped_counted_and_the_rest_trains(tiny_model_dirs, tmp_path, workers):
+    path = tmp_path / "mixed-000000.tar"
+    good = write_mixed_shard(path, 6)
+    dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], shuffle_buffer=1, num_workers=workers, max_skip_fraction=0.25)
     batches = list(dm.train_dataloader())
-    assert sorted(k for b in batches for k in b["keys"]) == sorted(r["__key__"] for r in good)
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
     skipped = Counter()
     for b in batches:
         skipped.update(b["skipped"])
     assert skipped == {"bad_json": 1, "image_count_mismatch": 1}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_bad_samples_stop_the_run_naming_the_shard(tiny_model_dirs, tmp_path, workers):
+    """2 bad of 8 is above a limit of 0.2: a DataError names the shard (also from a worker process)."""
+    path = tmp_path / "mostly-bad-000000.tar"
+    write_mixed_shard(path, 6)
+    dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], num_workers=workers, max_skip_fraction=0.2)
+    with pytest.raises(DataError, match=r"2 of 8 samples skipped \(bad_json 1, image_count_mismatch 1\).*max_skip_fraction=0.2.*mostly-bad-000000.tar"):
+        list(dm.train_dataloader())
+
+
+def test_the_skip_limit_is_checked_while_streaming(tiny_model_dirs, tmp_path):
+    """With many samples the limit trips as soon as the fraction is over it, not only at the end."""
+    from mmpeft.data import encode
+
+    path = tmp_path / "bad-000000.tar"
+    write_mixed_shard(path, 40, reasons_bad=20)  # 20 good, 40 bad, 20 good
+    dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], shuffle_buffer=1)
+    dm.encoder.skip_check_after = 30
+    with pytest.raises(DataError, match=r"10 of 30 samples skipped"):
+        list(dm.train_dataloader())
+    assert encode.SKIP_CHECK_AFTER == 100 and dm.encoder.seen == 30
 
 
 def test_prepare_builds_once_and_rebuilds_when_arguments_change(tmp_path):

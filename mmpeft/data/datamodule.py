@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from torch.utils.data import DataLoader
 from mmpeft import registry
 from mmpeft.data.build import INDEX, is_built
 from mmpeft.data.encode import ChatEncoder
+from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, plan_mixture
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import load_processor
+
+log = logging.getLogger("mmpeft.data")
 
 
 @dataclass
@@ -79,24 +83,49 @@ def resolve_shards(spec: str, what: str) -> list[str]:
     return urls
 
 
-def read_tasks(urls: list[str]) -> list[str] | None:
-    """The task vocabulary from the ``dataset.json`` beside the first local shard, if there is one."""
-    if not urls or _is_remote(urls[0]):
-        return None
-    index = Path(urls[0]).parent / INDEX
-    return list(json.loads(index.read_text())["tasks"]) if index.is_file() else None
+def _index(directory: Path, cache: dict[Path, dict | None]) -> dict | None:
+    if directory not in cache:
+        path = directory / INDEX
+        try:
+            cache[directory] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except ValueError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return cache[directory]
+
+
+def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
+    """The shards of ``spec`` with their sample counts, and the task vocabulary of the index beside them."""
+    urls = resolve_shards(spec, what)
+    cache: dict[Path, dict | None] = {}
+    shards, tasks = [], None
+    for url in urls:
+        entry, index = None, None
+        if not _is_remote(url):
+            index = _index(Path(url).parent, cache)
+            if index is not None:
+                entry = next((e for e in index.get("shards", []) if e.get("name") == Path(url).name), None)
+                tasks = tasks or index.get("tasks")
+        if entry is None:
+            shards.append(Shard(url))
+        else:
+            shards.append(Shard(url, int(entry["samples"]), tuple(sorted(entry.get("tasks", {}).items()))))
+    return Source(spec, tuple(shards)), (list(tasks) if tasks else None)
 
 
 # Which splits each Lightning stage reads; the first is required.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
+Spec = str | list[str] | None
+"""One shard spec, or several sources (mixed by ``data.mixing``, else read one after the other)."""
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
-        train: str | None = None,
-        val: str | None = None,
-        test: str | None = None,
+        train: Spec = None,
+        val: Spec = None,
+        test: Spec = None,
         processor: str | None = None,
         processor_kwargs: dict[str, Any] | None = None,
         tasks: list[str] | None = None,
@@ -105,23 +134,27 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        mixing: Mixing | None = None,
+        max_skip_fraction: float = 0.1,
         prepare: list[RecipeRun] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         """Stream shards for training and evaluation.
 
         Args:
-            train: Training shards: a directory with ``dataset.json``, a brace pattern (``dir/train-{000000..000007}.tar``) or a glob.
+            train: Training shards: a directory with ``dataset.json``, a brace pattern (``dir/train-{000000..000007}.tar``) or a glob; or a list of such sources.
             val: Validation shards, same forms.
             test: Test shards, same forms.
             processor: Checkpoint whose processor encodes the samples; by default the model's (``model.backbone.pretrained``).
             processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to cap Qwen2-VL's image tokens.
-            tasks: Task vocabulary (task id = position). By default read from the training directory's ``dataset.json``, so ids stay stable.
+            tasks: Task vocabulary (task id = position). By default the sorted union of the indexes' vocabularies; a resumed run keeps its checkpoint's.
             batch_size: Samples per batch and device.
             max_length: Longest sequence in tokens; longer samples are truncated, or skipped and counted when the cut would go through image tokens.
             num_workers: Dataloader worker processes; shards are split across them.
             shuffle_buffer: Samples held for shuffling in training (shard order is shuffled too).
-            seed: Seed of the shard and sample shuffles.
+            seed: Seed of the shard order, the sample shuffle and the mixture draws.
+            mixing: Weighted, resampled training stream over the sources or tasks (see docs/data.md). Default: one pass over the data per epoch.
+            max_skip_fraction: Stop with an error naming the shard when more than this fraction of the samples is skipped (checked from 100 samples on, and at the end of each pass).
             prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic data.
             trust_remote_code: Allow processor code from the checkpoint's repository.
         """
@@ -129,9 +162,20 @@ class ShardDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         # Under LightningCLI, hparams hold the config as parsed (dicts), not the instances.
         self.prepare_runs = list(prepare or [])
-        self.urls: dict[str, list[str]] = {}
-        """Resolved shard files per split, filled by ``setup``."""
+        self.mixing = Mixing(**mixing) if isinstance(mixing, dict) else mixing
+        if not 0 <= max_skip_fraction <= 1:
+            raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        self.sources: dict[str, list[Source]] = {}
+        """Resolved sources per split, filled by ``setup``."""
+        self.index_tasks: list[str] = []
+        self.tasks: list[str] | None = None
+        self.plan: MixPlan | None = None
         self.encoder: ChatEncoder | None = None
+
+    @property
+    def urls(self) -> dict[str, list[str]]:
+        """Resolved shard files per split."""
+        return {split: [shard.url for source in sources for shard in source.shards] for split, sources in self.sources.items()}
 
     def prepare_data(self) -> None:
         for run in self.prepare_runs:
@@ -145,33 +189,64 @@ class ShardDataModule(L.LightningDataModule):
             spec = getattr(hp, split)
             if spec is None and split == required:
                 raise ConfigError(f"data.{split} is not set; `{stage}` needs it")
-            if spec is not None and split not in self.urls:
-                self.urls[split] = resolve_shards(spec, f"data.{split}")
+            if spec is not None and split not in self.sources:
+                specs = [spec] if isinstance(spec, str) else list(spec)
+                if not specs:
+                    raise ConfigError(f"data.{split} is an empty list")
+                resolved = [resolve_source(s, f"data.{split}" + (f"[{i}]" if len(specs) > 1 else "")) for i, s in enumerate(specs)]
+                self.sources[split] = [source for source, _ in resolved]
+                self.index_tasks = sorted(set(self.index_tasks).union(*(t or () for _, t in resolved)))
+        if self.mixing is not None and "train" in self.sources and self.plan is None:
+            self.plan = plan_mixture(self.mixing, self.sources["train"], "data.train")
+            shares = ", ".join(f"{t} {p:.3f}" for t, p in self.plan.target.items())
+            log.info("training mixture (resampled, by %s): %s", self.mixing.by, shares)
         if self.encoder is not None:
             return
         if not hp.processor:
             raise ConfigError("data.processor is not set (it defaults to model.backbone.pretrained)")
-        tasks = hp.tasks or next(filter(None, (read_tasks(urls) for urls in self.urls.values())), None)
+        tasks = self.tasks or hp.tasks or self.index_tasks
         if not tasks:
             raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary lies beside the shards")
         self.tasks = list(tasks)
         processor = load_processor(hp.processor, hp.trust_remote_code, **(hp.processor_kwargs or {}))
-        self.encoder = ChatEncoder(processor, self.tasks, hp.max_length)
+        self.encoder = ChatEncoder(processor, self.tasks, hp.max_length, hp.max_skip_fraction)
 
+    # -- the task vocabulary travels with checkpoints, so task ids never change on resume ---------
+    def state_dict(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks or [])}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = list(state.get("tasks") or [])
+        if not saved or saved == self.tasks:
+            return
+        new = sorted(set(self.index_tasks) - set(saved))
+        if new:
+            raise ConfigError(
+                f"the checkpoint's task vocabulary {saved} lacks task(s) {new} of the data; "
+                "task ids must not change on resume (start a new run, or set data.tasks)"
+            )
+        log.info("task vocabulary from the checkpoint: %s", saved)
+        self.tasks = saved
+        if self.encoder is not None:
+            self.encoder.set_tasks(saved)
+
+    # -- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:
-        urls = self.urls[split]
-        dataset = wds.WebDataset(
-            urls,
-            shardshuffle=len(urls) if train else False,
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,  # a rank or worker may get no shard when there are few
-            seed=self.hparams.seed,
-        )
-        if train:
-            dataset = dataset.shuffle(self.hparams.shuffle_buffer, seed=self.hparams.seed)
-        dataset = dataset.map(self.encoder).batched(self.hparams.batch_size, collation_fn=self.encoder.collate)
-        workers = self.hparams.num_workers
+        hp = self.hparams
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
+        plan = self.plan if train else None
+        epoch_steps = None
+        if plan is not None:
+            epoch_steps = self.mixing.epoch_steps
+            if epoch_steps is None:
+                samples = sum(s.samples or 0 for source in self.sources[split] for s in source.shards)
+                epoch_steps = max(1, samples // (hp.batch_size * (world or 1)))
+        dataset = ShardStream(
+            self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer, rank=rank, world=world, plan=plan, epoch_steps=epoch_steps,
+        )  # fmt: skip
+        workers = hp.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0 and train)
 
     def train_dataloader(self) -> DataLoader:
@@ -179,7 +254,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         # No validation shards means no validation loop (Lightning skips an empty list).
-        return self._loader("val", train=False) if "val" in self.urls else []
+        return self._loader("val", train=False) if "val" in self.sources else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)

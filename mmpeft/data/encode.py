@@ -17,10 +17,13 @@ from typing import Any
 import torch
 
 from mmpeft.data.sample import Sample, SampleError, parse_sample
+from mmpeft.errors import DataError
 
 IGNORE_INDEX = -100
 REPORT_FIRST = 5
 """How many skipped samples per reason are reported with their shard and key."""
+SKIP_CHECK_AFTER = 100
+"""Samples seen before the skipped fraction is compared with its limit (always at the end of a pass)."""
 
 log = logging.getLogger("mmpeft.data")
 
@@ -35,10 +38,12 @@ def image_token_id(processor: Any) -> int:
 class ChatEncoder:
     """Callable for a WebDataset pipeline: raw sample -> encoded sample, or ``None`` when skipped (and counted)."""
 
-    def __init__(self, processor: Any, tasks: list[str], max_length: int) -> None:
+    def __init__(
+        self, processor: Any, tasks: list[str], max_length: int, max_skip_fraction: float = 1.0, skip_check_after: int = SKIP_CHECK_AFTER
+    ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.task_ids = {task: i for i, task in enumerate(tasks)}
+        self.set_tasks(tasks)
         self.max_length = max_length
         self.image_token_id = image_token_id(processor)
         pad = self.tokenizer.pad_token_id
@@ -46,17 +51,52 @@ class ChatEncoder:
         self.skipped: Counter[str] = Counter()
         """Skips since the last batch was collated, by reason (shipped with the batch, so counts survive worker processes)."""
         self._reported: Counter[str] = Counter()
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_check_after = skip_check_after
+        self.seen = 0
+        """Samples this encoder (one per worker) has been given."""
+        self.kept = 0
+        self.skipped_total: Counter[str] = Counter()
+        self.skipped_by_shard: Counter[str] = Counter()
+        self.seen_by_shard: Counter[str] = Counter()
+
+    def set_tasks(self, tasks: list[str]) -> None:
+        self.task_ids = {task: i for i, task in enumerate(tasks)}
 
     # -- one sample -------------------------------------------------------------------------
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        shard = str(raw.get("__url__", "?"))
+        self.seen += 1
+        self.seen_by_shard[shard] += 1
         try:
-            return self.encode(parse_sample(raw))
+            item = self.encode(parse_sample(raw))
         except SampleError as exc:
             self.skipped[exc.reason] += 1
+            self.skipped_total[exc.reason] += 1
+            self.skipped_by_shard[shard] += 1
             self._reported[exc.reason] += 1
             if self._reported[exc.reason] <= REPORT_FIRST:
-                log.warning("skipped sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), exc)
+                log.warning("skipped sample %s in %s: %s", raw.get("__key__"), shard, exc)
+            self.check_skip_limit()
             return None
+        self.kept += 1
+        return item
+
+    def check_skip_limit(self, final: bool = False) -> None:
+        """Stop with :class:`DataError` once more than ``max_skip_fraction`` of the samples were skipped.
+
+        Checked from ``skip_check_after`` samples on, and at the end of a pass whatever the count.
+        """
+        skipped = sum(self.skipped_total.values())
+        if not skipped or skipped <= self.max_skip_fraction * self.seen or (self.seen < self.skip_check_after and not final):
+            return
+        shard, bad = self.skipped_by_shard.most_common(1)[0]
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped_total.items(), key=lambda rn: (-rn[1], rn[0])))
+        raise DataError(
+            f"{skipped} of {self.seen} samples skipped ({reasons}), more than data.max_skip_fraction="
+            f"{self.max_skip_fraction}; most in shard {shard} ({bad} of its {self.seen_by_shard[shard]} samples "
+            f"read so far). See the warnings above for keys, or run: python -m mmpeft data inspect {shard}"
+        )
 
     def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
         """The chat as text and the character span of every assistant turn in it."""
@@ -115,7 +155,14 @@ class ChatEncoder:
                 tokens[name] = value[0, :length]  # per-token inputs: input_ids, attention_mask, ...
             else:
                 images[name] = value  # pixel_values, image_grid_thw, image_sizes, ...: concatenated across a batch
-        return {"key": sample.key, "task_id": self.task_ids[sample.task], "tokens": tokens, "images": images, "labels": labels}
+        return {
+            "key": sample.key,
+            "task_id": self.task_ids[sample.task],
+            "tokens": tokens,
+            "images": images,
+            "labels": labels,
+            "length": ids.numel(),  # before truncation (data inspect reports these)
+        }
 
     # -- a batch ----------------------------------------------------------------------------
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,297 @@
+"""The sample stream behind every dataloader.
+
+Two modes, both reading tar shards with webdataset's own tar reader and doing the decoding,
+encoding and batching inside the dataloader workers:
+
+- **one pass** (default): the shards of all sources, shuffled per epoch with the same seed on
+  every rank, are dealt out by rank and then by worker, so no sample is read twice in an
+  epoch. With several ranks, every rank yields the same number of full batches (computed from
+  the ``dataset.json`` sample counts, with no communication): a rank never waits in a
+  collective for one that ran out, whatever the shard counts.
+- **resampled** (``data.mixing``): sources, or tasks within them, are drawn with the weights of
+  a :class:`Mixing` (explicit, or proportional to ``n ** (1 / temperature)``); shards are drawn
+  with replacement, an epoch is ``epoch_steps`` batches per rank, and every (seed, rank, worker,
+  epoch) has its own random stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmpeft.data.encode import ChatEncoder
+from mmpeft.errors import ConfigError
+
+log = logging.getLogger("mmpeft.data")
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None = None
+    """From the index; ``None`` when the shard has no ``dataset.json`` entry."""
+    tasks: tuple[tuple[str, int], ...] = ()
+    """Samples per task, from the index."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``data.train`` (or ``val``, ``test``) after resolution."""
+
+    spec: str
+    shards: tuple[Shard, ...]
+
+    def task_counts(self) -> Counter[str] | None:
+        if any(s.samples is None for s in self.shards):
+            return None
+        counts: Counter[str] = Counter()
+        for shard in self.shards:
+            counts.update(dict(shard.tasks))
+        return counts
+
+
+@dataclass
+class Mixing:
+    """Weighted, resampled streaming over several sources or over the tasks in them."""
+
+    by: Literal["source", "task"] = "source"
+    """Mix whole sources (the entries of ``data.train``) or tasks (across all sources)."""
+    weights: dict[str, float] | None = None
+    """Relative weight of each source (keyed as written in ``data.train``) or task; every one must be listed. Default: by temperature."""
+    temperature: float = 1.0
+    """Without ``weights``: weight proportional to ``n ** (1 / temperature)`` for ``n`` samples (1: as in the data; large: towards uniform)."""
+    epoch_steps: int | None = None
+    """Batches per rank in an epoch. Default: as many as one pass over the data would give."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"data.mixing.temperature must be > 0, got {self.temperature}")
+        if self.epoch_steps is not None and self.epoch_steps < 1:
+            raise ConfigError(f"data.mixing.epoch_steps must be >= 1, got {self.epoch_steps}")
+        bad = {k: w for k, w in (self.weights or {}).items() if not (w >= 0 and math.isfinite(w))}
+        if bad or (self.weights is not None and not any(self.weights.values())):
+            raise ConfigError(f"data.mixing.weights must be finite, >= 0 and not all 0, got {self.weights}")
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """How a resampled stream realises a mixture: pick a source, then accept a sample by its task."""
+
+    source_probs: tuple[float, ...]
+    """Probability of drawing from each source."""
+    accept: tuple[dict[str, float], ...]
+    """Per source: probability of keeping a sample of each task (rejection sampling, max 1)."""
+    target: dict[str, float]
+    """The resulting share of each task in the stream."""
+
+
+def plan_mixture(mixing: Mixing, sources: list[Source], where: str) -> MixPlan:
+    """The source and per-task acceptance probabilities that give the mixture ``mixing`` asks for."""
+    counts = []
+    for source in sources:
+        c = source.task_counts()
+        if c is None:
+            raise ConfigError(f"{where}: data.mixing needs the sample counts of a dataset.json index; {source.spec!r} has none")
+        counts.append(c)
+    if mixing.by == "source":
+        units = {s.spec: [(i, t, n) for t, n in counts[i].items()] for i, s in enumerate(sources)}
+    else:
+        units = {}
+        for i, c in enumerate(counts):
+            for t, n in c.items():
+                units.setdefault(t, []).append((i, t, n))
+    if mixing.weights is not None:
+        unknown = sorted(set(mixing.weights) - set(units))
+        missing = sorted(set(units) - set(mixing.weights))
+        if unknown or missing:
+            raise ConfigError(
+                f"data.mixing.weights (by {mixing.by}): "
+                + (f"unknown {mixing.by}(s) {', '.join(map(repr, unknown))}; " if unknown else "")
+                + (f"no weight for {', '.join(map(repr, missing))}; " if missing else "")
+                + f"the {mixing.by}s are {', '.join(map(repr, sorted(units)))}"
+            )
+        weights = dict(mixing.weights)
+    else:
+        weights = {u: sum(n for _, _, n in cells) ** (1.0 / mixing.temperature) for u, cells in units.items()}
+    total_weight = sum(weights.values())
+    # p[i][t]: the share of (source i, task t) in the mixture; within a unit, cells keep their natural proportions.
+    p: list[dict[str, float]] = [{} for _ in sources]
+    for unit, cells in units.items():
+        size = sum(n for _, _, n in cells)
+        for i, t, n in cells:
+            p[i][t] = p[i].get(t, 0.0) + (weights[unit] / total_weight) * (n / size if size else 0.0)
+    source_probs = [sum(cell.values()) for cell in p]
+    accept = []
+    for i, cell in enumerate(p):
+        n_i = sum(counts[i].values())
+        # Within source i, task t must appear with share p[i][t] / P_i instead of its natural n_it / n_i.
+        ratio = {t: (cell[t] / source_probs[i]) / (counts[i][t] / n_i) if source_probs[i] > 0 and counts[i][t] else 0.0 for t in cell}
+        top = max(ratio.values(), default=0.0)
+        accept.append({t: r / top if top > 0 else 0.0 for t, r in ratio.items()})
+    target: Counter[str] = Counter()
+    for cell in p:
+        target.update(cell)
+    return MixPlan(tuple(source_probs), tuple(accept), {t: target[t] for t in sorted(target)})
+
+
+def batch_quotas(shards: list[Shard], world: int, workers: int, batch_size: int) -> list[list[int]]:
+    """Full batches each (rank, worker) yields so that every rank yields the same number.
+
+    Shards are dealt ``shards[rank::world][worker::workers]``. Each rank keeps the smallest
+    rank's count of full batches, taking the surplus from its fullest workers first.
+    """
+    quotas = [[sum(s.samples or 0 for s in shards[r::world][w::workers]) // batch_size for w in range(workers)] for r in range(world)]
+    target = min(sum(row) for row in quotas)
+    for row in quotas:
+        for _ in range(sum(row) - target):
+            row[row.index(max(row))] -= 1
+    return quotas
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardStream(IterableDataset):
+    """Batches of encoded samples for one rank; see the module docstring for the two modes."""
+
+    def __init__(
+        self,
+        sources: list[Source],
+        encoder: ChatEncoder,
+        batch_size: int,
+        *,
+        train: bool,
+        seed: int,
+        shuffle_buffer: int,
+        rank: int | None = None,
+        world: int | None = None,
+        plan: MixPlan | None = None,
+        epoch_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sources, self.encoder, self.batch_size = sources, encoder, batch_size
+        self.train, self.seed, self.shuffle_buffer = train, seed, shuffle_buffer
+        if rank is None or world is None:
+            rank, world = _rank_world()
+        self.rank, self.world = rank, world
+        self.plan, self.epoch_steps = plan, epoch_steps
+        self.epoch = 0
+        """Passes started by this copy of the stream (each worker holds its own copy)."""
+        self.shards = [shard for source in sources for shard in source.shards]
+        if plan is None and world > 1 and any(s.samples is None for s in self.shards):
+            unindexed = next(s.url for s in self.shards if s.samples is None)
+            raise ConfigError(
+                f"with {world} ranks every rank must yield the same number of batches, which needs the sample "
+                f"counts of a dataset.json index; {unindexed} has none (or use data.mixing, which resamples)"
+            )
+
+    # -- reading ------------------------------------------------------------------------------
+    def _bad_shard(self, exc: Exception) -> bool:
+        """webdataset's exception handler: a shard that cannot be read is counted and skipped."""
+        self.encoder.skipped["bad_shard"] += 1
+        log.warning("skipped the rest of a shard that could not be read: %s", exc)
+        return True
+
+    def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        return wds.tarfile_samples(({"url": u} for u in urls), handler=self._bad_shard)
+
+    def _batch(self, items_in: Iterator[dict[str, Any]], limit: int | None) -> Iterator[dict[str, Any]]:
+        """Batches of encoded samples; stop after ``limit`` full batches, else end with a partial one."""
+        items, done = [], 0
+        for item in items_in:
+            items.append(item)
+            if len(items) == self.batch_size:
+                yield self.encoder.collate(items)
+                items, done = [], done + 1
+                if limit is not None and done >= limit:
+                    return
+        if items and limit is None:
+            yield self.encoder.collate(items)
+
+    def _encoded(self, raws: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Shuffled (training) and encoded samples; the skipped ones are counted by the encoder."""
+        if self.train and self.shuffle_buffer > 1:
+            raws = wds.filters._shuffle(raws, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+        for raw in raws:
+            item = self.encoder(raw)
+            if item is not None:
+                yield item
+        self.encoder.check_skip_limit(final=True)
+
+    def _refill(self, mine: list[Shard], quota: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Encoded samples of this worker's shards; read again only if skipped samples left its quota short."""
+        need = quota * self.batch_size
+        for passes in range(1000):
+            if passes:
+                log.warning(
+                    "rank %d re-reads its shards (pass %d) to fill its %d batches after skipped samples; "
+                    "ranks stay in step, at the cost of repeating a few samples", self.rank, passes + 1, quota,
+                )  # fmt: skip
+            kept = 0
+            for item in self._encoded(self._samples([s.url for s in mine]), rng):
+                kept += 1
+                yield item
+            need -= kept
+            if need <= 0 or not kept:  # enough, or nothing usable at all: stop rather than loop
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng = random.Random(f"{self.seed}:{self.rank}:{worker}:{epoch}")
+        if self.plan is not None:
+            steps = self.epoch_steps or 1
+            yield from self._batch(self._encoded(self._resampled(rng), rng), steps // workers + (worker < steps % workers))
+            return
+        shards = list(self.shards)
+        if self.train:  # the same order on every rank: the seed and epoch only
+            random.Random(f"{self.seed}:shards:{epoch}").shuffle(shards)
+        mine = shards[self.rank :: self.world][worker::workers]
+        if self.world == 1:
+            yield from self._batch(self._encoded(self._samples([s.url for s in mine]), rng), None)
+            return
+        quota = batch_quotas(shards, self.world, workers, self.batch_size)[self.rank][worker]
+        if quota:
+            yield from self._batch(self._refill(mine, quota, rng), quota)
+
+    def _resampled(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """An endless stream drawn from the mixture: a source by its probability, a sample kept by its task's acceptance."""
+        plan = self.plan
+        streams: dict[int, Iterator[dict[str, Any]]] = {}
+
+        def draw_shards(i: int) -> Iterator[dict[str, str]]:
+            shards = self.sources[i].shards
+            weights = [s.samples or 1 for s in shards]
+            while True:
+                yield {"url": rng.choices(shards, weights)[0].url}
+
+        live = [i for i, p in enumerate(plan.source_probs) if p > 0]
+        probs = [plan.source_probs[i] for i in live]
+        while True:
+            i = rng.choices(live, probs)[0]
+            if i not in streams:
+                streams[i] = iter(wds.tarfile_samples(draw_shards(i), handler=self._bad_shard))
+            for raw in streams[i]:
+                try:
+                    task = json.loads(raw["json"])["task"]
+                except Exception:  # malformed: let the encoder count it
+                    yield raw
+                    break
+                if rng.random() < plan.accept[i].get(task, 0.0):
+                    yield raw
+                    break
