@@ -3,6 +3,7 @@
     python -m mmpeft fit --config configs/demo.yaml
     python -m mmpeft adapters                     # registered adapter plugins
     python -m mmpeft tiny-model --family llava --out DIR
+    python -m mmpeft data build RECIPE --out DIR ...  # make shards; `data inspect DIR` looks inside
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from mmpeft import registry
-from mmpeft.errors import ConfigError
+from mmpeft.errors import MMPeftError
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
@@ -70,7 +71,22 @@ def cmd_tiny_model(argv: list[str]) -> int:
     return 0
 
 
-TOOLS: dict[str, Callable[[list[str]], int]] = {"adapters": cmd_adapters, "tiny-model": cmd_tiny_model}
+def cmd_data(argv: list[str]) -> int:
+    from mmpeft.data.tools import cmd_data
+
+    return cmd_data(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {"adapters": cmd_adapters, "tiny-model": cmd_tiny_model, "data": cmd_data}
+
+
+def user_message(exc: MMPeftError) -> str:
+    """The error's own message, without the traceback a dataloader worker wraps around it."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        text = text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help"):
             print("tools: " + ", ".join(TOOLS) + "  (python -m mmpeft TOOL --help)\n")
         run_lightning_cli(cli_args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except MMPeftError as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     return 0

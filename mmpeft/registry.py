@@ -59,7 +59,7 @@ def describe(group: str) -> list[PluginInfo]:
 def load(group: str, name: str) -> Any:
     """The object registered as ``name`` in ``group``, with errors that say what to do."""
     eps = _entry_points(group)
-    kind = group.rsplit(".", 1)[-1].rstrip("s")
+    kind = group.rsplit(".", 1)[-1].rstrip("s").replace("_", " ")
     if name not in eps:
         known = ", ".join(sorted(eps)) or "(none)"
         raise ConfigError(

@@ -139,12 +139,15 @@ class ChatEncoder:
         target[~is_image] = plain_target[~plain_is_image]
 
         length = ids.numel()
-        if length > self.max_length:
-            if is_image[self.max_length :].any():
-                raise SampleError("too_long", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
-            length = self.max_length
-        if not target[:length].any():
-            raise SampleError("no_target_tokens", "no assistant token left within max_length")
+        exc = None
+        if length > self.max_length and is_image[self.max_length :].any():
+            exc = SampleError("too_long", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
+        elif not target[: self.max_length].any():
+            exc = SampleError("no_target_tokens", f"no assistant token left within max_length={self.max_length}")
+        if exc is not None:
+            exc.length = length
+            raise exc
+        length = min(length, self.max_length)
 
         labels = torch.where(target, ids, IGNORE_INDEX)[:length]
         tokens, images = {}, {}

@@ -24,6 +24,8 @@ class SampleError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.length: int | None = None
+        """The sample's length in tokens, when it is known (``too_long``)."""
 
 
 @dataclass
