@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+import torch
 import yaml
 
 from data_recipes.synthetic import SyntheticRecipe
@@ -136,3 +137,34 @@ def test_fit_stops_with_a_message_naming_the_shard_when_too_many_samples_are_bad
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: 4 of 10 samples skipped") and "bad-000000.tar" in line and "max_skip_fraction=0.2" in line
     assert "Traceback" not in err.split("error: ")[-1]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_weights(tiny_model_dirs, tmp_path, monkeypatch):
+    """`fit` with strategy=ddp, devices=2 (gloo): 5 uneven shards, both ranks train the same number of steps
+    (no hang), no sample is read twice, and DDP's gradient averaging leaves both with the same adapter."""
+    from safetensors.torch import load_file
+
+    from test_cli import mmpeft
+
+    config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["trainer"].update(strategy="ddp", devices=2, max_steps=100, max_epochs=1, val_check_interval=None, check_val_every_n_epoch=1, limit_val_batches=None)
+    raw["trainer"]["callbacks"] = [{"class_path": "probes.RecordRanks", "init_args": {"out": str(tmp_path / "probe")}}]
+    train, val = raw["data"]["prepare"]
+    train["args"].update(samples=72, samples_per_shard=16)  # 16, 16, 16, 16, 8: rank 0 gets 40 samples, rank 1 32
+    val["args"].update(samples=36, samples_per_shard=9)
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = mmpeft("fit", "--config", str(config), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [len(r["batches"]) for r in ranks] == [4, 4]  # rank 0's fifth batch is dropped to keep ranks in step
+    keys = [set(k for batch in r["batches"] for k in batch) for r in ranks]
+    assert len(keys[0]) == len(keys[1]) == 32 and not keys[0] & keys[1]
+    weights = [load_file(str(tmp_path / "probe" / f"rank{r}.safetensors")) for r in range(2)]
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+    assert any(w.abs().sum() > 0 for n, w in weights[0].items() if n.endswith(".B"))  # B starts at zero: it trained
