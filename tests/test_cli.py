@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
     base_bytes = sum(t.numel() * t.element_size() for t in load_file(Path(tiny_model_dirs[family]) / "model.safetensors").values())
     assert ckpt_path.stat().st_size < 3 * adapter_bytes + 64_000  # weights + two Adam moments + metadata
     assert "lm_head" not in str(list(state)) and ckpt_path.stat().st_size < base_bytes
+    # The task vocabulary travels with it, so a resumed run keeps the task ids.
+    assert ckpt["ShardDataModule"] == {"tasks": json.loads((tmp_path / "shards" / "train" / "dataset.json").read_text())["tasks"]}
 
 
 def test_adapters_lists_lora_with_its_distribution():

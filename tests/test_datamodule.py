@@ -175,3 +175,18 @@ def test_processor_kwargs_reach_the_processor(tiny_model_dirs, shards):
         item = dm.encoder.encode(Sample("k", dm.tasks[0], [user("What?", 1), assistant("red")], [image(size=(64, 64))]))
         counts.append(int((item["tokens"]["input_ids"] == dm.encoder.image_token_id).sum()))
     assert counts == [16, 4]
+
+
+def test_task_ids_come_from_the_checkpoint_on_resume(tiny_model_dirs, shards):
+    """A resumed run keeps its checkpoint's task ids even when the config now lists the tasks in another order."""
+    from mmpeft.data.sample import Sample
+
+    saved = datamodule(tiny_model_dirs, shards).state_dict()
+    assert saved == {"tasks": ["caption", "color", "count", "shape"]}
+    resumed = datamodule(tiny_model_dirs, shards, tasks=["shape", "count", "color", "caption"])
+    resumed.load_state_dict(saved)
+    assert resumed.tasks == saved["tasks"]
+    item = resumed.encoder.encode(Sample("k", "count", [user("How many?", 1), assistant("2")], [image()]))
+    assert item["task_id"] == 2
+    with pytest.raises(ConfigError, match=r"lacks task\(s\) \['count', 'shape'\] of the data; task ids must not change"):
+        datamodule(tiny_model_dirs, shards).load_state_dict({"tasks": ["caption", "color"]})

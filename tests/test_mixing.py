@@ -88,8 +88,8 @@ def test_weights_must_name_exactly_the_sources_or_tasks(sources):
         plan_mixture(Mixing(by="task", weights={"colour": 1, "shape": 1, "count": 1}), resolved, "data.train")
     with pytest.raises(ConfigError, match=r"no weight for '.*/b'"):
         plan_mixture(Mixing(by="source", weights={sources["a"]: 1}), resolved, "data.train")
-    with pytest.raises(ConfigError, match=r"temperature must be > 0"):
-        Mixing(temperature=0)
+    with pytest.raises(ConfigError, match=r"data.mixing.temperature must be > 0"):
+        ShardDataModule(train=sources["a"], mixing={"temperature": 0})
 
 
 def test_mixing_needs_index_counts(sources, tmp_path):

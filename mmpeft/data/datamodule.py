@@ -163,6 +163,8 @@ class ShardDataModule(L.LightningDataModule):
         # Under LightningCLI, hparams hold the config as parsed (dicts), not the instances.
         self.prepare_runs = list(prepare or [])
         self.mixing = Mixing(**mixing) if isinstance(mixing, dict) else mixing
+        if self.mixing is not None:
+            self.mixing.check()
         if not 0 <= max_skip_fraction <= 1:
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.sources: dict[str, list[Source]] = {}

@@ -74,7 +74,9 @@ class Mixing:
     epoch_steps: int | None = None
     """Batches per rank in an epoch. Default: as many as one pass over the data would give."""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming a bad value (called by the data module, not at parse time,
+        so the CLI reports it as one line rather than as a parser traceback)."""
         if self.temperature <= 0:
             raise ConfigError(f"data.mixing.temperature must be > 0, got {self.temperature}")
         if self.epoch_steps is not None and self.epoch_steps < 1:
@@ -98,6 +100,7 @@ class MixPlan:
 
 def plan_mixture(mixing: Mixing, sources: list[Source], where: str) -> MixPlan:
     """The source and per-task acceptance probabilities that give the mixture ``mixing`` asks for."""
+    mixing.check()
     counts = []
     for source in sources:
         c = source.task_counts()
