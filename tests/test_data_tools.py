@@ -168,3 +168,33 @@ def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_wei
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
     assert any(w.abs().sum() > 0 for n, w in weights[0].items() if n.endswith(".B"))  # B starts at zero: it trained
+
+
+def test_skipped_samples_and_unreadable_shards_reach_tensorboard(tiny_model_dirs, tmp_path, capsys, caplog):
+    """A real fit over a shard with bad samples and a truncated shard: the run goes on, and the
+    counts by reason are in the TensorBoard event file."""
+    from test_cli import scalars
+
+    good = tmp_path / "good-000000.tar"
+    write_mixed_shard(good, 14)  # 14 good, one malformed JSON, one missing image
+    whole = tmp_path / "whole.tar"
+    write_mixed_shard(whole, 6, reasons_bad=0)
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2 + 100])  # a tar that ends mid-member
+    config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["trainer"].update(log_every_n_steps=1, val_check_interval=None, check_val_every_n_epoch=None, max_epochs=1, max_steps=3)
+    config.write_text(yaml.safe_dump(raw))
+    with caplog.at_level("WARNING", logger="mmpeft.data"):
+        code, err = run_main(
+            capsys, "fit", "--config", str(config), "--data.prepare", "[]", "--data.train", json.dumps([str(good), str(cut)]),
+            "--data.val", "null", "--data.tasks", "[color]", "--data.shuffle_buffer", "1", "--data.max_skip_fraction", "0.2",
+            "--data.num_workers", "0",
+        )  # fmt: skip
+    assert code == 0, err[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "demo").iterdir()
+    assert scalars(run_dir, "data/skipped/bad_json")[-1] == 1
+    assert scalars(run_dir, "data/skipped/image_count_mismatch")[-1] == 1
+    assert scalars(run_dir, "data/skipped/bad_shard")[-1] == 1
+    assert scalars(run_dir, "data/skipped/missing_json")[-1] == 1  # the cut shard's last sample lost its JSON
+    assert f"skipped sample broken-json0 in {good}" in caplog.text and "cut-000000.tar" in caplog.text

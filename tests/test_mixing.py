@@ -113,3 +113,5 @@ def test_an_epoch_is_epoch_steps_batches_of_the_mixture(tiny_model_dirs, sources
     assert task_ids == {1, 2}  # colour has weight 0
     keys = [[k for b in batches for k in b["keys"]] for batches in epochs]
     assert keys[0] != keys[1]  # a new draw every epoch
+    if workers == 2:  # the loader alternates workers: their streams are seeded apart
+        assert epochs[0][0]["keys"] != epochs[0][1]["keys"]

@@ -57,6 +57,9 @@ def _image_bytes(raw: dict[str, Any], k: int) -> bytes | None:
 def parse_sample(raw: dict[str, Any]) -> Sample:
     """Decode ``raw`` (webdataset's dict of key -> bytes) into a :class:`Sample`."""
     key = raw.get("__key__", "?")
+    if "json" not in raw:  # e.g. the last sample of a truncated shard, or files whose keys do not match
+        files = sorted(k for k in raw if not k.startswith("__"))
+        raise SampleError("missing_json", f"no .json file among the sample's files {files}")
     try:
         meta = json.loads(raw["json"])
         task = meta["task"]
