@@ -198,3 +198,26 @@ def test_skipped_samples_and_unreadable_shards_reach_tensorboard(tiny_model_dirs
     assert scalars(run_dir, "data/skipped/bad_shard")[-1] == 1
     assert scalars(run_dir, "data/skipped/missing_json")[-1] == 1  # the cut shard's last sample lost its JSON
     assert f"skipped sample broken-json0 in {good}" in caplog.text and "cut-000000.tar" in caplog.text
+
+
+def test_build_command_runs_a_source_recipe(tmp_path, capsys):
+    """`data build llava --src FILE --images DIR --out DIR`: options come from the recipe's fields; a bad record is
+    reported with its id and the build goes on; a missing source is one line naming it."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "img" / "a.jpg")
+    records = [
+        {"id": "r1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "r2", "image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]},
+    ]
+    (tmp_path / "mix.json").write_text(json.dumps(records))
+    out = tmp_path / "shards"
+    code, err = run_main(capsys, "data", "build", "llava", "--src", str(tmp_path / "mix.json"), "--images", str(tmp_path / "img"), "--out", str(out), "--progress", "false")
+    assert code == 0, err
+    index = json.loads((out / "dataset.json").read_text())
+    assert index["samples_per_task"] == {"mix": 1} and index["bad_records"]["first"][0]["id"] == "r2"
+    assert index["bad_records"]["by_reason"] == {"missing_image": 1}
+    code, err = run_main(capsys, "data", "build", "llava", "--src", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "nope.json" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "o2" / "dataset.json").exists()
