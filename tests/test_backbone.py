@@ -126,3 +126,18 @@ def test_missing_model_path_is_named(tmp_path):
         load_backbone(Backbone(pretrained=missing), CPU)
     with pytest.raises(ConfigError, match="data.processor.*no-such-model"):
         load_processor(missing)
+
+
+def test_eval_forward_without_grad_keeps_the_4bit_weights_readable(tiny_model_dirs):
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place in eval/no-grad
+    # forwards (and fails on narrow layers); load_backbone must keep the standard layout.
+    from mmpeft.adapters.quant import dequantized_weight
+
+    model = load_backbone(Backbone(pretrained=tiny_model_dirs["llava"]), CPU).eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [dequantized_weight(m) for m in layers]
+    with torch.no_grad():
+        logits = model(**_batch(tiny_model_dirs["llava"])["inputs"]).logits  # the vision tower's layers are narrower than a block
+    assert torch.isfinite(logits).all()
+    after = [dequantized_weight(m) for m in layers]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -28,6 +28,22 @@ def quantization_of(layer: nn.Module) -> str:
     return "none"
 
 
+def keep_standard_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16.
+
+    On such CPUs ``Linear4bit.forward`` rewrites its weight into a CPU-specific packed layout
+    the first time it runs in eval mode without grad (generation, validation). That path fails
+    for layers narrower than a quantization block (tiny models) and leaves a weight that
+    :func:`dequantized_weight`, merging and export can no longer read. Keeping the standard
+    layout costs some CPU inference speed on those machines and nothing on a GPU. Returns the
+    number of 4-bit layers changed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run the frozen base layer. bitsandbytes layers dequantize inside their own kernels."""
     return layer(x)

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
+from mmpeft.adapters.quant import keep_standard_layout
 from mmpeft.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,7 @@ def load_backbone(backbone: Backbone, device: torch.device) -> nn.Module:
         )
     except OSError as exc:
         raise ConfigError(f"cannot load model.backbone.pretrained={backbone.pretrained!r}: {exc}") from exc
+    keep_standard_layout(model)
     prepare_for_training(model, backbone)
     return model
 
