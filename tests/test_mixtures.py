@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig

@@ -6,7 +6,7 @@ A recipe (registered under the ``mmpeft.data_recipes`` entry-point group) subcla
 
 - record ``i`` always lands in shard ``i // samples_per_shard``, so shards are the same
   whatever happened before and a build can resume shard by shard;
-- each shard is written as ``NAME.tmp``, fsynced, then renamed: an interrupted build never
+- each shard is written under a temporary name, fsynced, then renamed: an interrupted build never
   leaves a truncated shard under a final name. Finished shards are listed in
   ``dataset.json.partial`` (replaced atomically after each shard); re-running the same build
   keeps them and continues, a build with other arguments starts over;
@@ -33,6 +33,8 @@ import webdataset as wds
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mmpeft.files import atomic_file, read_json, write_json
 
 FORMAT = "mmpeft-shards/1"
 INDEX = "dataset.json"
@@ -97,19 +99,6 @@ def checked_image(data: bytes, what: str) -> tuple[bytes, str]:
     return data, ext
 
 
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass(kw_only=True)
 class ShardRecipe:
     """Base of the data recipes: subclasses implement :meth:`__len__` and :meth:`record`."""
@@ -154,29 +143,22 @@ class ShardRecipe:
 
     def _write_shard(self, out: Path, shard: int, bad: list[dict[str, str]], bar: Progress, bar_task: Any) -> dict[str, Any]:
         name = self.shard_name(shard)
-        tmp, counts = out / (name + ".tmp"), Counter()
+        counts: Counter[str] = Counter()
         start = shard * self.samples_per_shard
-        try:
-            with open(tmp, "wb") as stream:
-                # mtime=0 keeps tar headers free of the wall clock (same bytes on every build);
-                # encoder=False makes the writer refuse anything that is not bytes already.
-                with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-                    for i in range(start, min(start + self.samples_per_shard, len(self))):
-                        try:
-                            record = self.record(i)
-                            writer.write(record.to_sample())
-                            counts[record.task] += 1
-                        except BadRecord as exc:
-                            bad.append({"id": self.record_id(i), "reason": exc.reason, "detail": str(exc)})
-                            if len(bad) <= REPORT_FIRST:
-                                log.warning("bad record %s (%s): %s", self.record_id(i), self.name, exc)
-                        bar.advance(bar_task)
-                stream.flush()
-                os.fsync(stream.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, out / name)
+        with atomic_file(out / name) as stream:
+            # mtime=0 keeps tar headers free of the wall clock (same bytes on every build);
+            # encoder=False makes the writer refuse anything that is not bytes already.
+            with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
+                for i in range(start, min(start + self.samples_per_shard, len(self))):
+                    try:
+                        record = self.record(i)
+                        writer.write(record.to_sample())
+                        counts[record.task] += 1
+                    except BadRecord as exc:
+                        bad.append({"id": self.record_id(i), "reason": exc.reason, "detail": str(exc)})
+                        if len(bad) <= REPORT_FIRST:
+                            log.warning("bad record %s (%s): %s", self.record_id(i), self.name, exc)
+                    bar.advance(bar_task)
         return {"name": name, "samples": sum(counts.values()), "bytes": (out / name).stat().st_size, "tasks": dict(sorted(counts.items()))}
 
     def build(self, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
@@ -186,7 +168,7 @@ class ShardRecipe:
         identity = self._identity()
         # From here on the directory is not a finished build until the new index is written.
         (out / INDEX).unlink(missing_ok=True)
-        partial = _read_json(out / PARTIAL)
+        partial = read_json(out / PARTIAL)
         done: list[dict[str, Any]] = []
         bad: list[dict[str, str]] = []
         if isinstance(partial, dict) and {k: partial.get(k) for k in identity} == identity:
@@ -207,11 +189,12 @@ class ShardRecipe:
                 new_bad: list[dict[str, str]] = []
                 done.append(self._write_shard(out, shard, new_bad, bar, bar_task))
                 bad += [dict(b, shard=shard) for b in new_bad]
-                _write_json(out / PARTIAL, {**identity, "shards": done, "bad": bad})
+                write_json(out / PARTIAL, {**identity, "shards": done, "bad": bad})
 
         written = {s["name"] for s in done}
-        stale = re.compile(rf"{re.escape(self.prefix)}-\d{{6}}\.tar(\.tmp)?")
-        for path in out.iterdir():  # shards of an earlier, larger build: a glob must see only this one
+        # Shards of an earlier, larger build (a glob must see only this one) and temporary files of an interrupted one.
+        stale = re.compile(rf"\.?{re.escape(self.prefix)}-\d{{6}}\.tar(\.\w+)?(\.tmp)?")
+        for path in out.iterdir():
             if stale.fullmatch(path.name) and path.name not in written:
                 path.unlink()
         tasks = sorted({t for s in done for t in s["tasks"]})
@@ -228,7 +211,7 @@ class ShardRecipe:
                 "first": [{k: b[k] for k in ("id", "reason", "detail")} for b in bad[:KEEP_IN_INDEX]],
             },
         }
-        _write_json(out / INDEX, index)
+        write_json(out / INDEX, index)
         (out / PARTIAL).unlink(missing_ok=True)
         if bad:
             log.warning("%d bad record(s) left out of %s: %s", len(bad), out, index["bad_records"]["by_reason"])
@@ -241,7 +224,7 @@ def is_built(out_dir: str | os.PathLike, recipe: ShardRecipe) -> bool:
     Every listed shard must exist with its recorded size, so a deleted or truncated shard
     means a rebuild rather than a failure in the middle of training.
     """
-    index = _read_json(Path(out_dir) / INDEX)
+    index = read_json(Path(out_dir) / INDEX)
     if not isinstance(index, dict) or {k: index.get(k) for k in ("format", "recipe", "args")} != recipe._identity():
         return False
     try:

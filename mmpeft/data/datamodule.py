@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 

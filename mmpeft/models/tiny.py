@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -37,6 +35,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
 )
+
+from mmpeft.files import staged_dir
 
 __all__ = ["FAMILIES", "MARKER_FILE", "build_tiny_model"]
 
@@ -186,14 +186,9 @@ def build_tiny_model(
     if out.exists() and any(out.iterdir()) and _read_marker(out) is None and not overwrite:
         raise FileExistsError(f"{out} is not empty and holds no tiny model build; pass overwrite=True to replace it")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staged_dir(out) as staging:
         _BUILDERS[family](staging, seed)
         (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
-        _move_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -202,18 +197,6 @@ def _read_marker(out: pathlib.Path) -> dict[str, Any] | None:
         return json.loads((out / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
-    # A directory can only be renamed onto an empty one, so an old build is moved aside first
-    # and deleted only once the new one is in place.
-    retired = None
-    if out.exists():
-        retired = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, retired / "build")
-    os.replace(staging, out)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
 
 
 def _corpus() -> list[str]:

@@ -1,0 +1,95 @@
+"""Writing files and folders so that a crash never leaves a complete-looking partial one.
+
+A file is written under a temporary name in its own folder, flushed to disk, then renamed
+over the target (``os.replace`` is atomic within one file system); a folder is built as a
+temporary sibling and renamed into place. Readers therefore see the old version or the new
+one, never half of either. Used by the shard builder, the tiny-model builder, adapter
+directories and training checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is only durable once the folder's entry is on disk (POSIX).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform / file system
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """``value`` as indented UTF-8 JSON at ``path``, atomically."""
+    with atomic_file(path, "w", encoding="utf-8") as stream:
+        stream.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON at ``path``, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def replace_dir(staging: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished folder ``staging`` to ``out``, replacing what was there.
+
+    A folder can only be renamed onto an empty one, so an old ``out`` is moved aside first and
+    deleted only once the new one is in place.
+    """
+    staging, out = Path(staging), Path(out)
+    retired = None
+    if out.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, retired / "old")
+    os.replace(staging, out)
+    _fsync_dir(out.parent)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` to fill; on success it replaces ``out``, on error it is deleted."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    try:
+        yield staging
+        replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
