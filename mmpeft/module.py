@@ -8,22 +8,30 @@ distributed strategies place weights themselves.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
+from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.errors import ConfigError
-from mmpeft.models.backbone import Backbone, language_model, load_backbone
+from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone
+from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
+
+log = logging.getLogger("mmpeft")
 
 
 @dataclass
@@ -77,18 +85,32 @@ class MMPeftModule(L.LightningModule):
         adapters: list[AdapterGroup] | None = None,
         optim: Optim = Optim(),
         routing: RoutingLosses = RoutingLosses(),
+        init_adapter: str | None = None,
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
         Args:
             backbone: The multimodal checkpoint and how to load it.
-            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on every linear layer.
+            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on every linear layer, or ``init_adapter``'s groups.
             optim: Optimizer and schedule.
             routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a router).
+            init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its adapters, weights and task vocabulary, for further training, evaluation or prediction.
         """
         super().__init__()
-        adapters = adapters if adapters is not None else [AdapterGroup()]
         self.save_hyperparameters()
+        self.init_spec: AdapterSpec | None = None
+        if init_adapter is not None:
+            self.init_spec = read_spec(init_adapter)  # a missing or malformed directory fails here, before any loading
+            if adapters is None:
+                adapters = self.init_spec.groups
+            elif AdapterSpec(adapters, "", {}).resolved().groups != self.init_spec.resolved().groups:
+                raise ConfigError(
+                    f"model.adapters differs from the adapters of model.init_adapter={init_adapter!r}; "
+                    "leave model.adapters unset to use the directory's"
+                )
+            if self.init_spec.train_projector and not backbone.train_projector:
+                backbone = dataclasses.replace(backbone, train_projector=True)  # its projector weights are in the directory
+        adapters = adapters if adapters is not None else [AdapterGroup()]
         self.backbone = backbone
         self.adapter_groups = adapters
         self.optim = optim
@@ -103,6 +125,7 @@ class MMPeftModule(L.LightningModule):
         # Checkpoints hold only trainable tensors, so loading one must accept the frozen base's absence.
         self.strict_loading = False
         self._skipped: Counter[str] = Counter()
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # -- setup ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -115,14 +138,23 @@ class MMPeftModule(L.LightningModule):
         if self.model is not None:
             return
         model = load_backbone(self.backbone, self.trainer.strategy.root_device)
-        inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
+        if self.init_spec is not None:
+            apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=True)
+        else:
+            inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
         self.model = model.train()
 
     def setup(self, stage: str) -> None:
-        tasks = getattr(self.trainer.datamodule, "tasks", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if self.init_spec is not None and self.init_spec.tasks and hasattr(datamodule, "load_state_dict"):
+            datamodule.load_state_dict({"tasks": self.init_spec.tasks})  # the adapter's task ids, checked against the data
+        tasks = getattr(datamodule, "tasks", None)
         if tasks:
             self.routing_context.num_tasks = len(tasks)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()  # see mmpeft/checkpoint.py
 
     def on_fit_start(self) -> None:
         low = sorted({str(p.dtype) for p in self.trainable_parameters() if p.dtype != torch.float32})
@@ -160,6 +192,12 @@ class MMPeftModule(L.LightningModule):
             self._skipped[reason] += count
             self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=size)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The generators as they were when the checkpoint was taken, right before the step that followed it.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -199,3 +237,27 @@ class MMPeftModule(L.LightningModule):
         # The frozen base can be reloaded from `backbone.pretrained`; keep checkpoints adapter-sized.
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[ADAPTER_KEY] = self.adapter_spec().to_json()
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get(RNG_KEY)
+
+    def adapter_spec(self) -> AdapterSpec:
+        """What ``adapter_config.json`` says of this model's adapter."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
+        base = base_summary(self.model.config)
+        spec = AdapterSpec(self.adapter_groups, self.backbone.pretrained, base, tasks, self.backbone.train_projector)
+        return spec.resolved()
+
+    def save_adapter(self, out: str | Path) -> Path:
+        """Write this model's adapter directory to ``out`` (replaced atomically)."""
+        projector = get_path(self.model, PROJECTOR_PATHS, "projector")[0] if self.backbone.train_projector else None
+        return save_adapter(out, self.adapter_spec(), trainable_tensors(self.model, projector))
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+            self.save_adapter(out)
+            log.info("adapter written to %s", out)

@@ -30,7 +30,7 @@ def demo_config(tmp_path: Path, model_dir: str, family: str, steps: int) -> Path
     config = yaml.safe_load(DEMO.read_text())
     config["trainer"].update(max_steps=steps, val_check_interval=steps // 2, default_root_dir=str(tmp_path))
     config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path / "runs"))
-    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = steps // 2
+    config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=steps // 2, dirpath=str(tmp_path / "checkpoints"))
     config["model"]["backbone"].update(pretrained=model_dir, build_tiny=family)
     data = config["data"]
     for split, run, samples in (("train", data["prepare"][0], 320), ("val", data["prepare"][1], 40)):
@@ -63,7 +63,7 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
     assert max(lr) == pytest.approx(3e-3, rel=0.05) and lr[-1] < lr[len(lr) // 2]
 
     # The checkpoint holds the LoRA tensors and their optimizer state, not the frozen base.
-    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     state = ckpt["state_dict"]
     assert state and all(".adapter." in key for key in state)
@@ -75,7 +75,22 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
     assert ckpt_path.stat().st_size < 3 * adapter_bytes + 64_000  # weights + two Adam moments + metadata
     assert "lm_head" not in str(list(state)) and ckpt_path.stat().st_size < base_bytes
     # The task vocabulary travels with it, so a resumed run keeps the task ids.
-    assert ckpt["ShardDataModule"] == {"tasks": json.loads((tmp_path / "shards" / "train" / "dataset.json").read_text())["tasks"]}
+    tasks = json.loads((tmp_path / "shards" / "train" / "dataset.json").read_text())["tasks"]
+    assert ckpt["ShardDataModule"]["tasks"] == tasks
+    # So does the data stream's position: one worker (the demo's), 40 batches trained.
+    (position,) = ckpt["ShardDataModule"]["stream"]
+    assert position["epoch"] == 0 and position["workers"] == 1 and position["batches"] == {0: 40}
+
+    # Beside it, and at the end of the run, the adapter as a directory with the same tensors.
+    from mmpeft.saving import read_spec, read_tensors
+
+    for adapter_dir in (tmp_path / "checkpoints" / "last-adapter", run_dir / "adapter"):
+        tensors = read_tensors(adapter_dir)
+        assert sorted(tensors) == sorted(k.removeprefix("model.") for k in state)
+        assert all(torch.equal(tensors[k.removeprefix("model.")], v) for k, v in state.items())
+        spec = read_spec(adapter_dir)
+        assert spec.tasks == tasks and spec.groups[0].name == "lora" and spec.groups[0].config == {"r": 16, "alpha": 32, "dropout": 0.0}
+        assert spec.base_model == tiny_model_dirs[family] and spec.base["architecture"].lower().startswith(family.replace("_", ""))
 
 
 def test_adapters_lists_lora_with_its_distribution():

@@ -214,7 +214,7 @@ def test_pip_install_lists_and_trains_dora_and_removing_it_unregisters(tmp_path,
     trained = mmpeft(*args)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir,) = (run / "runs" / "demo").iterdir()
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 10
     state = ckpt["state_dict"]
     # m, A and B of q, k, v and o in each of the 2 decoder layers, and nothing of the frozen base.

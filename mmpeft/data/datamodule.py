@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
 from mmpeft import registry
 from mmpeft.data.build import INDEX, is_built
 from mmpeft.data.encode import ChatEncoder
-from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, plan_mixture
+from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, StreamPosition, plan_mixture
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import load_processor
 
@@ -172,6 +173,9 @@ class ShardDataModule(L.LightningDataModule):
         self.tasks: list[str] | None = None
         self.plan: MixPlan | None = None
         self.encoder: ChatEncoder | None = None
+        self.position = StreamPosition()
+        """How far this rank's training stream got, from the batches trained on (saved in checkpoints)."""
+        self._resume: StreamPosition | None = None
 
     @property
     def urls(self) -> dict[str, list[str]]:
@@ -214,9 +218,21 @@ class ShardDataModule(L.LightningDataModule):
 
     # -- the task vocabulary travels with checkpoints, so task ids never change on resume ---------
     def state_dict(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks or [])}
+        # Every rank builds the checkpoint, one writes it: the stream positions of all ranks go in.
+        positions = [self.position.to_dict()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            positions = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(positions, self.position.to_dict())
+        return {"tasks": list(self.tasks or []), "stream": positions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        positions = state.get("stream") or []
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if positions:
+            if len(positions) != (self.trainer.world_size if self.trainer is not None else 1):
+                log.warning("the checkpoint holds the data streams of %d ranks, this run has %d: each epoch restarts from its beginning", len(positions), self.trainer.world_size)
+            else:
+                self._resume = StreamPosition.from_dict(positions[rank])
         saved = list(state.get("tasks") or [])
         if not saved or saved == self.tasks:
             return
@@ -247,8 +263,19 @@ class ShardDataModule(L.LightningDataModule):
             self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed,
             shuffle_buffer=hp.shuffle_buffer, rank=rank, world=world, plan=plan, epoch_steps=epoch_steps,
         )  # fmt: skip
+        if train and self._resume is not None:
+            dataset.resume_at(self._resume)  # before the workers start: they take a copy of the dataset
+            self._resume = None
         workers = hp.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0 and train)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for exactly the batches that are trained on, in order (not for the one the
+        # trainer fetches ahead), so the position saved with a checkpoint is what was trained.
+        tag = batch.pop("stream", None) if isinstance(batch, dict) else None
+        if tag is not None and (self.trainer is None or self.trainer.training):
+            self.position.update(tag, max(1, self.hparams.num_workers))
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -23,7 +23,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -162,6 +162,42 @@ def batch_quotas(shards: list[Shard], world: int, workers: int, batch_size: int)
     return quotas
 
 
+@dataclass
+class StreamPosition:
+    """How far one rank's training stream got, counted from the batches that were trained on.
+
+    Every batch carries its epoch, the worker that made it, how many samples that worker had
+    taken out of its shuffled stream when the batch was complete, and how many batches it had
+    yielded. The position is the latest of these per worker; a pass resumed from it skips each
+    worker's ``drawn`` samples without decoding them, so it yields exactly the batches that the
+    interrupted run would have yielded next.
+    """
+
+    epoch: int = 0
+    workers: int = 1
+    """Dataloader workers of the run (a resume with another number restarts the epoch)."""
+    drawn: dict[int, int] = field(default_factory=dict)
+    batches: dict[int, int] = field(default_factory=dict)
+    next_worker: int = 0
+    """The worker whose batch the dataloader would have asked for next (they take turns)."""
+
+    def update(self, tag: dict[str, int], workers: int) -> None:
+        """Record a trained batch's ``stream`` tag."""
+        if tag["epoch"] != self.epoch or workers != self.workers:
+            self.epoch, self.workers, self.drawn, self.batches = tag["epoch"], workers, {}, {}
+        self.drawn[tag["worker"]] = tag["drawn"]
+        self.batches[tag["worker"]] = tag["batches"]
+        self.next_worker = (tag["worker"] + 1) % workers
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "workers": self.workers, "drawn": dict(self.drawn), "batches": dict(self.batches), "next_worker": self.next_worker}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
+        as_ints = lambda d: {int(k): int(v) for k, v in d.items()}  # noqa: E731
+        return cls(int(data["epoch"]), int(data["workers"]), as_ints(data["drawn"]), as_ints(data["batches"]), int(data.get("next_worker", 0)))
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -194,6 +230,9 @@ class ShardStream(IterableDataset):
         self.plan, self.epoch_steps = plan, epoch_steps
         self.epoch = 0
         """Passes started by this copy of the stream (each worker holds its own copy)."""
+        self.resume: StreamPosition | None = None
+        """Where the first pass starts instead of its beginning (set before the workers start; see :meth:`resume_at`)."""
+        self._drawn = 0
         self.shards = [shard for source in sources for shard in source.shards]
         if plan is None and world > 1 and any(s.samples is None for s in self.shards):
             unindexed = next(s.url for s in self.shards if s.samples is None)
@@ -212,32 +251,53 @@ class ShardStream(IterableDataset):
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         return wds.tarfile_samples(({"url": u} for u in urls), handler=self._bad_shard)
 
-    def _batch(self, items_in: Iterator[dict[str, Any]], limit: int | None) -> Iterator[dict[str, Any]]:
-        """Batches of encoded samples; stop after ``limit`` full batches, else end with a partial one."""
-        items, done = [], 0
+    def _batch(self, items_in: Iterator[dict[str, Any]], limit: int | None, epoch: int, worker: int, done: int = 0) -> Iterator[dict[str, Any]]:
+        """Batches of encoded samples; stop after ``limit`` full batches (``done`` of them yielded before a resume), else end with a partial one.
+
+        Each batch carries ``stream``: the epoch, the worker, and how far that worker had read
+        when the batch was complete (see :class:`StreamPosition`).
+        """
+        items = []
+
+        def tagged(batch: dict[str, Any]) -> dict[str, Any]:
+            batch["stream"] = {"epoch": epoch, "worker": worker, "drawn": self._drawn, "batches": done}
+            return batch
+
+        if limit is not None and done >= limit:
+            return
         for item in items_in:
             items.append(item)
             if len(items) == self.batch_size:
-                yield self.encoder.collate(items)
-                items, done = [], done + 1
+                done += 1
+                yield tagged(self.encoder.collate(items))
+                items = []
                 if limit is not None and done >= limit:
                     return
         if items and limit is None:
-            yield self.encoder.collate(items)
+            done += 1
+            yield tagged(self.encoder.collate(items))
 
-    def _encoded(self, raws: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Shuffled (training) and encoded samples; the skipped ones are counted by the encoder."""
+    def _encoded(self, raws: Iterator[dict[str, Any]], rng: random.Random, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Shuffled (training) and encoded samples; the skipped ones are counted by the encoder.
+
+        The first ``skip`` samples out of the shuffle (counted over the whole pass, see
+        :meth:`_refill`) are dropped unread: a resumed pass consumes exactly what the interrupted
+        one did, so everything after them (and every random draw) is the same.
+        """
         if self.train and self.shuffle_buffer > 1:
             raws = wds.filters._shuffle(raws, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
         for raw in raws:
+            self._drawn += 1
+            if self._drawn <= skip:
+                continue
             item = self.encoder(raw)
             if item is not None:
                 yield item
         self.encoder.check_skip_limit(final=True)
 
-    def _refill(self, mine: list[Shard], quota: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _refill(self, mine: list[Shard], quota: int, rng: random.Random, skip: int = 0, done: int = 0) -> Iterator[dict[str, Any]]:
         """Encoded samples of this worker's shards; read again only if skipped samples left its quota short."""
-        need = quota * self.batch_size
+        need = (quota - done) * self.batch_size
         for passes in range(1000):
             if passes:
                 log.warning(
@@ -245,7 +305,7 @@ class ShardStream(IterableDataset):
                     "ranks stay in step, at the cost of repeating a few samples", self.rank, passes + 1, quota,
                 )  # fmt: skip
             kept = 0
-            for item in self._encoded(self._samples([s.url for s in mine]), rng):
+            for item in self._encoded(self._samples([s.url for s in mine]), rng, skip):
                 kept += 1
                 yield item
             need -= kept
@@ -256,21 +316,50 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, self.epoch = self.epoch, self.epoch + 1
+        worker, skip, done = self._resume_point(epoch, worker, workers)
         rng = random.Random(f"{self.seed}:{self.rank}:{worker}:{epoch}")
+        self._drawn = 0
+        batches = lambda items, limit: self._batch(items, limit, epoch, worker, done)  # noqa: E731
         if self.plan is not None:
             steps = self.epoch_steps or 1
-            yield from self._batch(self._encoded(self._resampled(rng), rng), steps // workers + (worker < steps % workers))
+            yield from batches(self._encoded(self._resampled(rng), rng, skip), steps // workers + (worker < steps % workers))
             return
         shards = list(self.shards)
         if self.train:  # the same order on every rank: the seed and epoch only
             random.Random(f"{self.seed}:shards:{epoch}").shuffle(shards)
         mine = shards[self.rank :: self.world][worker::workers]
         if self.world == 1:
-            yield from self._batch(self._encoded(self._samples([s.url for s in mine]), rng), None)
+            yield from batches(self._encoded(self._samples([s.url for s in mine]), rng, skip), None)
             return
         quota = batch_quotas(shards, self.world, workers, self.batch_size)[self.rank][worker]
         if quota:
-            yield from self._batch(self._refill(mine, quota, rng), quota)
+            yield from batches(self._refill(mine, quota, rng, skip, done), quota)
+
+    # -- resuming ---------------------------------------------------------------------------------
+    def resume_at(self, position: StreamPosition) -> None:
+        """Start the next pass where ``position`` left off (call before the dataloader's workers start)."""
+        self.epoch = position.epoch
+        self.resume = position
+
+    def _resume_point(self, epoch: int, worker: int, workers: int) -> tuple[int, int, int]:
+        """``(worker id, samples to skip, batches already yielded)`` for this worker's pass of ``epoch``.
+
+        Unless this pass resumes an interrupted one, that is ``(worker, 0, 0)``. When it does, the
+        worker ids are rotated for this pass so that the dataloader, which always asks worker 0
+        first, continues the interrupted run's round-robin order with the worker that was next.
+        """
+        position, self.resume = self.resume, None
+        if position is None or position.epoch != epoch:
+            return worker, 0, 0
+        if position.workers != workers:
+            log.warning(
+                "resuming with %d dataloader workers where the checkpoint had %d: epoch %d restarts from its "
+                "beginning (set data.num_workers=%d to continue exactly where it stopped)",
+                workers, position.workers, epoch, position.workers,
+            )  # fmt: skip
+            return worker, 0, 0
+        worker = (worker + position.next_worker) % workers
+        return worker, position.drawn.get(worker, 0), position.batches.get(worker, 0)
 
     def _resampled(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         """An endless stream drawn from the mixture: a source by its probability, a sample kept by its task's acceptance."""
