@@ -106,6 +106,7 @@ def inject_adapters(
         if context is not None:
             bind_routers(adapter, context, name)
         layer = AdaptedLinear(base, adapter, groups[owner[name]].name)
+        layer.train(base.training)  # new modules start in train mode; follow the model's (dropout off in eval)
         language_model.set_submodule(name, layer)
         wrapped[name] = layer
     return wrapped
