@@ -265,3 +265,46 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_model_dirs, tmp_pa
     assert from_dir == pytest.approx(from_ckpt, abs=1e-6)
     with pytest.raises(ConfigError, match=r"model.adapters differs from the adapters of model.init_adapter"):
         MMPeftModule(Backbone(pretrained=tiny_model_dirs["llava"]), adapters=[AdapterGroup()], init_adapter=str(tmp_path / "broken" / "checkpoints" / "last-adapter"))
+
+
+# -- the data stream's position -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "workers, mixing, taken",
+    [(0, None, 3), (2, None, 5), (2, {"by": "task", "temperature": 2.0, "epoch_steps": 12}, 7)],
+    ids=["one-pass-0-workers", "one-pass-2-workers", "resampled-2-workers"],
+)
+def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(tiny_model_dirs, tmp_path, workers, mixing, taken):
+    from data_recipes.synthetic import SyntheticRecipe
+    from mmpeft.data.datamodule import ShardDataModule
+
+    shards = tmp_path / "train"
+    SyntheticRecipe(samples=72, samples_per_shard=12, seed=4).build(shards, progress=False)
+
+    def datamodule(num_workers: int = workers) -> ShardDataModule:
+        dm = ShardDataModule(train=str(shards), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256, num_workers=num_workers, shuffle_buffer=16, mixing=mixing)
+        dm.setup("fit")
+        return dm
+
+    whole = [batch["keys"] for batch in datamodule().train_dataloader()]
+    interrupted = datamodule()
+    loader = iter(interrupted.train_dataloader())
+    for _ in range(taken):  # the batches trained on before the checkpoint (Lightning calls this hook for each)
+        interrupted.on_before_batch_transfer(next(loader), 0)
+    next(loader)  # fetched ahead, never trained on: not part of the position
+    state = interrupted.state_dict()
+    del loader
+
+    resumed = datamodule()
+    resumed.load_state_dict(state)
+    assert [batch["keys"] for batch in resumed.train_dataloader()] == whole[taken:]
+
+    if workers:  # another worker count cannot continue exactly: the epoch restarts, and says so
+        other = datamodule(num_workers=1)
+        other.load_state_dict(state)
+        restarted = [batch["keys"] for batch in other.train_dataloader()]
+        if mixing:
+            assert len(restarted) == len(whole) == 12  # a whole resampled epoch
+        else:
+            assert sorted(k for keys in restarted for k in keys) == sorted(k for keys in whole for k in keys)  # a whole pass
