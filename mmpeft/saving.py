@@ -214,3 +214,35 @@ def apply_adapter(
     for name, param in model.named_parameters():
         param.requires_grad_(trainable and (".adapter." in name or name in tensors))
     return spec
+
+
+@dataclass
+class AdaptedModel:
+    """What :func:`load_adapted` returns."""
+
+    model: nn.Module
+    """The transformers model with the adapter in its language model (eval mode unless ``trainable``)."""
+    processor: Any
+    spec: AdapterSpec
+    routing: RoutingContext
+    """The routers' shared context: ``routing.generate(model, **inputs)`` generates routing instances once per prompt."""
+
+
+def load_adapted(
+    path: str | os.PathLike, pretrained: str | None = None, *, device: str | torch.device = "cpu", trainable: bool = False, **backbone: Any
+) -> AdaptedModel:
+    """Load the base model (``pretrained``, by default the one the adapter was trained on) the QLoRA way and put the adapter directory ``path`` on it.
+
+    ``backbone`` takes :class:`~mmpeft.models.backbone.Backbone` fields, e.g. ``quantization="none"``.
+    """
+    from mmpeft.models.backbone import Backbone, load_backbone, load_processor
+
+    spec = read_spec(path)
+    settings = Backbone(pretrained=pretrained or spec.base_model, **backbone)
+    if spec.train_projector:
+        settings.train_projector = True  # the projector's trained weights are in the directory: keep it unquantized
+    model = load_backbone(settings, torch.device(device))
+    routing = RoutingContext()
+    apply_adapter(model, path, routing, trainable=trainable)
+    processor = load_processor(settings.pretrained, settings.trust_remote_code, key="pretrained")
+    return AdaptedModel(model.train(trainable), processor, spec, routing)

@@ -308,3 +308,15 @@ def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(t
             assert len(restarted) == len(whole) == 12  # a whole resampled epoch
         else:
             assert sorted(k for keys in restarted for k in keys) == sorted(k for keys in whole for k in keys)  # a whole pass
+
+
+def test_load_adapted_gives_the_model_processor_and_routing(tiny_model_dirs, saved):
+    from mmpeft.saving import load_adapted
+
+    out, expected = saved
+    loaded = load_adapted(out, tiny_model_dirs["llava"])  # the spec names the path it was trained from; here the same
+    assert not loaded.model.training and loaded.spec.tasks == ["color", "shape"]
+    assert torch.equal(logits(loaded.model, _batch(tiny_model_dirs["llava"])), expected)
+    inputs = loaded.processor(text=["USER: <image>\nWhat color? ASSISTANT:"], images=[torch.zeros(3, 32, 32)], return_tensors="pt")
+    generated = loaded.routing.generate(loaded.model, **inputs, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
