@@ -257,7 +257,7 @@ class MMPeftModule(L.LightningModule):
         return save_adapter(out, self.adapter_spec(), trainable_tensors(self.model, projector))
 
     def on_fit_end(self) -> None:
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # log_dir is a collective: every rank asks
         if self.trainer.is_global_zero:
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
             self.save_adapter(out)
             log.info("adapter written to %s", out)
