@@ -150,7 +150,10 @@ def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_wei
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     raw = yaml.safe_load(config.read_text())
     raw["trainer"].update(strategy="ddp", devices=2, max_steps=100, max_epochs=1, val_check_interval=None, check_val_every_n_epoch=1, limit_val_batches=None)
-    raw["trainer"]["callbacks"] = [{"class_path": "probes.RecordRanks", "init_args": {"out": str(tmp_path / "probe")}}]
+    raw["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+        {"class_path": "probes.RecordRanks", "init_args": {"out": str(tmp_path / "probe")}},
+    ]
     train, val = raw["data"]["prepare"]
     train["args"].update(samples=72, samples_per_shard=16)  # 16, 16, 16, 16, 8: rank 0 gets 40 samples, rank 1 32
     val["args"].update(samples=36, samples_per_shard=9)
@@ -168,6 +171,10 @@ def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_wei
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
     assert any(w.abs().sum() > 0 for n, w in weights[0].items() if n.endswith(".B"))  # B starts at zero: it trained
+    # The checkpoint (written by rank 0) holds both ranks' stream positions, so each resumes its own.
+    positions = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["ShardDataModule"]["stream"]
+    assert [p["batches"] for p in positions] == [{0: 4}, {0: 4}]
+    assert [p["drawn"][0] for p in positions] == [32, 32]
 
 
 def test_skipped_samples_and_unreadable_shards_reach_tensorboard(tiny_model_dirs, tmp_path, capsys, caplog):
