@@ -15,3 +15,7 @@ class ConfigError(MMPeftError, ValueError):
 
 class DataError(MMPeftError):
     """The data cannot be trained on as it is (e.g. too many bad samples). The message names the shard."""
+
+
+class MergeError(ConfigError):
+    """An adapter cannot be merged into the base weights or exported as a LoRA as asked. The message says why."""

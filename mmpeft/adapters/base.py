@@ -31,8 +31,16 @@ class AdapterPlugin(Protocol):
     - ``attach_base(view)``: called once after construction with a
       :class:`~mmpeft.adapters.quant.BaseLayerView`, for adapters whose update depends on the
       frozen weight (DoRA). The view reads the weight dequantized, whatever the storage.
+    - ``as_lora(gate=None)``: the update as one plain LoRA, ``(A, B, scaling)`` with ``A``
+      ``(rank, in_features)`` and ``B`` ``(out_features, rank)``, so that ``python -m mmpeft merge``
+      can fold it into the base weight and ``export`` can write it in PEFT's format. A mixture
+      collapses with ``gate``, the ``(experts,)`` mean of the gate its :class:`~mmpeft.adapters.routing.Router`
+      applied over a task's data (:func:`~mmpeft.adapters.routing.expert_gate` checks it).
     - ``delta_weight()``: the update as a dense ``(out_features, in_features)`` matrix, for
-      adapters that can be merged into the base weight (instance- or token-routed mixtures cannot).
+      adapters that can be merged into the base weight but not written as a LoRA.
+
+    An adapter whose update has no single weight at all (one per input, as MixLoRA's) says why in a
+    class attribute ``unmergeable``; merge and export then refuse it with that message.
 
     Mixture adapters route with :mod:`mmpeft.adapters.routing`; their routers are bound to
     the model's routing context at injection, which is how they see task labels and masks and

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.errors import MergeError
+
 Level = Literal["token", "instance"]
 
 
@@ -56,6 +58,10 @@ class RouterRecord:
     """Experts used per token or instance (the number of experts for a dense router)."""
 
     level: Level
+
+    def gate(self) -> torch.Tensor:
+        """``(batch, T, experts)``: the gate weights the router applied (top-k renormalised, see :func:`top_k_gate`)."""
+        return top_k_gate(self.probs, self.top_k)[0]
 
 
 class RoutingContext:
@@ -229,6 +235,47 @@ def bind_routers(module: nn.Module, context: RoutingContext, name: str) -> None:
 
 # -- auxiliary losses -----------------------------------------------------------------------
 # Each takes one record and returns a scalar; masks are (batch, T) bool over real tokens.
+
+class GateMeans:
+    """Each router's applied gate averaged over the real tokens (token routing) or samples (instance routing) of many batches.
+
+    Call :meth:`add` after every forward run under ``context.step(..., record=True)``;
+    :meth:`means` then gives, per router name (the adapted layer's path), the ``(experts,)``
+    mean gate, what a mixture collapses with into one LoRA for a task (``python -m mmpeft merge``).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, context: RoutingContext) -> None:
+        for record in context.records:
+            gate = record.gate()[_mask(record, context)].double()  # (tokens or samples, experts)
+            self.sums[record.name] = self.sums.get(record.name, 0) + gate.sum(0).cpu()  # (experts,)
+            self.counts[record.name] = self.counts.get(record.name, 0) + gate.shape[0]
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
+
+
+def expert_gate(gate: torch.Tensor | None, experts: int, what: str) -> torch.Tensor:
+    """``gate`` checked to be one weight per expert, ``(experts,)``; ``None`` is allowed for a single expert.
+
+    Used by mixture adapters' ``as_lora(gate)``; raises :class:`~mmpeft.errors.MergeError` when a
+    mixture of several experts is collapsed without a gate.
+    """
+    if gate is None:
+        if experts == 1:
+            return torch.ones(1)
+        raise MergeError(
+            f"{what} mixes {experts} experts with a router, so it has no single weight update: collapsing it "
+            "into one LoRA needs a task's mean router weights (python -m mmpeft merge|export --task NAME --data SHARDS)"
+        )
+    gate = torch.as_tensor(gate, dtype=torch.float32).flatten()
+    if gate.numel() != experts:
+        raise ValueError(f"{what}: the gate has {gate.numel()} weights for {experts} experts")
+    return gate
+
 
 
 def _mask(record: RouterRecord, context: RoutingContext) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.adapters.asymlora.config import AsymLoRAConfig
-from mmpeft.adapters.routing import Router
+from mmpeft.adapters.routing import Router, expert_gate
 
 
 class AsymLoRA(nn.Module):
@@ -44,3 +44,14 @@ class AsymLoRA(nn.Module):
     def head(self, i: int) -> torch.Tensor:
         """``B_i``, ``(d_out, r)``."""
         return self.B[:, i * self.r : (i + 1) * self.r]
+
+    def as_lora(self, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One LoRA of rank ``r`` for a fixed ``gate`` ``(N,)``: the shared ``A`` and ``B = sum_i g_i B_i``.
+
+        Exact wherever the router would give that gate (e.g. per-sequence routing of samples that
+        all route alike); otherwise the LoRA of the mean gate.
+        """
+        g = expert_gate(gate, self.heads, "AsymLoRA").to(self.B)  # (N,)
+        heads = self.B.detach().unflatten(1, (self.heads, self.r))  # (d_out, N, r)
+        b = (heads * g[None, :, None]).sum(dim=1)  # (d_out, r)
+        return self.A.detach().clone(), b, self.scaling

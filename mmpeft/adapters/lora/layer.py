@@ -32,3 +32,7 @@ class LoRA(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The update as a dense ``(d_out, d_in)`` matrix, for merging into the base weight."""
         return (self.B @ self.A) * self.scaling
+
+    def as_lora(self, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, scaling)``: LoRA is already one (it has no router, so ``gate`` is unused)."""
+        return self.A.detach().clone(), self.B.detach().clone(), self.scaling

@@ -24,6 +24,10 @@ class MixLoRA(nn.Module):
     """
 
     config_class = MixLoRAConfig
+    unmergeable = (
+        "MixLoRA builds a different low-rank update for every input (instance routing over factor pools); "
+        "it has no single weight update to merge or export"
+    )
 
     def __init__(self, in_features: int, out_features: int, config: MixLoRAConfig) -> None:
         super().__init__()

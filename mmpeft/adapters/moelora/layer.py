@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.adapters.moelora.config import MoELoRAConfig
-from mmpeft.adapters.routing import Router
+from mmpeft.adapters.routing import Router, expert_gate
 
 
 class MoELoRA(nn.Module):
@@ -40,3 +40,9 @@ class MoELoRA(nn.Module):
         z = F.linear(self.dropout(x), self.A)  # (..., N * r)
         z = z * gate.repeat_interleave(self.r, dim=-1)  # (..., N * r): block gate
         return F.linear(z, self.B) * self.scaling  # (..., d_out)
+
+    def as_lora(self, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One LoRA of rank ``N * r`` for a fixed ``gate`` ``(N,)``: the stacked ``A`` and ``[g_1 B_1 | ... | g_N B_N]``."""
+        g = expert_gate(gate, self.experts, "LoRA-MoE").to(self.B)  # (N,)
+        b = self.B.detach() * g.repeat_interleave(self.r)[None, :]  # (d_out, N * r): block e scaled by g_e
+        return self.A.detach().clone(), b, self.scaling
