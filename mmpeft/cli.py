@@ -4,6 +4,8 @@
     python -m mmpeft adapters                     # registered adapter plugins
     python -m mmpeft tiny-model --family llava --out DIR
     python -m mmpeft data build RECIPE --out DIR ...  # make shards; `data inspect DIR` looks inside
+    python -m mmpeft merge --adapter DIR --out DIR    # fold the adapter into the base: a transformers checkpoint
+    python -m mmpeft export --format peft --adapter DIR --out DIR  # the adapter as a PEFT LoRA
 """
 
 from __future__ import annotations
@@ -77,7 +79,21 @@ def cmd_data(argv: list[str]) -> int:
     return cmd_data(argv)
 
 
-TOOLS: dict[str, Callable[[list[str]], int]] = {"adapters": cmd_adapters, "tiny-model": cmd_tiny_model, "data": cmd_data}
+def cmd_merge(argv: list[str]) -> int:
+    from mmpeft.merge import cmd_merge
+
+    return cmd_merge(argv)
+
+
+def cmd_export(argv: list[str]) -> int:
+    from mmpeft.export import cmd_export
+
+    return cmd_export(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "adapters": cmd_adapters, "tiny-model": cmd_tiny_model, "data": cmd_data, "merge": cmd_merge, "export": cmd_export,
+}  # fmt: skip
 
 
 def user_message(exc: MMPeftError) -> str:

@@ -1,0 +1,145 @@
+"""Write an adapter in PEFT's LoRA format: ``python -m mmpeft export --format peft``.
+
+The output loads with ``peft.PeftModel.from_pretrained(base, out)`` on the base model of
+transformers: ``adapter_config.json`` is a ``peft.LoraConfig`` (saved by PEFT itself) and
+``adapter_model.safetensors`` holds ``lora_A``/``lora_B`` under PEFT's key names.
+
+- ``target_modules`` lists the exact paths of the adapted language-model layers, so the vision
+  tower's layers of the same name (``q_proj``, ...) are not targeted;
+- ``r`` and ``lora_alpha`` are those of most layers, with ``lora_alpha / r`` equal to mmpeft's
+  scaling; layers that differ (another group, a LoRA-MoE collapsed to rank ``N * r``) get
+  ``rank_pattern``/``alpha_pattern`` entries;
+- a trained projector goes to ``modules_to_save``.
+
+AsymLoRA and LoRA-MoE are collapsed for one task first (see :mod:`mmpeft.merge`); MixLoRA
+cannot be exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import save_file
+
+from mmpeft.errors import ConfigError
+from mmpeft.files import staged_dir, write_json
+from mmpeft.merge import Factors, _stderr, batch_summary, load_and_measure, lora_factors, plan
+from mmpeft.models.backbone import load_processor
+
+PEFT_PREFIX = "base_model.model."
+"""What PEFT puts before a module's path in its saved keys (``get_peft_model_state_dict`` of a ``PeftModel``)."""
+WEIGHTS_NAME = "adapter_model.safetensors"
+REPORT_NAME = "export_report.json"
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def peft_config(factors: dict[str, Factors], base_model: str, modules_to_save: list[str] | None) -> Any:
+    """The ``peft.LoraConfig`` whose layers have exactly these ranks and ``lora_alpha / r`` scalings."""
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise ConfigError("export --format peft needs the peft package (pip install 'peft>=0.21')") from exc
+    ranks = {name: a.shape[0] for name, (a, _, _) in factors.items()}
+    alphas = {name: _number(scaling * ranks[name]) for name, (_, _, scaling) in factors.items()}
+    (r, alpha), _ = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0]
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(factors),
+        rank_pattern={re.escape(name): v for name, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(name): v for name, v in alphas.items() if v != alpha},
+        lora_dropout=0.0,
+        bias="none",
+        modules_to_save=modules_to_save,
+        base_model_name_or_path=base_model,
+        task_type=None,
+    )
+
+
+def peft_tensors(factors: dict[str, Factors], extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's state dict: ``lora_A``/``lora_B`` weights of each layer, and ``extra`` (e.g. a projector) by its path."""
+    tensors = {}
+    for name, (a, b, _) in factors.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()  # (r, d_in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()  # (d_out, r)
+    for key, value in extra.items():
+        tensors[f"{PEFT_PREFIX}{key}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+def export_peft(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base: str | None = None,
+    task: str | None = None,
+    data: str | None = None,
+    samples: int = 64,
+    batch_size: int = 4,
+    max_length: int = 1024,
+    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4",
+    double_quant: bool = True,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] = _stderr,
+) -> dict[str, Any]:
+    """Write the adapter directory ``adapter`` as a PEFT LoRA to ``out`` (complete or not at all); returns the report.
+
+    A mixture is collapsed for ``task`` with the gates measured on ``data`` by the adapted model,
+    its base loaded as in training (``quantization``); the report gives the collapse's largest
+    logit error on a batch of the task.
+    """
+    out = Path(out)
+    p = plan(adapter, need="lora", base=base, task=task, data=data, trust_remote_code=trust_remote_code)
+    report: dict[str, Any] = {"adapter": p.adapter, "base_model": p.pretrained, "format": "peft", "task": task, "collapse": None}
+    gates: dict[str, torch.Tensor] = {}
+    if p.routed:  # a mixture: measure the task's gates on the adapted model, as trained
+        processor = load_processor(p.pretrained, trust_remote_code, key="--base")
+        m = load_and_measure(
+            p, processor, task=task, data=data, samples=samples, batch_size=batch_size, max_length=max_length,
+            quantization=quantization, double_quant=double_quant, device=device, progress=progress,
+        )  # fmt: skip
+        gates = m.gates
+        report.update(quantization=quantization, batch=batch_summary(data, m), collapse=m.collapse.to_json())
+        del m
+    factors = {name: lora_factors(layer, gates.get(name)) for name, layer in p.adapted.items()}
+    extra = {k: v for k, v in p.tensors.items() if ".adapter." not in k}  # the trained projector, if any
+    config = peft_config(factors, p.pretrained, [p.projector] if p.projector else None)
+    with staged_dir(out) as staging:
+        config.save_pretrained(str(staging))
+        save_file(peft_tensors(factors, extra), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_json(staging / REPORT_NAME, report)
+    ranks = sorted({a.shape[0] for a, _, _ in factors.values()})
+    progress(f"wrote {out}: PEFT LoRA on {len(factors)} layer(s), rank {'/'.join(map(str, ranks))}")
+    return report
+
+
+
+def cmd_export(argv: list[str]) -> int:
+    import argparse
+
+    from mmpeft.merge import add_common_arguments, common_kwargs
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mmpeft export",
+        description="Write an adapter in another library's format. --format peft: a LoRA that "
+        "peft.PeftModel.from_pretrained(base, OUT) loads (adapter_config.json + adapter_model.safetensors). "
+        "AsymLoRA and LoRA-MoE are first collapsed for one --task (the collapse's logit error on a batch is printed and "
+        "written to OUT/export_report.json); MixLoRA cannot be exported.",
+    )
+    parser.add_argument("--format", choices=["peft"], required=True, help="output format")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    report = export_peft(args.adapter, args.out, **common_kwargs(args))
+    print(json.dumps({"out": args.out, "collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
+    return 0
