@@ -95,13 +95,13 @@ def images_first(messages: list[Message], n_images: int) -> None:
     raise BadRecord("bad_record", f"{n_images} image(s) but no user turn to put them in")
 
 
-def _check_chat(messages: list[Message], n_images: int) -> None:
+def _check_chat(messages: list[Message], n_images: int, assistant_required: bool = True) -> None:
     for k, m in enumerate(messages):
         if m["role"] not in ROLES:
             raise BadRecord("bad_record", f"turn {k}: role {m['role']!r}, expected one of {', '.join(ROLES)}")
         if m["role"] == "assistant" and count_images(m["content"]):
             raise BadRecord("bad_record", f"turn {k}: an image ({IMAGE_TOKEN} or image part) in an assistant turn")
-    if not any(m["role"] == "assistant" for m in messages):
+    if assistant_required and not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no_assistant_turn", f"{len(messages)} turn(s), none from the assistant")
     places = sum(count_images(m["content"]) for m in messages)
     if places != n_images:
@@ -191,6 +191,9 @@ class SourceRecipe(ShardRecipe):
     id_fields: ClassVar[tuple[str, ...]] = ("id",)
     """Record fields holding the source's own id, the first present one wins."""
 
+    assistant_required: ClassVar[bool] = True
+    """A record without an assistant turn is bad (``no_assistant_turn``); off for prompts to generate from."""
+
     src: str
     """The source file: a JSON list of records, or JSONL (one record per line; a ``.jsonl`` name or a first character ``{``)."""
     images: str | None = None
@@ -258,6 +261,10 @@ class SourceRecipe(ShardRecipe):
     def record_id(self, index: int) -> str:
         return self._id(self._source()[index])
 
+    def record_place(self, index: int) -> str:
+        """Where record ``index`` is in ``src``: ``line 7`` (JSONL, from 1) or ``item 3`` (JSON list, from 0)."""
+        return self._source()[index].where
+
     def _task(self, raw: dict[str, Any], record_id: str) -> str:
         if self.task is not None:
             return self.task
@@ -297,7 +304,7 @@ class SourceRecipe(ShardRecipe):
             messages, paths = self.convert(raw)
         except (KeyError, TypeError, AttributeError) as exc:  # a shape no explicit check foresaw: one bad record, not a failed build
             raise BadRecord("bad_record", f"unexpected structure ({type(exc).__name__}: {exc})") from exc
-        _check_chat(messages, len(paths))
+        _check_chat(messages, len(paths), self.assistant_required)
         task = self._task(raw, record_id)
         images = [self._image(path) for path in paths]
         return Record(key=f"{index:09d}", task=task, messages=messages, images=images, id=record_id)

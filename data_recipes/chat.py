@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from data_recipes._source import Message, Part, SourceRecipe, count_images, image_part, image_paths, message, text_parts
 from mmpeft.data.build import BadRecord
 
-__all__ = ["ChatRecipe"]
+__all__ = ["ChatPrompts", "ChatRecipe"]
 
 
 def _parts(content: Any, where: str) -> tuple[list[Part], list[str | None]]:
@@ -82,3 +82,13 @@ class ChatRecipe(SourceRecipe):
             raise BadRecord("image_count_mismatch", f"{own.count(None)} image part(s) without a path of their own, {len(listed)} path(s) in 'images'")
         rest = iter(listed)
         return messages, [path if path is not None else next(rest) for path in own]
+
+
+@dataclass(kw_only=True)
+class ChatPrompts(ChatRecipe):
+    """Chat records as prompts to generate from (``data.predict`` as a JSONL file): an assistant turn is optional.
+
+    Not a registered recipe: the data module reads such a file record by record to predict.
+    """
+
+    assistant_required: ClassVar[bool] = False

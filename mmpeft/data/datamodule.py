@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from mmpeft import registry
 from mmpeft.data.build import INDEX, is_built
 from mmpeft.data.encode import ChatEncoder
+from mmpeft.data.predict import PromptStream, is_prompt_file, open_prompt_file
 from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, StreamPosition, plan_mixture
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import load_processor
@@ -113,7 +114,7 @@ def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
 
 
 # Which splits each Lightning stage reads; the first is required.
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 Spec = str | list[str] | None
@@ -126,6 +127,7 @@ class ShardDataModule(L.LightningDataModule):
         train: Spec = None,
         val: Spec = None,
         test: Spec = None,
+        predict: Spec = None,
         processor: str | None = None,
         processor_kwargs: dict[str, Any] | None = None,
         tasks: list[str] | None = None,
@@ -145,6 +147,7 @@ class ShardDataModule(L.LightningDataModule):
             train: Training shards: a directory with ``dataset.json``, a brace pattern (``dir/train-{000000..000007}.tar``) or a glob; or a list of such sources.
             val: Validation shards, same forms.
             test: Test shards, same forms.
+            predict: What ``predict`` generates answers for: shards in the same forms, or a JSONL file of chat records with image paths (a ``.jsonl`` name; see docs/predict.md); or a list of these.
             processor: Checkpoint whose processor encodes the samples; by default the model's (``model.backbone.pretrained``).
             processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to cap Qwen2-VL's image tokens.
             tasks: Task vocabulary (task id = position). By default the sorted union of the indexes' vocabularies; a resumed run keeps its checkpoint's.
@@ -169,6 +172,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         self.sources: dict[str, list[Source]] = {}
         """Resolved sources per split, filled by ``setup``."""
+        self.prompt_inputs: list[Any] = []
+        """``data.predict`` resolved: a :class:`Source` per shard spec, the checked records of each JSONL file."""
         self.index_tasks: list[str] = []
         self.tasks: list[str] | None = None
         self.plan: MixPlan | None = None
@@ -198,7 +203,12 @@ class ShardDataModule(L.LightningDataModule):
                 specs = [spec] if isinstance(spec, str) else list(spec)
                 if not specs:
                     raise ConfigError(f"data.{split} is an empty list")
-                resolved = [resolve_source(s, f"data.{split}" + (f"[{i}]" if len(specs) > 1 else "")) for i, s in enumerate(specs)]
+                what = [f"data.{split}" + (f"[{i}]" if len(specs) > 1 else "") for i in range(len(specs))]
+                if split == "predict":
+                    self.prompt_inputs = [open_prompt_file(s, w) if is_prompt_file(s) else resolve_source(s, w)[0] for s, w in zip(specs, what)]
+                    self.sources[split] = [source for source in self.prompt_inputs if isinstance(source, Source)]
+                    continue
+                resolved = [resolve_source(s, w) for s, w in zip(specs, what)]
                 self.sources[split] = [source for source, _ in resolved]
                 self.index_tasks = sorted(set(self.index_tasks).union(*(t or () for _, t in resolved)))
         if self.mixing is not None and "train" in self.sources and self.plan is None:
@@ -210,7 +220,7 @@ class ShardDataModule(L.LightningDataModule):
         if not hp.processor:
             raise ConfigError("data.processor is not set (it defaults to model.backbone.pretrained)")
         tasks = self.tasks or hp.tasks or self.index_tasks
-        if not tasks:
+        if not tasks and stage != "predict":  # generation does not use task ids
             raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary lies beside the shards")
         self.tasks = list(tasks)
         processor = load_processor(hp.processor, hp.trust_remote_code, **(hp.processor_kwargs or {}))
@@ -286,3 +296,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
+        dataset = PromptStream(self.prompt_inputs, self.encoder, self.hparams.batch_size, rank=rank, world=world)
+        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)

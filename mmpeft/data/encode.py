@@ -6,6 +6,10 @@ without it (templates render prefixes stably), tokens are mapped to characters w
 the fast tokenizer's offsets, and the processor's image-token expansion is aligned
 back by dropping image tokens on both sides. Only assistant tokens (their end-of-turn
 token included) are trained on; prompts, images and padding are ``-100``.
+
+For generation (``predict``), :meth:`ChatEncoder.encode_prompt` encodes a chat without its final
+assistant turn, with the template's generation prompt, and :meth:`ChatEncoder.collate_prompts`
+pads a batch of them on the left.
 """
 
 from __future__ import annotations
@@ -113,15 +117,32 @@ class ChatEncoder:
             spans.append((len(prompt), len(upto)))
         return text, spans
 
+    def _process(self, text: str, images: list[Any]) -> tuple[dict[str, Any], bool]:
+        """The processor's encoding of one rendered chat, and whether special tokens (BOS) were added."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=add_special)
+        return enc, add_special
+
+    @staticmethod
+    def _split_inputs(enc: dict[str, Any], length: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The processor's outputs as per-token inputs (cut to ``length``) and image inputs."""
+        seq = enc["input_ids"].shape[1]
+        tokens, images = {}, {}
+        for name, value in enc.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dim() == 2 and value.shape == (1, seq):
+                tokens[name] = value[0, :length]  # per-token inputs: input_ids, attention_mask, ...
+            else:
+                images[name] = value  # pixel_values, image_grid_thw, image_sizes, ...: concatenated across a batch
+        return tokens, images
+
     def encode(self, sample: Sample) -> dict[str, Any]:
         if sample.task not in self.task_ids:
             raise SampleError("unknown_task", f"task {sample.task!r} is not in the task vocabulary")
         text, spans = self.render(sample.messages)
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
-        enc = self.processor(
-            text=[text], images=sample.images or None, return_tensors="pt", add_special_tokens=add_special
-        )
+        enc, add_special = self._process(text, sample.images)
         ids = enc["input_ids"][0]  # (L,) with image placeholders expanded
         plain = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
         plain_ids = torch.tensor(plain["input_ids"])  # (n,) one token per image placeholder
@@ -150,14 +171,7 @@ class ChatEncoder:
         length = min(length, self.max_length)
 
         labels = torch.where(target, ids, IGNORE_INDEX)[:length]
-        tokens, images = {}, {}
-        for name, value in enc.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            if value.dim() == 2 and value.shape == (1, ids.numel()):
-                tokens[name] = value[0, :length]  # per-token inputs: input_ids, attention_mask, ...
-            else:
-                images[name] = value  # pixel_values, image_grid_thw, image_sizes, ...: concatenated across a batch
+        tokens, images = self._split_inputs(enc, length)
         return {
             "key": sample.key,
             "task_id": self.task_ids[sample.task],
@@ -167,22 +181,56 @@ class ChatEncoder:
             "length": ids.numel(),  # before truncation (data inspect reports these)
         }
 
+    def encode_prompt(self, sample: Sample) -> dict[str, Any]:
+        """A chat to generate the next assistant turn of: the prompt's model inputs, and what a prediction file reports.
+
+        A final assistant turn is the ``reference`` answer and is left out of the prompt; the rest is
+        rendered with the template's generation prompt (``add_generation_prompt=True``). ``prompt``
+        is the text of the last user turn. Prompts are never cut: one longer than ``max_length`` is
+        refused (``too_long``). The task is not looked up: generation does not use task ids.
+        """
+        messages, reference = split_reference(sample.messages)
+        n_images = sum(p["type"] == "image" for m in messages for p in m["content"])
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc, _ = self._process(text, sample.images[:n_images])
+        length = enc["input_ids"].shape[1]
+        if length > self.max_length:
+            exc = SampleError("too_long", f"the prompt has {length} tokens, more than max_length={self.max_length}")
+            exc.length = length
+            raise exc
+        tokens, images = self._split_inputs(enc, length)
+        return {
+            "key": sample.key,
+            "task": sample.task,
+            "prompt": last_user_text(messages),
+            "reference": reference,
+            "tokens": tokens,
+            "images": images,
+        }
+
     # -- a batch ----------------------------------------------------------------------------
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the token inputs and concatenate the image inputs of ``items``."""
-        longest = max(item["labels"].numel() for item in items)
+    def _pad(self, items: list[dict[str, Any]], left: bool = False) -> dict[str, torch.Tensor]:
+        """The token inputs of ``items`` padded to the longest (on the left for generation) and their image inputs concatenated."""
+        longest = max(item["tokens"]["input_ids"].numel() for item in items)
         inputs: dict[str, torch.Tensor] = {}
         for name in items[0]["tokens"]:
             fill = self.pad_token_id if name == "input_ids" else 0
-            inputs[name] = torch.full((len(items), longest), fill, dtype=items[0]["tokens"][name].dtype)
-        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
+            inputs[name] = torch.full((len(items), longest), fill, dtype=items[0]["tokens"][name].dtype)  # (batch, seq)
         for row, item in enumerate(items):
-            n = item["labels"].numel()
             for name, value in item["tokens"].items():
-                inputs[name][row, :n] = value
-            labels[row, :n] = item["labels"]
+                n = value.numel()
+                span = slice(longest - n, None) if left else slice(0, n)
+                inputs[name][row, span] = value
         for name in {name for item in items for name in item["images"]}:
             inputs[name] = torch.cat([item["images"][name] for item in items if name in item["images"]])
+        return inputs
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad the token inputs and concatenate the image inputs of ``items``."""
+        inputs = self._pad(items)
+        labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
+        for row, item in enumerate(items):
+            labels[row, : item["labels"].numel()] = item["labels"]
         skipped, self.skipped = dict(self.skipped), Counter()
         return {
             "inputs": inputs,
@@ -191,3 +239,30 @@ class ChatEncoder:
             "keys": [item["key"] for item in items],
             "skipped": skipped,
         }
+
+    def collate_prompts(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch of :meth:`encode_prompt` items: token inputs padded on the left (generation appends on the right)."""
+        return {
+            "inputs": self._pad(items, left=True),
+            "keys": [item["key"] for item in items],
+            "tasks": [item["task"] for item in items],
+            "prompts": [item["prompt"] for item in items],
+            "references": [item["reference"] for item in items],
+        }
+
+
+def split_reference(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """The chat to generate from and, when the chat ends with an assistant turn, that turn's text (the reference)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], message_text(messages[-1])
+    return messages, None
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text parts of a (normalised) message, joined by newlines."""
+    return "\n".join(p["text"] for p in message["content"] if p["type"] == "text")
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the chat's last user turn (empty when there is none)."""
+    return next((message_text(m) for m in reversed(messages) if m["role"] == "user"), "")

@@ -54,8 +54,12 @@ def _image_bytes(raw: dict[str, Any], k: int) -> bytes | None:
     return None
 
 
-def parse_sample(raw: dict[str, Any]) -> Sample:
-    """Decode ``raw`` (webdataset's dict of key -> bytes) into a :class:`Sample`."""
+def parse_sample(raw: dict[str, Any], assistant_required: bool = True) -> Sample:
+    """Decode ``raw`` (webdataset's dict of key -> bytes) into a :class:`Sample`.
+
+    A chat without an assistant turn is refused (``no_assistant_turn``) unless
+    ``assistant_required`` is off, as for prompts to generate from.
+    """
     key = raw.get("__key__", "?")
     if "json" not in raw:  # e.g. the last sample of a truncated shard, or files whose keys do not match
         files = sorted(k for k in raw if not k.startswith("__"))
@@ -68,7 +72,7 @@ def parse_sample(raw: dict[str, Any]) -> Sample:
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise SampleError("bad_json", f"{type(exc).__name__}: {exc}") from exc
-    if not any(m["role"] == "assistant" for m in messages):
+    if assistant_required and not any(m["role"] == "assistant" for m in messages):
         raise SampleError("no_assistant_turn")
     n_images = sum(p["type"] == "image" for m in messages for p in m["content"])
     images = []
