@@ -36,6 +36,16 @@ def run_lightning_cli(args: list[str] | None) -> None:
             parser.link_arguments("model.backbone.pretrained", "data.processor")
             parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
 
+        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            if subcommand == "predict":
+                from mmpeft.generation import JsonlWriter
+
+                # The answers go to a JSONL file (--predictions.output) as they come, not into memory.
+                parser.add_lightning_class_args(JsonlWriter, "predictions")
+                parser.set_defaults({"return_predictions": False})
+            return parser
+
     # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     MMPeftCLI(

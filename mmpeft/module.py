@@ -28,7 +28,8 @@ from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losse
 from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.errors import ConfigError
-from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone
+from mmpeft.generation import Generation
+from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
 
 log = logging.getLogger("mmpeft")
@@ -86,6 +87,7 @@ class MMPeftModule(L.LightningModule):
         optim: Optim = Optim(),
         routing: RoutingLosses = RoutingLosses(),
         init_adapter: str | None = None,
+        generation: Generation = Generation(),
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
@@ -95,6 +97,7 @@ class MMPeftModule(L.LightningModule):
             optim: Optimizer and schedule.
             routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a router).
             init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its adapters, weights and task vocabulary, for further training, evaluation or prediction.
+            generation: How ``predict`` decodes (greedy, sampling or beam search, and how many new tokens).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +118,10 @@ class MMPeftModule(L.LightningModule):
         self.adapter_groups = adapters
         self.optim = optim
         self.routing = routing
+        generation.check()
+        self.generation = generation
+        self.tokenizer: Any = None
+        """Decodes generated tokens; set up for ``predict``."""
         # Shared by every router of the model: carries the batch's masks and task ids in, router records out.
         self.routing_context = RoutingContext()
         for i, group in enumerate(adapters):
@@ -137,13 +144,16 @@ class MMPeftModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = load_backbone(self.backbone, self.trainer.strategy.root_device)
+        predicting = self._trainer is not None and self.trainer.predicting
+        # Gradient checkpointing only costs time when nothing is trained.
+        backbone = dataclasses.replace(self.backbone, gradient_checkpointing=False) if predicting else self.backbone
+        model = load_backbone(backbone, self.trainer.strategy.root_device)
         if self.init_spec is not None:
-            apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=True)
+            apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)
         else:
             inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
-        self.model = model.train()
+        self.model = model.eval() if predicting else model.train()
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -152,6 +162,9 @@ class MMPeftModule(L.LightningModule):
         tasks = getattr(datamodule, "tasks", None)
         if tasks:
             self.routing_context.num_tasks = len(tasks)
+        if stage == "predict" and self.tokenizer is None:
+            encoder = getattr(datamodule, "encoder", None)
+            self.tokenizer = encoder.tokenizer if encoder is not None else load_processor(self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained").tokenizer
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()  # see mmpeft/checkpoint.py
@@ -209,6 +222,24 @@ class MMPeftModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample.
+
+        Generation runs inside the routing context, so instance routing (MixLoRA, per-sequence
+        AsymLoRA) is computed once on each prompt and reused at every new token, through the KV cache.
+        """
+        inputs = batch["inputs"]
+        prompt_len = inputs["input_ids"].shape[1]
+        tokens = self.routing_context.generate(self.model, **inputs, **self.generation.kwargs(), use_cache=True)  # (batch, prompt_len + new)
+        answers = self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+        rows = []
+        for key, task, prompt, reference, answer in zip(batch["keys"], batch["tasks"], batch["prompts"], batch["references"], answers):
+            row = {"key": key, "task": task, "prompt": prompt, "answer": answer}
+            if reference is not None:
+                row["reference"] = reference
+            rows.append(row)
+        return rows
 
     # -- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -119,8 +119,18 @@ class RoutingContext:
             self.attention_mask = self.prompt_mask = None
 
     def generate(self, model: nn.Module, **kwargs: Any) -> Any:
-        """``model.generate(**kwargs)`` inside :meth:`generation` (the prompt's mask taken from the kwargs)."""
-        with self.generation(kwargs.get("attention_mask")):
+        """``model.generate(**kwargs)`` inside :meth:`generation` (the prompt's mask taken from the kwargs).
+
+        ``generate`` repeats every prompt ``num_beams`` times for beam search, else
+        ``num_return_sequences`` times, before its first forward; the mask is repeated the same way.
+        """
+        mask = kwargs.get("attention_mask")
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+        copies = beams if beams > 1 else kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+        if mask is not None and copies > 1:
+            mask = mask.repeat_interleave(copies, dim=0)  # (batch * copies, prompt_len), as generate expands the inputs
+        with self.generation(mask):
             return model.generate(**kwargs)
 
     # -- used by routers --------------------------------------------------------------------
