@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig
@@ -192,6 +193,22 @@ def test_mutual_information_by_hand():
 # -- generation -----------------------------------------------------------------------------
 
 
+class RoutingSnapshots(StoppingCriteria):
+    """Records the routing context's instance-routing cache at every generation step (stops nothing)."""
+
+    def __init__(self, context: RoutingContext) -> None:
+        self.context, self.steps = context, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.steps.append(dict(self.context._instance_cache))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def reused(self) -> bool:
+        """Whether every step used the very routing of the first (computed once, on the prompt)."""
+        first = self.steps[0]
+        return all(step.keys() == first.keys() and all(step[k] is first[k] for k in step) for step in self.steps)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_model_dirs, family):
     from test_adapters_common import randomise_b
@@ -212,8 +229,12 @@ def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_mo
     else:
         prompt["pixel_values"] = prompt["pixel_values"][:1]
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    with_cache = context.generate(model, **prompt, use_cache=True, **kwargs)
-    without_cache = context.generate(model, **prompt, use_cache=False, **kwargs)
+    snapshots = [RoutingSnapshots(context), RoutingSnapshots(context)]
+    with_cache = context.generate(model, **prompt, use_cache=True, stopping_criteria=StoppingCriteriaList([snapshots[0]]), **kwargs)
+    without_cache = context.generate(model, **prompt, use_cache=False, stopping_criteria=StoppingCriteriaList([snapshots[1]]), **kwargs)
     assert with_cache.shape == (1, n + 8)
     assert torch.equal(with_cache, without_cache)
+    # Each MixLoRA layer routes once, on the prompt, and every new token reuses that routing.
+    layers = sum(isinstance(m, MixLoRA) for m in model.modules())
+    assert all(len(s.steps) == 8 and len(s.steps[0]) == layers > 0 and s.reused() for s in snapshots)
     assert context._instance_cache is None  # routing is cached only for the duration of one generation
