@@ -23,15 +23,14 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from mmpeft.errors import ConfigError
 from mmpeft.files import staged_dir, write_json
-from mmpeft.merge import Factors, _stderr, batch_summary, load_and_measure, lora_factors, plan
-from mmpeft.models.backbone import load_processor
+from mmpeft.merge import Factors, Options, _stderr, batch_summary, load_and_measure, lora_factors, plan
 
 PEFT_PREFIX = "base_model.model."
 """What PEFT puts before a module's path in its saved keys (``get_peft_model_state_dict`` of a ``PeftModel``)."""
@@ -77,40 +76,21 @@ def peft_tensors(factors: dict[str, Factors], extra: dict[str, torch.Tensor]) ->
     return tensors
 
 
-def export_peft(
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    base: str | None = None,
-    task: str | None = None,
-    data: str | None = None,
-    samples: int = 64,
-    batch_size: int = 4,
-    max_length: int = 1024,
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4",
-    double_quant: bool = True,
-    device: str | None = None,
-    trust_remote_code: bool = False,
-    progress: Callable[[str], None] = _stderr,
-) -> dict[str, Any]:
+def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[str], None] = _stderr, **options: Any) -> dict[str, Any]:
     """Write the adapter directory ``adapter`` as a PEFT LoRA to ``out`` (complete or not at all); returns the report.
 
-    A mixture is collapsed for ``task`` with the gates measured on ``data`` by the adapted model,
-    its base loaded as in training (``quantization``); the report gives the collapse's largest
-    logit error on a batch of the task.
+    ``options`` are the fields of :class:`~mmpeft.merge.Options`. A mixture is collapsed for
+    ``task`` with the gates measured on ``data`` by the adapted model, its base loaded as in
+    training (``quantization``); the report gives the collapse's largest logit error on a batch.
     """
     out = Path(out)
-    p = plan(adapter, need="lora", base=base, task=task, data=data, trust_remote_code=trust_remote_code)
-    report: dict[str, Any] = {"adapter": p.adapter, "base_model": p.pretrained, "format": "peft", "task": task, "collapse": None}
+    p = plan(adapter, "lora", Options(**options))
+    report: dict[str, Any] = {"adapter": p.adapter, "base_model": p.pretrained, "format": "peft", "task": p.options.task, "collapse": None}
     gates: dict[str, torch.Tensor] = {}
     if p.routed:  # a mixture: measure the task's gates on the adapted model, as trained
-        processor = load_processor(p.pretrained, trust_remote_code, key="--base")
-        m = load_and_measure(
-            p, processor, task=task, data=data, samples=samples, batch_size=batch_size, max_length=max_length,
-            quantization=quantization, double_quant=double_quant, device=device, progress=progress,
-        )  # fmt: skip
+        m = load_and_measure(p, progress)
         gates = m.gates
-        report.update(quantization=quantization, batch=batch_summary(data, m), collapse=m.collapse.to_json())
+        report.update(quantization=p.options.quantization, batch=batch_summary(p, m), collapse=m.collapse.to_json())
         del m
     factors = {name: lora_factors(layer, gates.get(name)) for name, layer in p.adapted.items()}
     extra = {k: v for k, v in p.tensors.items() if ".adapter." not in k}  # the trained projector, if any
@@ -124,22 +104,18 @@ def export_peft(
     return report
 
 
-
 def cmd_export(argv: list[str]) -> int:
-    import argparse
+    from mmpeft.merge import options_of, tool_parser
 
-    from mmpeft.merge import add_common_arguments, common_kwargs
-
-    parser = argparse.ArgumentParser(
-        prog="python -m mmpeft export",
-        description="Write an adapter in another library's format. --format peft: a LoRA that "
+    parser = tool_parser(
+        "export",
+        "Write an adapter in another library's format. --format peft: a LoRA that "
         "peft.PeftModel.from_pretrained(base, OUT) loads (adapter_config.json + adapter_model.safetensors). "
         "AsymLoRA and LoRA-MoE are first collapsed for one --task (the collapse's logit error on a batch is printed and "
         "written to OUT/export_report.json); MixLoRA cannot be exported.",
     )
     parser.add_argument("--format", choices=["peft"], required=True, help="output format")
-    add_common_arguments(parser)
     args = parser.parse_args(argv)
-    report = export_peft(args.adapter, args.out, **common_kwargs(args))
+    report = export_peft(args.adapter, args.out, **options_of(args))
     print(json.dumps({"out": args.out, "collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
     return 0

@@ -25,6 +25,7 @@ model and the adapted model on a batch, i.e. what the output dtype or re-quantiz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -74,6 +75,36 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Options:
+    """What merge and export share: the base as the adapter was trained on it, and the data it is measured on."""
+
+    base: str | None = None
+    """The base checkpoint (hub id or folder); default: the one named in ``adapter_config.json``."""
+    task: str | None = None
+    """Collapse AsymLoRA / LoRA-MoE for this task of the adapter's vocabulary."""
+    data: str | None = None
+    """Shards whose samples (of ``task``) measure the router gates and the reported logit differences."""
+    samples: int = 64
+    """Samples of the task the gates are averaged over."""
+    batch_size: int = 4
+    """Samples per forward pass; logits are compared on the first batch."""
+    max_length: int = 1024
+    """Longest sample in tokens, as ``data.max_length`` in training."""
+    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    """How the base was loaded in training, so the adapted model is measured as trained."""
+    double_quant: bool = True
+    """The base's 4-bit double quantization, as in training."""
+    device: str | None = None
+    """Where the models run; default: cuda if available, else cpu."""
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1:
+            raise ConfigError(f"--samples and --batch-size must be >= 1, got {self.samples} and {self.batch_size}")
+        self.device = self.device or default_device()
+
+
 # -- what an adapter directory holds, checked before any weight is loaded ----------------------
 
 
@@ -91,7 +122,7 @@ class Plan:
     """The adapted layers whose adapter routes between several experts (they need a task's gate)."""
     projector: str | None
     """Module path of the projector when the adapter trained it (its tensors are in ``tensors``)."""
-    trust_remote_code: bool = False
+    options: Options
 
 
 def check_mergeable(spec: AdapterSpec, need: Literal["lora", "weight"]) -> None:
@@ -110,15 +141,7 @@ def check_mergeable(spec: AdapterSpec, need: Literal["lora", "weight"]) -> None:
             )
 
 
-def plan(
-    adapter: str | os.PathLike,
-    *,
-    need: Literal["lora", "weight"],
-    base: str | None = None,
-    task: str | None = None,
-    data: str | None = None,
-    trust_remote_code: bool = False,
-) -> Plan:
+def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options) -> Plan:
     """Read and check everything that can be checked without loading weights.
 
     Raises :class:`~mmpeft.saving.AdapterError` for a missing or damaged directory,
@@ -126,25 +149,25 @@ def plan(
     :class:`~mmpeft.errors.MergeError` for an adapter that cannot be merged, or a mixture
     given no task to collapse for.
     """
-    adapter = str(adapter)
+    adapter, task = str(adapter), o.task
     spec = read_spec(adapter).resolved()  # an unknown plugin or hyperparameter fails here
     tensors = read_tensors(adapter)  # a missing or truncated adapter.safetensors fails here
     check_mergeable(spec, need)
     if task is not None and spec.tasks and task not in spec.tasks:
         raise ConfigError(f"--task {task!r} is not in the adapter's task vocabulary: {', '.join(spec.tasks)}")
-    if task is not None and data is None:
+    if task is not None and o.data is None:
         raise ConfigError(f"--task {task!r} needs --data: the shards whose samples of that task measure the router gates")
-    pretrained = base or spec.base_model
+    pretrained = o.base or spec.base_model
     check_checkpoint(pretrained, "--base")
     try:
-        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=o.trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"--base: cannot load the config of {pretrained!r}: {exc}") from exc
     spec.check_base(config, f"adapter {adapter!r}")
 
     # The model without weights (meta device): its module paths, the adapters rebuilt on it, their tensors assigned.
     with torch.device("meta"):
-        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=o.trust_remote_code)
     prefix, lm = get_path(skeleton, LANGUAGE_MODEL_PATHS, "language model")
     adapted = {f"{prefix}.{name}": layer for name, layer in inject_adapters(lm, spec.groups, RoutingContext()).items()}
     try:
@@ -162,7 +185,7 @@ def plan(
             "collapse it for one task with --task NAME --data SHARDS (the mean router weights over that task's samples)"
         )
     projector = get_path(skeleton, PROJECTOR_PATHS, "projector")[0] if spec.train_projector else None
-    return Plan(adapter, spec, pretrained, tensors, adapted, routed, projector, trust_remote_code)
+    return Plan(adapter, spec, pretrained, tensors, adapted, routed, projector, o)
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -268,15 +291,14 @@ def max_logit_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def load_adapted(
-    p: Plan, quantization: str, double_quant: bool, device: str | torch.device
-) -> tuple[nn.Module, RoutingContext]:
-    """The base loaded as the adapter was trained on it (``quantization``), with the adapter applied, in eval mode."""
+def load_adapted(p: Plan) -> tuple[nn.Module, RoutingContext]:
+    """The base loaded as the adapter was trained on it (``options.quantization``), with the adapter applied, in eval mode."""
+    o = p.options
     backbone = Backbone(
-        pretrained=p.pretrained, quantization=quantization, double_quant=double_quant,
-        gradient_checkpointing=False, train_projector=p.spec.train_projector, trust_remote_code=p.trust_remote_code,
+        pretrained=p.pretrained, quantization=o.quantization, double_quant=o.double_quant,
+        gradient_checkpointing=False, train_projector=p.spec.train_projector, trust_remote_code=o.trust_remote_code,
     )  # fmt: skip
-    model = load_backbone(backbone, torch.device(device))
+    model = load_backbone(backbone, torch.device(o.device))
     context = RoutingContext()
     context.num_tasks = len(p.spec.tasks) or None
     apply_adapter(model, p.adapter, context)
@@ -356,20 +378,13 @@ def collapse_routed(p: Plan, model: nn.Module, context: RoutingContext, batches:
     return Collapse({name: gates[name] for name in p.routed}, max_logit_diff(collapsed_logits, routed_logits), collapsed_logits)
 
 
-def report_batches(
-    p: Plan, processor: Any, task: str | None, data: str | None, samples: int, batch_size: int, max_length: int
-) -> list[dict[str, Any]]:
-    if data is None:
-        return [builtin_batch(processor, max_length)]
-    return task_batches(data, processor, p.spec.tasks, task, samples, batch_size, max_length)
-
-
 @dataclass
 class Measured:
     """The adapted model as trained, the batches it ran on, its logits on the first, and the collapse of its mixtures."""
 
     model: nn.Module
     context: RoutingContext
+    processor: Any
     batches: list[dict[str, Any]]
     logits: torch.Tensor
     """``(tokens, vocab)`` at the real tokens of ``batches[0]``."""
@@ -380,37 +395,28 @@ class Measured:
         return self.collapse.gates if self.collapse else {}
 
 
-def load_and_measure(
-    p: Plan,
-    processor: Any,
-    *,
-    task: str | None,
-    data: str | None,
-    samples: int,
-    batch_size: int,
-    max_length: int,
-    quantization: str,
-    double_quant: bool,
-    device: str | None,
-    progress: Callable[[str], None],
-) -> Measured:
-    """Load the adapted model, run it on a batch (of ``task`` from ``data``, else built in), collapse its mixtures for ``task``."""
-    batches = report_batches(p, processor, task, data, samples, batch_size, max_length)
-    device = device or default_device()
-    progress(f"loading {p.pretrained} ({quantization}) with the adapter {p.adapter} on {device}")
-    model, context = load_adapted(p, quantization, double_quant, device)
+def load_and_measure(p: Plan, progress: Callable[[str], None]) -> Measured:
+    """Load the adapted model, run it on a batch (of the task from ``data``, else built in), collapse its mixtures for the task."""
+    o = p.options
+    processor = load_processor(p.pretrained, o.trust_remote_code, key="--base")
+    if o.data is None:
+        batches = [builtin_batch(processor, o.max_length)]
+    else:
+        batches = task_batches(o.data, processor, p.spec.tasks, o.task, o.samples, o.batch_size, o.max_length)
+    progress(f"loading {p.pretrained} ({o.quantization}) with the adapter {p.adapter} on {o.device}")
+    model, context = load_adapted(p)
     logits = token_logits(model, batches[0], context)
     collapse = None
     if p.routed:
-        progress(f"measuring the router gates on {sum(len(b['keys']) for b in batches)} sample(s) of task {task!r}")
+        progress(f"measuring the router gates on {sum(len(b['keys']) for b in batches)} sample(s) of task {o.task!r}")
         collapse = collapse_routed(p, model, context, batches, logits)
         how = "exact" if collapse.exact else "not exact: the router gives the task's inputs different gates"
         progress(f"collapsed {len(collapse.gates)} routed layer(s): max |logit diff| vs routed {collapse.max_logit_diff:.3g} ({how})")
-    return Measured(model, context, batches, logits, collapse)
+    return Measured(model, context, processor, batches, logits, collapse)
 
 
-def batch_summary(data: str | None, m: Measured) -> dict[str, Any]:
-    return {"source": data or "built-in", "samples": len(m.batches[0]["keys"]), "tokens": m.logits.shape[0]}
+def batch_summary(p: Plan, m: Measured) -> dict[str, Any]:
+    return {"source": p.options.data or "built-in", "samples": len(m.batches[0]["keys"]), "tokens": m.logits.shape[0]}
 
 
 # -- merging -------------------------------------------------------------------------------------
@@ -479,49 +485,36 @@ def merge(
     adapter: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    base: str | None = None,
-    task: str | None = None,
-    data: str | None = None,
-    samples: int = 64,
-    batch_size: int = 4,
-    max_length: int = 1024,
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4",
-    double_quant: bool = True,
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16",
     quantize: Literal["nf4", "fp4"] | None = None,
     merge_into: Literal["dequantized", "original"] = "dequantized",
-    device: str | None = None,
-    trust_remote_code: bool = False,
     progress: Callable[[str], None] = _stderr,
+    **options: Any,
 ) -> dict[str, Any]:
     """Merge the adapter directory ``adapter`` into its base and write a transformers checkpoint to ``out``.
 
-    ``quantization`` is how the base was loaded in training (the adapter is measured on it);
-    ``dtype`` the output's dtype, or of its unquantized parts with ``quantize``. Returns the
-    report also written to ``out/merge_report.json``. ``out`` appears complete or not at all.
+    ``options`` are the fields of :class:`Options` (the base as trained, the task and data).
+    ``dtype`` is the output's dtype, or that of its unquantized parts with ``quantize``. Returns
+    the report also written to ``out/merge_report.json``. ``out`` appears complete or not at all.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    p = plan(adapter, need="weight", base=base, task=task, data=data, trust_remote_code=trust_remote_code)
-    device = device or default_device()
-    processor = load_processor(p.pretrained, trust_remote_code, key="--base")
-    m = load_and_measure(
-        p, processor, task=task, data=data, samples=samples, batch_size=batch_size, max_length=max_length,
-        quantization=quantization, double_quant=double_quant, device=device, progress=progress,
-    )  # fmt: skip
+    p = plan(adapter, "weight", Options(**options))
+    o = p.options
+    m = load_and_measure(p, progress)
     progress(f"merging into the {merge_into} base weights; output {quantize or dtype}")
-    merged = load_plain(p.pretrained, DTYPES[dtype], p.trust_remote_code, device_map={"": "cpu"})
+    merged = load_plain(p.pretrained, DTYPES[dtype], o.trust_remote_code, device_map={"": "cpu"})
     report: dict[str, Any] = {
         "adapter": p.adapter,
         "base_model": p.pretrained,
-        "quantization": quantization,
+        "quantization": o.quantization,
         "merged_into": merge_into,
         "dtype": dtype,
         "quantize": quantize,
-        "task": task,
+        "task": o.task,
         "adapted_layers": fold_into(m.model, merged, m.gates, merge_into),
-        "batch": batch_summary(data, m),
+        "batch": batch_summary(p, m),
         "collapse": m.collapse.to_json() if m.collapse else None,
     }
     if p.projector is not None:  # the trained projector replaces the base's
@@ -530,19 +523,19 @@ def merge(
             for key, value in p.tensors.items():
                 if ".adapter." not in key:
                     state[key].copy_(value)
-    batch, adapted_logits, collapsed_logits = m.batches[0], m.logits, m.collapse.logits if m.collapse else None
+    processor, batch, adapted_logits, collapsed_logits = m.processor, m.batches[0], m.logits, m.collapse.logits if m.collapse else None
     del m  # the quantized model goes before the merged one runs
     with staged_dir(out) as staging:
         if quantize is None:
             merged.save_pretrained(staging)
-            written = merged.to(device)
+            written = merged.to(o.device)
         else:
             # Re-quantize through transformers' own loader: the full-precision merge goes to a temporary sibling first.
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.full-", dir=out.parent) as full:
                 merged.save_pretrained(full)
                 del merged
-                requant = Backbone(pretrained=full, quantization=quantize, double_quant=double_quant)
-                written = load_plain(full, DTYPES[dtype], p.trust_remote_code, device_map={"": device}, quantization_config=quantization_config(requant, DTYPES[dtype]))
+                requant = quantization_config(Backbone(pretrained=full, quantization=quantize, double_quant=o.double_quant), DTYPES[dtype])
+                written = load_plain(full, DTYPES[dtype], o.trust_remote_code, device_map={"": o.device}, quantization_config=requant)
             written.save_pretrained(staging)
         save_processor(processor, staging)
         progress(f"comparing the merged model with the adapted one on {report['batch']['samples']} sample(s)")
@@ -561,8 +554,9 @@ def merge(
 # -- command line --------------------------------------------------------------------------------
 
 
-def add_common_arguments(parser: Any) -> None:
-    """The options ``merge`` and ``export`` share: the adapter, its base as trained, the data that measures it."""
+def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and ``--out``."""
+    parser = argparse.ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors), e.g. runs/NAME/version_N/adapter")
     parser.add_argument("--out", required=True, help="output folder, written completely or not at all (an existing one is replaced)")
     parser.add_argument("--base", help="the base checkpoint (hub id or folder); default: the one named in adapter_config.json")
@@ -576,34 +570,29 @@ def add_common_arguments(parser: Any) -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="longest sample in tokens, as data.max_length in training (default: 1024)")
     parser.add_argument("--device", help="where the models run (default: cuda if available, else cpu)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint's repository")
+    return parser
 
 
-def common_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    if args.samples < 1 or args.batch_size < 1:
-        raise ConfigError(f"--samples and --batch-size must be >= 1, got {args.samples} and {args.batch_size}")
-    return dict(
-        base=args.base, task=args.task, data=args.data, samples=args.samples, batch_size=args.batch_size,
-        max_length=args.max_length, quantization=args.quantization, double_quant=args.double_quant,
-        device=args.device, trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+def options_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`Options` fields from parsed :func:`add_common_arguments`."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Options)}
 
 
 def cmd_merge(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmpeft merge",
-        description="Fold an adapter into its base model's weights and write a standard transformers checkpoint "
+    parser = tool_parser(
+        "merge",
+        "Fold an adapter into its base model's weights and write a standard transformers checkpoint "
         "(AutoModelForImageTextToText + AutoProcessor). A 4-bit base is dequantized, merged in float32, then written in "
         "--dtype or re-quantized (--quantize). AsymLoRA and LoRA-MoE are first collapsed for one --task; MixLoRA cannot be "
         "merged. The largest logit difference between the merged and the adapted model on a batch is printed and written "
         "to OUT/merge_report.json.",
     )
-    add_common_arguments(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the written weights (of the non-quantized ones with --quantize; default: bf16)")
     parser.add_argument("--quantize", choices=["nf4", "fp4"], help="re-quantize the merged model to 4 bits (bitsandbytes) before writing it")
     parser.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
                         help="add the update to the dequantized 4-bit weights the adapter was trained against (default; reproduces the "
                         "trained model) or to the checkpoint's original weights")  # fmt: skip
     args = parser.parse_args(argv)
-    report = merge(args.adapter, args.out, dtype=args.dtype, quantize=args.quantize, merge_into=args.merge_into, **common_kwargs(args))
+    report = merge(args.adapter, args.out, dtype=args.dtype, quantize=args.quantize, merge_into=args.merge_into, **options_of(args))
     print(json.dumps({k: report[k] for k in ("max_logit_diff", "adapted_layers", "batch")} | {"collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
     return 0
