@@ -91,10 +91,10 @@ class Options:
     """Samples per forward pass; logits are compared on the first batch."""
     max_length: int = 1024
     """Longest sample in tokens, as ``data.max_length`` in training."""
-    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
-    """How the base was loaded in training, so the adapted model is measured as trained."""
-    double_quant: bool = True
-    """The base's 4-bit double quantization, as in training."""
+    quantization: Literal["nf4", "fp4", "int8", "none"] | None = None
+    """How the base was loaded in training, so the adapted model is measured as trained (default: as ``adapter_config.json`` records, else nf4)."""
+    double_quant: bool | None = None
+    """The base's 4-bit double quantization (default: as recorded, else on)."""
     device: str | None = None
     """Where the models run; default: cuda if available, else cpu."""
     trust_remote_code: bool = False
@@ -151,6 +151,10 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
     """
     adapter, task = str(adapter), o.task
     spec = read_spec(adapter).resolved()  # an unknown plugin or hyperparameter fails here
+    if o.quantization is None:
+        o.quantization = spec.quantization or "nf4"
+    if o.double_quant is None:
+        o.double_quant = spec.double_quant
     tensors = read_tensors(adapter)  # a missing or truncated adapter.safetensors fails here
     check_mergeable(spec, need)
     if task is not None and spec.tasks and task not in spec.tasks:
@@ -560,9 +564,9 @@ def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors), e.g. runs/NAME/version_N/adapter")
     parser.add_argument("--out", required=True, help="output folder, written completely or not at all (an existing one is replaced)")
     parser.add_argument("--base", help="the base checkpoint (hub id or folder); default: the one named in adapter_config.json")
-    parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default="nf4",
-                        help="how the base was loaded in training, so the adapted model is measured as trained (default: nf4)")  # fmt: skip
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True, help="the base's 4-bit double quantization, as in training (default: on)")
+    parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default=None,
+                        help="how the base was loaded in training, so the adapted model is measured as trained (default: as adapter_config.json records it, else nf4)")  # fmt: skip
+    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="the base's 4-bit double quantization (default: as recorded, else on)")
     parser.add_argument("--task", help="collapse AsymLoRA / LoRA-MoE for this task (a name of the adapter's task vocabulary) with its mean router weights")
     parser.add_argument("--data", help="shards (directory, brace pattern or glob) whose samples of --task measure the router weights and the reported logit differences")
     parser.add_argument("--samples", type=int, default=64, help="samples of the task the router weights are averaged over (default: 64)")

@@ -279,7 +279,8 @@ class MMPeftModule(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
         base = base_summary(self.model.config)
-        spec = AdapterSpec(self.adapter_groups, self.backbone.pretrained, base, tasks, self.backbone.train_projector)
+        b = self.backbone
+        spec = AdapterSpec(self.adapter_groups, b.pretrained, base, tasks, b.train_projector, quantization=b.quantization, double_quant=b.double_quant)
         return spec.resolved()
 
     def save_adapter(self, out: str | Path) -> Path:

@@ -87,6 +87,12 @@ class AdapterSpec:
 
     mmpeft_version: str = mmpeft.__version__
 
+    quantization: str | None = None
+    """How the base was stored in training (``nf4``, ``fp4``, ``int8``, ``none``); ``None`` when unknown."""
+
+    double_quant: bool = True
+    """Whether the 4-bit base used double quantization in training."""
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -96,6 +102,7 @@ class AdapterSpec:
             "base_model": {"name_or_path": self.base_model, "fingerprint": fingerprint(self.base), **self.base},
             "tasks": list(self.tasks),
             "train_projector": self.train_projector,
+            "base_loading": {"quantization": self.quantization, "double_quant": self.double_quant},
         }
 
     @classmethod
@@ -107,7 +114,11 @@ class AdapterSpec:
         try:
             groups = [AdapterGroup(name=g["name"], targets=list(g["targets"]), config=dict(g["config"])) for g in data["adapters"]]
             base = {k: v for k, v in data["base_model"].items() if k not in ("name_or_path", "fingerprint")}
-            return cls(groups, data["base_model"]["name_or_path"], base, list(data.get("tasks") or []), bool(data.get("train_projector", False)), data.get("mmpeft_version", "?"))
+            loading = data.get("base_loading") or {}
+            return cls(
+                groups, data["base_model"]["name_or_path"], base, list(data.get("tasks") or []), bool(data.get("train_projector", False)),
+                data.get("mmpeft_version", "?"), loading.get("quantization"), bool(loading.get("double_quant", True)),
+            )  # fmt: skip
         except (KeyError, TypeError) as exc:
             raise AdapterError(f"{where}: malformed adapter config ({type(exc).__name__}: {exc})") from exc
 
@@ -238,6 +249,9 @@ def load_adapted(
     from mmpeft.models.backbone import Backbone, load_backbone, load_processor
 
     spec = read_spec(path)
+    if spec.quantization is not None:  # as in training, unless the caller says otherwise
+        backbone.setdefault("quantization", spec.quantization)
+        backbone.setdefault("double_quant", spec.double_quant)
     settings = Backbone(pretrained=pretrained or spec.base_model, **backbone)
     if spec.train_projector:
         settings.train_projector = True  # the projector's trained weights are in the directory: keep it unquantized

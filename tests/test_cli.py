@@ -91,6 +91,7 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
         spec = read_spec(adapter_dir)
         assert spec.tasks == tasks and spec.groups[0].name == "lora" and spec.groups[0].config == {"r": 16, "alpha": 32, "dropout": 0.0}
         assert spec.base_model == tiny_model_dirs[family] and spec.base["architecture"].lower().startswith(family.replace("_", ""))
+        assert (spec.quantization, spec.double_quant) == ("nf4", True)  # how the base was loaded, for merge and load_adapted
 
 
 def test_adapters_lists_lora_with_its_distribution():
