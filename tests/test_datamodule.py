@@ -182,7 +182,7 @@ def test_task_ids_come_from_the_checkpoint_on_resume(tiny_model_dirs, shards):
     from mmpeft.data.sample import Sample
 
     saved = datamodule(tiny_model_dirs, shards).state_dict()
-    assert saved == {"tasks": ["caption", "color", "count", "shape"]}
+    assert saved["tasks"] == ["caption", "color", "count", "shape"]
     resumed = datamodule(tiny_model_dirs, shards, tasks=["shape", "count", "color", "caption"])
     resumed.load_state_dict(saved)
     assert resumed.tasks == saved["tasks"]
