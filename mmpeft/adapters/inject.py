@@ -49,6 +49,12 @@ class AdapterGroup:
         return cls, config
 
 
+def group_labels(groups: list[AdapterGroup]) -> list[str]:
+    """How statistics and logs name each group: its adapter's name, or ``<name>.<index>`` when several groups share it."""
+    names = [g.name for g in groups]
+    return [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
+
+
 def _collapse(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
@@ -70,9 +76,10 @@ def inject_adapters(
     """Wrap each targeted linear layer in an :class:`AdaptedLinear`; returns them by path.
 
     The routers of mixture adapters are bound to ``context`` (one per model, see
-    :mod:`mmpeft.adapters.routing`); adapters with ``attach_base`` get a read-only view of
-    their base layer. Raises ConfigError when a pattern matches no layer (listing the
-    layers that exist) or when two groups claim the same layer.
+    :mod:`mmpeft.adapters.routing`), labelled by :func:`group_labels`; adapters with
+    ``attach_base`` get a read-only view of their base layer. Raises ConfigError when a
+    pattern matches no layer (listing the layers that exist) or when two groups claim the
+    same layer.
     """
     candidates = linear_layer_names(language_model)
     existing = ", ".join(sorted(set(map(_collapse, candidates))))
@@ -92,6 +99,7 @@ def inject_adapters(
                         "each layer takes one adapter"
                     )
     resolved = [g.resolve(i) for i, g in enumerate(groups)]
+    labels = group_labels(groups)
     wrapped: dict[str, AdaptedLinear] = {}
     for name in candidates:
         if name not in owner:
@@ -104,7 +112,7 @@ def inject_adapters(
         if hasattr(adapter, "attach_base"):
             adapter.attach_base(BaseLayerView(base))
         if context is not None:
-            bind_routers(adapter, context, name)
+            bind_routers(adapter, context, name, labels[owner[name]])
         layer = AdaptedLinear(base, adapter, groups[owner[name]].name)
         layer.train(base.training)  # new modules start in train mode; follow the model's (dropout off in eval)
         language_model.set_submodule(name, layer)

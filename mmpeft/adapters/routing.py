@@ -7,7 +7,10 @@ How task labels reach the routers without patching the model's forward: all rout
 model are bound at injection to one :class:`RoutingContext`. Before each training step the
 LightningModule puts the batch's attention mask, prompt mask and task ids into it
 (:meth:`RoutingContext.step`); routers read them and record their logits into it; after the
-forward the module turns the records into auxiliary losses (:func:`routing_losses`).
+forward the module turns the records into auxiliary losses (:func:`routing_losses`), and
+observers of the context (:attr:`RoutingContext.observers`) see every recorded pass, which is
+how statistics (:class:`RoutingStats`, logged by :mod:`mmpeft.monitor`) follow training and
+validation without another hook in the model.
 
 Records are taken only during the step's own forward. Non-reentrant gradient checkpointing
 re-runs the forward inside backward; by then recording is off, while the masks stay set so
@@ -78,6 +81,10 @@ class RoutingContext:
         """Size of the task vocabulary (else inferred from the batch)."""
         self.records: list[RouterRecord] = []
         self.recording = False
+        self.groups: dict[str, str] = {}
+        """Each router's group (a record's ``name`` to its label, set by :func:`bind_routers`), for statistics."""
+        self.observers: list[Callable[[RoutingContext], None]] = []
+        """Called with the context at the end of every recorded :meth:`step`, while its records and masks are set."""
         self._instance_cache: dict[Any, Any] | None = None
 
     # -- set by the trainer -----------------------------------------------------------------
@@ -97,6 +104,9 @@ class RoutingContext:
         self.recording = record
         try:
             yield self
+            if record:
+                for observe in self.observers:
+                    observe(self)
         finally:
             # Masks stay: a checkpointed forward is recomputed during backward, after this exits.
             self.recording = False
@@ -236,11 +246,18 @@ class Router(nn.Module):
         return gate
 
 
-def bind_routers(module: nn.Module, context: RoutingContext, name: str) -> None:
-    """Bind every :class:`Router` inside ``module`` (an adapter) to the model's context."""
+def bind_routers(module: nn.Module, context: RoutingContext, name: str, group: str | None = None) -> None:
+    """Bind every :class:`Router` inside ``module`` (an adapter at layer path ``name``) to the model's context.
+
+    ``group`` labels the adapter's layer group for statistics (``asymlora``); an adapter with
+    several routers puts each in a group of its own role (``mixlora/router_a``, ``mixlora/router_b``).
+    """
     routers = [(sub_name, sub) for sub_name, sub in module.named_modules() if isinstance(sub, Router)]
     for sub_name, router in routers:
-        router.bind(context, f"{name}.{sub_name}" if len(routers) > 1 else name)
+        several = len(routers) > 1
+        router.bind(context, f"{name}.{sub_name}" if several else name)
+        if group is not None:
+            context.groups[router.name] = f"{group}/{sub_name}" if several else group
 
 
 # -- auxiliary losses -----------------------------------------------------------------------
@@ -266,6 +283,77 @@ class GateMeans:
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
+
+
+@dataclass
+class GroupStats:
+    """One router group's routing over the batches a :class:`RoutingStats` saw."""
+
+    load: torch.Tensor
+    """``(experts,)`` each expert's mean applied gate; sums to 1, and is ``1 / experts`` everywhere when balanced."""
+
+    entropy: float
+    """Mean entropy of the routing probabilities divided by ``log(experts)``: 1 is uniform routing, 0 one expert per token."""
+
+    task_expert: torch.Tensor | None
+    """``(tasks, experts)`` each task's mean applied gate (rows sum to 1), NaN rows for tasks not seen; ``None`` without task labels."""
+
+    count: int
+    """Tokens (token routing) or samples (instance routing) seen, summed over the group's routers."""
+
+
+class RoutingStats:
+    """Expert load, router entropy and the task x expert gate of each router group, summed over many batches.
+
+    A router's group is its label in ``context.groups`` (see :func:`bind_routers`): an adapter group
+    of the config, or one router role of it. Every router of a group counts alike, each over the real
+    tokens (token routing) or samples (instance routing) of the batch. Routers with one expert route
+    nothing and are left out. Sums stay on the records' device until :meth:`results`; :meth:`reduce`
+    can sum them across processes first.
+    """
+
+    def __init__(self, num_tasks: int = 0) -> None:
+        self.num_tasks = num_tasks
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        """Per group: ``count`` ``()``, ``gate`` ``(E,)``, ``entropy`` ``()``, ``task_gate`` ``(tasks, E)``, ``task_count`` ``(tasks,)``."""
+
+    def add(self, context: RoutingContext) -> None:
+        """Count the records of the pass that just ran under ``context.step(..., record=True)``."""
+        task_ids = context.task_ids
+        for record in context.records:
+            experts = record.probs.shape[-1]
+            if experts < 2:
+                continue
+            mask = _mask(record, context).double()  # (batch, T): 1 for each real token (sample)
+            probs = record.probs.detach().double()  # (batch, T, E)
+            gate = record.gate().detach().double() * mask.unsqueeze(-1)  # (batch, T, E), 0 on padding
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(experts)  # (batch, T)
+            sums = self.sums.setdefault(context.groups.get(record.name, record.name), {})
+            values = {"count": mask.sum(), "gate": gate.sum((0, 1)), "entropy": (entropy * mask).sum()}
+            if task_ids is not None and self.num_tasks:
+                tasks = F.one_hot(task_ids.to(probs.device), self.num_tasks).double()  # (batch, tasks)
+                values["task_gate"] = tasks.T @ gate.sum(1)  # (tasks, E)
+                values["task_count"] = tasks.T @ mask.sum(1)  # (tasks,)
+            for key, value in values.items():
+                sums[key] = sums[key] + value if key in sums else value
+
+    def reduce(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every sum ``s`` by ``fn(s)``, e.g. an all-reduce across processes (every process must hold the same groups)."""
+        for sums in self.sums.values():
+            for key in sorted(sums):
+                sums[key] = fn(sums[key])
+
+    def results(self) -> dict[str, GroupStats]:
+        out = {}
+        for group, sums in self.sums.items():
+            count = sums["count"].clamp(min=1)
+            task_expert = None
+            if "task_gate" in sums:
+                seen = sums["task_count"].unsqueeze(1)  # (tasks, 1)
+                task_expert = torch.where(seen > 0, sums["task_gate"] / seen.clamp(min=1), math.nan).float().cpu()  # (tasks, E)
+            load = (sums["gate"] / count).float().cpu()  # (E,)
+            out[group] = GroupStats(load, float(sums["entropy"] / count), task_expert, int(sums["count"]))
+        return out
 
 
 def expert_gate(gate: torch.Tensor | None, experts: int, what: str) -> torch.Tensor:
