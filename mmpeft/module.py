@@ -67,16 +67,25 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep, shifted[keep]
 
 
-def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens.
+def lm_losses(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over the assistant tokens, and each sample's own mean.
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``), so
     prompts and image tokens never reach the LM head: with a 150k-token vocabulary the
-    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step.
+    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step. The
+    per-sample means ``(batch,)`` (detached; NaN for a sample without trained tokens) come
+    from the same logits, for the per-task losses of :mod:`mmpeft.monitor`.
     """
     keep, targets = next_token_targets(labels)
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
-    return F.cross_entropy(logits.float(), targets)
+    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (n_kept,)
+    per_position = token_loss.new_zeros(keep.shape).masked_scatter(keep, token_loss.detach())  # (batch, seq)
+    return token_loss.mean(), per_position.sum(1) / keep.sum(1)  # (), (batch,)
+
+
+def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the assistant tokens (see :func:`lm_losses`)."""
+    return lm_losses(model, inputs, labels)[0]
 
 
 class MMPeftModule(L.LightningModule):
@@ -131,6 +140,8 @@ class MMPeftModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only trainable tensors, so loading one must accept the frozen base's absence.
         self.strict_loading = False
+        self.sample_losses: torch.Tensor | None = None
+        """The last training batch's loss of each sample ``(batch,)``, detached: :class:`mmpeft.monitor.Monitor` logs it per task."""
         self._skipped: Counter[str] = Counter()
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -192,8 +203,10 @@ class MMPeftModule(L.LightningModule):
             prompt &= attention.bool()
         train = stage == "train"
         with self.routing_context.step(attention, prompt, batch["task_ids"], record=train):
-            loss = lm_loss(self.model, inputs, labels)
+            loss, sample_losses = lm_losses(self.model, inputs, labels)
             aux = routing_losses(self.routing_context, self.routing) if train else {}
+        if train:
+            self.sample_losses = sample_losses
         size = labels.shape[0]
         self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=not train)
         for name, value in aux.items():
@@ -289,7 +302,12 @@ class MMPeftModule(L.LightningModule):
         return save_adapter(out, self.adapter_spec(), trainable_tensors(self.model, projector))
 
     def on_fit_end(self) -> None:
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"  # log_dir is a collective: every rank asks
+        out = adapter_dir(self.trainer)
         if self.trainer.is_global_zero:
             self.save_adapter(out)
             log.info("adapter written to %s", out)
+
+
+def adapter_dir(trainer: L.Trainer) -> Path:
+    """Where ``fit`` writes the trained adapter: ``<log_dir>/adapter``. ``log_dir`` is a collective: every rank must ask."""
+    return Path(trainer.log_dir or trainer.default_root_dir) / "adapter"
