@@ -6,6 +6,7 @@
     python -m mmpeft data build RECIPE --out DIR ...  # make shards; `data inspect DIR` looks inside
     python -m mmpeft merge --adapter DIR --out DIR    # fold the adapter into the base: a transformers checkpoint
     python -m mmpeft export --format peft --adapter DIR --out DIR  # the adapter as a PEFT LoRA
+    python -m mmpeft report RUN_DIR                 # one HTML page of a run's logs (docs/monitoring.md)
 """
 
 from __future__ import annotations
@@ -101,8 +102,15 @@ def cmd_export(argv: list[str]) -> int:
     return cmd_export(argv)
 
 
+def cmd_report(argv: list[str]) -> int:
+    from mmpeft.report import cmd_report
+
+    return cmd_report(argv)
+
+
 TOOLS: dict[str, Callable[[list[str]], int]] = {
     "adapters": cmd_adapters, "tiny-model": cmd_tiny_model, "data": cmd_data, "merge": cmd_merge, "export": cmd_export,
+    "report": cmd_report,
 }  # fmt: skip
 
 
