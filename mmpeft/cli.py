@@ -37,6 +37,18 @@ def run_lightning_cli(args: list[str] | None) -> None:
             parser.link_arguments("model.backbone.pretrained", "data.processor")
             parser.link_arguments("model.backbone.trust_remote_code", "data.trust_remote_code")
 
+        def instantiate_trainer(self, **kwargs):
+            from mmpeft.monitor import default_callbacks
+
+            # The monitor, the end-of-fit summary and the rich progress bar (mmpeft/monitor.py), each
+            # unless the config's trainer.callbacks has one of its kind.
+            config = self._get(self.config_init, "trainer", default={})
+            callbacks = config.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            progress_bar = config.get("enable_progress_bar") is not False
+            kwargs.setdefault("callbacks", callbacks + default_callbacks(callbacks, progress_bar))
+            return super().instantiate_trainer(**kwargs)
+
         def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
             parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
             if subcommand == "predict":
