@@ -202,7 +202,8 @@ class MMPeftModule(L.LightningModule):
         if attention is not None:
             prompt &= attention.bool()
         train = stage == "train"
-        with self.routing_context.step(attention, prompt, batch["task_ids"], record=train):
+        # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
+        with self.routing_context.step(attention, prompt, batch["task_ids"], record=True):
             loss, sample_losses = lm_losses(self.model, inputs, labels)
             aux = routing_losses(self.routing_context, self.routing) if train else {}
         if train:
