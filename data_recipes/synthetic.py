@@ -26,6 +26,9 @@ Tasks (``SyntheticRecipe.tasks`` picks a subset; the first four are the default)
 - ``compare`` two images of one shape each, "Do these two images show the same shape?" ->
   "yes"/"no" (balanced); the only multi-image task, for the img{k} indexing path.
 
+The index chooses each task's evaluation score (docs/evaluation.md): ``exact_match``, and ``yes_no``
+for ``compare``.
+
 Builds are deterministic: the same arguments give byte-identical shards (tar headers carry a
 fixed mtime) as long as Python, Pillow and zlib are the same versions.
 """
@@ -237,6 +240,9 @@ class SyntheticRecipe(ShardRecipe):
     """Generate a synthetic multi-task image-text mixture as WebDataset shards."""
 
     name: ClassVar[str] = "synthetic"
+    metrics: ClassVar[dict[str, list[str]]] = {
+        "color": ["exact_match"], "shape": ["exact_match"], "count": ["exact_match"], "caption": ["exact_match"], "compare": ["yes_no"],
+    }  # fmt: skip
 
     samples: int = 1000
     """Total number of samples over all shards."""

@@ -57,6 +57,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 # The answers go to a JSONL file (--predictions.output) as they come, not into memory.
                 parser.add_lightning_class_args(JsonlWriter, "predictions")
                 parser.set_defaults({"return_predictions": False})
+            if subcommand in ("validate", "test"):
+                parser.set_defaults({"verbose": False})  # the module prints its own table, a row per task (mmpeft/metrics.py)
             return parser
 
     # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).

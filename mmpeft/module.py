@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
@@ -29,6 +30,7 @@ from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_stat
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.errors import ConfigError
 from mmpeft.generation import Generation
+from mmpeft.metrics import Evaluation, TaskMetrics, print_table
 from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
 
@@ -97,6 +99,7 @@ class MMPeftModule(L.LightningModule):
         routing: RoutingLosses = RoutingLosses(),
         init_adapter: str | None = None,
         generation: Generation = Generation(),
+        evaluation: Evaluation = Evaluation(),
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
@@ -107,6 +110,7 @@ class MMPeftModule(L.LightningModule):
             routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a router).
             init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its adapters, weights and task vocabulary, for further training, evaluation or prediction.
             generation: How ``predict`` decodes (greedy, sampling or beam search, and how many new tokens).
+            evaluation: What validation and test score besides loss and token accuracy: greedy answers, and each task's metrics (docs/evaluation.md).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -129,8 +133,12 @@ class MMPeftModule(L.LightningModule):
         self.routing = routing
         generation.check()
         self.generation = generation
+        evaluation.check()
+        self.evaluation = evaluation
+        self.metrics: TaskMetrics | None = None
+        """Every task's validation or test scores, built when an evaluation pass starts (the task vocabulary is final then)."""
         self.tokenizer: Any = None
-        """Decodes generated tokens; set up for ``predict``."""
+        """Decodes generated tokens; set up for ``predict``, and for validation and test unless ``evaluation.generate`` is off."""
         # Shared by every router of the model: carries the batch's masks and task ids in, router records out.
         self.routing_context = RoutingContext()
         for i, group in enumerate(adapters):
@@ -173,7 +181,10 @@ class MMPeftModule(L.LightningModule):
         tasks = getattr(datamodule, "tasks", None)
         if tasks:
             self.routing_context.num_tasks = len(tasks)
-        if stage == "predict" and self.tokenizer is None:
+        generates = self.evaluation.generates(fitting=stage == "fit")
+        if hasattr(datamodule, "eval_prompts"):
+            datamodule.eval_prompts = generates  # validation batches carry prompts only to generate from
+        if (stage == "predict" or generates) and self.tokenizer is None:
             encoder = getattr(datamodule, "encoder", None)
             self.tokenizer = encoder.tokenizer if encoder is not None else load_processor(self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained").tokenizer
         strategy = self.trainer.strategy if self._trainer is not None else None
@@ -215,10 +226,14 @@ class MMPeftModule(L.LightningModule):
         extra = weighted_sum(aux, self.routing)
         if extra is not None:
             loss = loss + extra
+        self._count_skipped(batch)
+        return loss
+
+    def _count_skipped(self, batch: dict[str, Any]) -> None:
+        """Log how many samples were skipped so far, by reason (``data/skipped/<reason>``)."""
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[reason] += count
-            self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=size)
-        return loss
+            self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=batch["labels"].shape[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The generators as they were when the checkpoint was taken, right before the step that followed it.
@@ -231,24 +246,86 @@ class MMPeftModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["labels"].shape[0])
         return loss
 
+    # -- validation and test: every task's scores (docs/evaluation.md) ------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return self._evaluate(batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+        return self._evaluate(batch)
+
+    def _evaluate(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Add a batch to every task's scores: teacher-forced loss and token accuracy, and greedy answers' scores."""
+        inputs, labels, task_ids = batch["inputs"], batch["labels"], batch["task_ids"]
+        metrics = self.metrics
+        # Generation first: it resets the routing records, which the teacher-forced pass below leaves for the callbacks.
+        if "prompt_inputs" in batch and metrics.wants_answers(task_ids):
+            answers = self.generate_answers(batch["prompt_inputs"], max_new_tokens=self.evaluation.max_new_tokens, do_sample=False, num_beams=1)
+            metrics.update_answers(answers, batch["references"], task_ids)
+        attention = inputs.get("attention_mask")
+        prompt = labels == IGNORE_INDEX  # (batch, seq): what instance routers pool over
+        if attention is not None:
+            prompt &= attention.bool()
+        keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
+        with self.routing_context.step(attention, prompt, task_ids, record=True):
+            logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
+        metrics.update_forced(logits, targets, task_ids[keep.nonzero(as_tuple=True)[0]], task_ids)
+        self._count_skipped(batch)
+        return F.cross_entropy(logits.float(), targets)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def _start_evaluation(self) -> None:
+        datamodule = self.trainer.datamodule
+        tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
+        if not tasks:
+            raise ConfigError("validation and test report per task and need the task vocabulary: the data module has no `tasks` (set data.tasks)")
+        if self.evaluation.generates(fitting=self.trainer.state.fn == TrainerFn.FITTING):
+            chosen = self.evaluation.choose(tasks, getattr(datamodule, "index_metrics", None))
+        else:
+            chosen = {task: [] for task in tasks}  # loss and token accuracy only
+        if self.metrics is None or (self.metrics.tasks, self.metrics.chosen) != (tasks, chosen):
+            unknown = sorted(set(self.evaluation.metrics or {}) - set(tasks))
+            if unknown:
+                rank_zero_warn(f"model.evaluation.metrics names task(s) {', '.join(map(repr, unknown))} not in the task vocabulary {tasks}")
+            self.metrics = TaskMetrics(tasks, chosen).to(self.device)
+        self.metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def _end_evaluation(self, stage: str) -> None:
+        """Log ``<stage>/<metric>`` (mean over tasks) and ``<stage>/<task>/<metric>``; ``validate`` and ``test`` also print the table."""
+        results = self.metrics.compute()  # a collective: every rank computes
+        self.metrics.reset()
+        for name, value in results.scalars(stage).items():
+            # Equal on every rank already (the metrics gathered their states); sync_dist keeps Lightning from warning.
+            self.log(name, value, sync_dist=True, prog_bar=name == f"{stage}/loss")
+        if self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and self.trainer.is_global_zero:
+            title = {"val": "validation", "test": "test"}[stage] + f": scores per task ({len(results.tasks)} tasks)"
+            print_table(results.table(title))
+
+    def generate_answers(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> list[str]:
+        """The decoded new text of each left-padded prompt of ``inputs``, generated with ``kwargs`` in the routing context.
+
+        Instance routing (MixLoRA, per-sequence AsymLoRA) is computed once on each prompt and
+        reused at every new token, through the KV cache.
+        """
+        prompt_len = inputs["input_ids"].shape[1]
+        tokens = self.routing_context.generate(self.model, **inputs, **kwargs, use_cache=True)  # (batch, prompt_len + new)
+        return self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample.
-
-        Generation runs inside the routing context, so instance routing (MixLoRA, per-sequence
-        AsymLoRA) is computed once on each prompt and reused at every new token, through the KV cache.
-        """
-        inputs = batch["inputs"]
-        prompt_len = inputs["input_ids"].shape[1]
-        tokens = self.routing_context.generate(self.model, **inputs, **self.generation.kwargs(), use_cache=True)  # (batch, prompt_len + new)
-        answers = self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+        """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample (see :meth:`generate_answers`)."""
+        answers = self.generate_answers(batch["inputs"], **self.generation.kwargs())
         rows = []
-        for key, task, prompt, reference, answer in zip(batch["keys"], batch["tasks"], batch["prompts"], batch["references"], answers):
+        for key, task, prompt, reference, answer in zip(batch["keys"], batch["tasks"], batch["prompts"], batch["reference"], answers):
             row = {"key": key, "task": task, "prompt": prompt, "answer": answer}
             if reference is not None:
                 row["reference"] = reference

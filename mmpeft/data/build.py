@@ -13,7 +13,8 @@ A recipe (registered under the ``mmpeft.data_recipes`` entry-point group) subcla
 - a bad source record (missing or corrupt image, malformed fields) raises :class:`BadRecord`:
   it is reported with its id, counted by reason in the index, and the build goes on;
 - ``dataset.json`` (the index) is written last: shard list with samples, bytes and samples per
-  task, the sorted task vocabulary (task id = position), the recipe and its arguments.
+  task, the sorted task vocabulary (task id = position), the recipe and its arguments, and the
+  generation metrics of each task when the recipe chooses them (:attr:`ShardRecipe.metrics`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Record:
     """Encoded image files and their extensions (``jpg``, ``png``, ...), written unchanged."""
     id: str | None = None
     """The source's own id of the record, kept in the sample's JSON."""
+    references: list[str] | None = None
+    """Acceptable answers the evaluation scores generated answers against (default: the final assistant turn)."""
 
     def to_sample(self) -> dict[str, Any]:
         if not _KEY.fullmatch(self.key):
@@ -79,6 +82,8 @@ class Record:
         if n_parts != len(self.images):
             raise BadRecord("image_count_mismatch", f"{n_parts} image part(s) in the chat, {len(self.images)} image(s)")
         meta = {"task": self.task, "messages": self.messages, "id": self.id if self.id is not None else self.key}
+        if self.references is not None:
+            meta["references"] = self.references
         sample: dict[str, Any] = {"__key__": self.key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
         for k, (data, ext) in enumerate(self.images):
             sample[f"img{k}.{ext}"] = data
@@ -105,6 +110,8 @@ class ShardRecipe:
 
     name: ClassVar[str] = "?"
     """The recipe's registered name, written into the index."""
+    metrics: ClassVar[dict[str, list[str]]] = {}
+    """Generation metrics per task that validation and test score (``mmpeft.metrics.METRICS``), written into the index."""
 
     samples_per_shard: int = 1000
     """Source records per tar shard (bad ones are left out, so a shard may hold fewer samples)."""
@@ -205,6 +212,7 @@ class ShardRecipe:
             "samples": sum(s["samples"] for s in done),
             "bytes": sum(s["bytes"] for s in done),
             "samples_per_task": {t: sum(s["tasks"].get(t, 0) for s in done) for t in tasks},
+            **({"metrics": {t: self.metrics[t] for t in tasks if t in self.metrics}} if self.metrics else {}),
             "bad_records": {
                 "count": len(bad),
                 "by_reason": dict(sorted(Counter(b["reason"] for b in bad).items())),

@@ -94,11 +94,21 @@ def _index(directory: Path, cache: dict[Path, dict | None]) -> dict | None:
     return cache[directory]
 
 
+def _index_metrics(directory: Path, index: dict) -> dict[str, tuple[str, ...]]:
+    """The generation metrics an index chooses per task, checked (an unknown name is an error naming the file)."""
+    from mmpeft.metrics import check_metric_names  # late: mmpeft.metrics imports mmpeft.data
+
+    metrics = index.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{directory / INDEX}: 'metrics' must map task names to lists of metric names, got {metrics!r:.120}")
+    return {task: tuple(check_metric_names(names, f"{directory / INDEX}: metrics[{task!r}]")) for task, names in metrics.items()}
+
+
 def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
-    """The shards of ``spec`` with their sample counts, and the task vocabulary of the index beside them."""
+    """The shards of ``spec`` with their sample counts and their index's metrics, and the task vocabulary of the index beside them."""
     urls = resolve_shards(spec, what)
     cache: dict[Path, dict | None] = {}
-    shards, tasks = [], None
+    shards, tasks, metrics, read = [], None, {}, set()
     for url in urls:
         entry, index = None, None
         if not _is_remote(url):
@@ -106,11 +116,14 @@ def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
             if index is not None:
                 entry = next((e for e in index.get("shards", []) if e.get("name") == Path(url).name), None)
                 tasks = tasks or index.get("tasks")
+                if Path(url).parent not in read:
+                    read.add(Path(url).parent)
+                    metrics = {**_index_metrics(Path(url).parent, index), **metrics}  # the first index naming a task wins
         if entry is None:
             shards.append(Shard(url))
         else:
             shards.append(Shard(url, int(entry["samples"]), tuple(sorted(entry.get("tasks", {}).items()))))
-    return Source(spec, tuple(shards)), (list(tasks) if tasks else None)
+    return Source(spec, tuple(shards), tuple(sorted(metrics.items()))), (list(tasks) if tasks else None)
 
 
 # Which splits each Lightning stage reads; the first is required.
@@ -175,7 +188,11 @@ class ShardDataModule(L.LightningDataModule):
         self.prompt_inputs: list[Any] = []
         """``data.predict`` resolved: a :class:`Source` per shard spec, the checked records of each JSONL file."""
         self.index_tasks: list[str] = []
+        self.index_metrics: dict[str, list[str]] = {}
+        """Generation metrics per task chosen by the ``dataset.json`` indexes of this stage's splits (docs/evaluation.md)."""
         self.tasks: list[str] | None = None
+        self.eval_prompts = True
+        """Whether validation and test batches also carry each prompt for generation (``prompt_inputs``, ``references``); the module turns it off when it generates nothing."""
         self.plan: MixPlan | None = None
         self.encoder: ChatEncoder | None = None
         self.position = StreamPosition()
@@ -211,6 +228,8 @@ class ShardDataModule(L.LightningDataModule):
                 resolved = [resolve_source(s, w) for s, w in zip(specs, what)]
                 self.sources[split] = [source for source, _ in resolved]
                 self.index_tasks = sorted(set(self.index_tasks).union(*(t or () for _, t in resolved)))
+                for source, _ in resolved:
+                    self.index_metrics = {**{task: list(names) for task, names in source.metrics}, **self.index_metrics}
         if self.mixing is not None and "train" in self.sources and self.plan is None:
             self.plan = plan_mixture(self.mixing, self.sources["train"], "data.train")
             shares = ", ".join(f"{t} {p:.3f}" for t, p in self.plan.target.items())
@@ -270,8 +289,8 @@ class ShardDataModule(L.LightningDataModule):
                 samples = sum(s.samples or 0 for source in self.sources[split] for s in source.shards)
                 epoch_steps = max(1, samples // (hp.batch_size * (world or 1)))
         dataset = ShardStream(
-            self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed,
-            shuffle_buffer=hp.shuffle_buffer, rank=rank, world=world, plan=plan, epoch_steps=epoch_steps,
+            self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
+            rank=rank, world=world, plan=plan, epoch_steps=epoch_steps, prompts=not train and self.eval_prompts,
         )  # fmt: skip
         if train and self._resume is not None:
             dataset.resume_at(self._resume)  # before the workers start: they take a copy of the dataset

@@ -7,9 +7,9 @@ the fast tokenizer's offsets, and the processor's image-token expansion is align
 back by dropping image tokens on both sides. Only assistant tokens (their end-of-turn
 token included) are trained on; prompts, images and padding are ``-100``.
 
-For generation (``predict``), :meth:`ChatEncoder.encode_prompt` encodes a chat without its final
-assistant turn, with the template's generation prompt, and :meth:`ChatEncoder.collate_prompts`
-pads a batch of them on the left.
+For generation (``predict``, and the scores of validation and test), :meth:`ChatEncoder.encode_prompt`
+encodes a chat without its final assistant turn, with the template's generation prompt, and
+:meth:`ChatEncoder.collate_prompts` pads a batch of them on the left.
 """
 
 from __future__ import annotations
@@ -68,12 +68,16 @@ class ChatEncoder:
         self.task_ids = {task: i for i, task in enumerate(tasks)}
 
     # -- one sample -------------------------------------------------------------------------
-    def __call__(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+    def __call__(self, raw: dict[str, Any], prompt: bool = False) -> dict[str, Any] | None:
+        """The encoded sample; with ``prompt`` (evaluation) also its prompt for generation (:meth:`encode_prompt`), as ``item["prompt"]``."""
         shard = str(raw.get("__url__", "?"))
         self.seen += 1
         self.seen_by_shard[shard] += 1
         try:
-            item = self.encode(parse_sample(raw))
+            sample = parse_sample(raw)
+            item = self.encode(sample)
+            if prompt:
+                item["prompt"] = self.encode_prompt(sample)
         except SampleError as exc:
             self.skipped[exc.reason] += 1
             self.skipped_total[exc.reason] += 1
@@ -186,7 +190,8 @@ class ChatEncoder:
 
         A final assistant turn is the ``reference`` answer and is left out of the prompt; the rest is
         rendered with the template's generation prompt (``add_generation_prompt=True``). ``prompt``
-        is the text of the last user turn. Prompts are never cut: one longer than ``max_length`` is
+        is the text of the last user turn. ``references``, what evaluation scores the answer against,
+        are the sample's own ``references`` if it has them, else the ``reference`` (if any). Prompts are never cut: one longer than ``max_length`` is
         refused (``too_long``). The task is not looked up: generation does not use task ids.
         """
         messages, reference = split_reference(sample.messages)
@@ -204,6 +209,7 @@ class ChatEncoder:
             "task": sample.task,
             "prompt": last_user_text(messages),
             "reference": reference,
+            "references": sample.references or ([reference] if reference is not None else []),
             "tokens": tokens,
             "images": images,
         }
@@ -226,19 +232,27 @@ class ChatEncoder:
         return inputs
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the token inputs and concatenate the image inputs of ``items``."""
+        """Right-pad the token inputs and concatenate the image inputs of ``items``.
+
+        Items encoded with their prompt (evaluation) add ``prompt_inputs``, the prompts padded on
+        the left for generation, and ``references``, each sample's list of reference answers.
+        """
         inputs = self._pad(items)
         labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
         for row, item in enumerate(items):
             labels[row, : item["labels"].numel()] = item["labels"]
         skipped, self.skipped = dict(self.skipped), Counter()
-        return {
+        batch = {
             "inputs": inputs,
             "labels": labels,
             "task_ids": torch.tensor([item["task_id"] for item in items]),  # (batch,)
             "keys": [item["key"] for item in items],
             "skipped": skipped,
         }
+        if "prompt" in items[0]:
+            batch["prompt_inputs"] = self._pad([item["prompt"] for item in items], left=True)
+            batch["references"] = [item["prompt"]["references"] for item in items]
+        return batch
 
     def collate_prompts(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """A batch of :meth:`encode_prompt` items: token inputs padded on the left (generation appends on the right)."""
@@ -247,7 +261,7 @@ class ChatEncoder:
             "keys": [item["key"] for item in items],
             "tasks": [item["task"] for item in items],
             "prompts": [item["prompt"] for item in items],
-            "references": [item["reference"] for item in items],
+            "reference": [item["reference"] for item in items],
         }
 
 

@@ -1,8 +1,8 @@
 """Parse one raw WebDataset sample into a task label, a chat and its images.
 
-Format (docs/data.md): ``<key>.json`` holds ``{"task": ..., "messages": [...]}``;
-the k-th ``{"type": "image"}`` part of the conversation is ``<key>.img{k}.<ext>``
-(a lone ``<key>.jpg``/``.png`` counts as ``img0``). Anything wrong with a sample
+Format (docs/data.md): ``<key>.json`` holds ``{"task": ..., "messages": [...]}``, optionally
+``"references"`` (the answers evaluation accepts); the k-th ``{"type": "image"}`` part of the
+conversation is ``<key>.img{k}.<ext>`` (a lone ``<key>.jpg``/``.png`` counts as ``img0``). Anything wrong with a sample
 raises :class:`SampleError` with a short reason used as a skip-counter name.
 """
 
@@ -34,6 +34,8 @@ class Sample:
     task: str
     messages: list[dict[str, Any]]
     images: list[Image.Image]
+    references: list[str] | None = None
+    """The JSON's optional ``references``: acceptable answers that evaluation scores the generated answer against."""
 
 
 def _normalise_content(content: Any) -> list[dict[str, Any]]:
@@ -68,6 +70,9 @@ def parse_sample(raw: dict[str, Any], assistant_required: bool = True) -> Sample
         meta = json.loads(raw["json"])
         task = meta["task"]
         messages = [{"role": m["role"], "content": _normalise_content(m["content"])} for m in meta["messages"]]
+        references = meta.get("references")
+        if references is not None and not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
+            raise SampleError("bad_json", f"'references' must be a non-empty list of strings, got {references!r:.120}")
     except SampleError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
@@ -88,4 +93,4 @@ def parse_sample(raw: dict[str, Any], assistant_required: bool = True) -> Sample
         images.append(image.convert("RGB"))
     if _image_bytes(raw, n_images) is not None:
         raise SampleError("image_count_mismatch", f"more image files than the {n_images} image part(s) in the text")
-    return Sample(key=key, task=task, messages=messages, images=images)
+    return Sample(key=key, task=task, messages=messages, images=images, references=references)

@@ -51,6 +51,8 @@ class Source:
 
     spec: str
     shards: tuple[Shard, ...]
+    metrics: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Generation metrics per task, as the indexes beside the shards choose them (docs/evaluation.md)."""
 
     def task_counts(self) -> Counter[str] | None:
         if any(s.samples is None for s in self.shards):
@@ -220,9 +222,12 @@ class ShardStream(IterableDataset):
         world: int | None = None,
         plan: MixPlan | None = None,
         epoch_steps: int | None = None,
+        prompts: bool = False,
     ) -> None:
         super().__init__()
         self.sources, self.encoder, self.batch_size = sources, encoder, batch_size
+        self.prompts = prompts
+        """Also encode each sample's prompt for generation (evaluation: ``ChatEncoder.__call__``'s ``prompt``)."""
         self.train, self.seed, self.shuffle_buffer = train, seed, shuffle_buffer
         if rank is None or world is None:
             rank, world = _rank_world()
@@ -290,7 +295,7 @@ class ShardStream(IterableDataset):
             self._drawn += 1
             if self._drawn <= skip:
                 continue
-            item = self.encoder(raw)
+            item = self.encoder(raw, prompt=self.prompts)
             if item is not None:
                 yield item
         self.encoder.check_skip_limit(final=True)
