@@ -10,6 +10,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import lightning  # noqa: F401  imported at collection: its log handlers bind to the real stderr, not to one test's capture
 import pytest
 import torch
 import yaml
