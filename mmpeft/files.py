@@ -19,6 +19,18 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: str | os.PathLike, directory: bool = False) -> None:
+    # mkstemp and mkdtemp create private (0600 / 0700) entries; what they become is a normal file
+    # or folder, readable as the user's umask says, like one made with open() or mkdir().
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_dir(folder: Path) -> None:
     # The rename itself is only durable once the folder's entry is on disk (POSIX).
     try:
@@ -44,6 +56,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        _usual_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,6 +101,7 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
+    _usual_mode(staging, directory=True)
     try:
         yield staging
         replace_dir(staging, out)
