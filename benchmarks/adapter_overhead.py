@@ -255,8 +255,11 @@ def adapter_macs_per_token(v: Variant, d_in: int, d_out: int) -> int:
 # -- model, batch, injection ----------------------------------------------------------------
 
 
-def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0) -> Path:
+def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0, vocab: int | None = None) -> Path:
     """A local checkpoint of ``family`` with a ``hidden``-wide, ``layers``-deep text model (tiny vision tower), cached.
+
+    ``vocab`` widens the embeddings and LM head to that many rows (the tiny tokenizer stays, so
+    only its ids occur in batches, but the head computes every logit).
 
     The tiny demo build gives the tokenizer, processor and the config to widen; proportions
     follow the real checkpoints (head_dim 64; LLaVA-1.5 / Llama-2: MLP 11008/4096 of the width,
@@ -270,7 +273,7 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0) -> P
     if hidden % head_dim:
         raise SystemExit(f"--hidden must be a multiple of {head_dim}")
     heads = hidden // head_dim
-    out = CACHE / f"bench-{family}-h{hidden}-l{layers}-s{seed}"
+    out = CACHE / (f"bench-{family}-h{hidden}-l{layers}-s{seed}" + (f"-v{vocab}" if vocab else ""))
     if (out / "config.json").is_file() and (out / "bench.json").is_file():
         return out
     tiny = build_tiny_model(family, CACHE / f"tiny-{family}")
@@ -280,6 +283,8 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0) -> P
     text.num_hidden_layers = layers
     text.num_attention_heads = heads
     text.head_dim = head_dim
+    if vocab:
+        text.vocab_size = vocab
     if family == "llava":
         text.intermediate_size = round(hidden * 11008 / 4096 / 16) * 16
         text.num_key_value_heads = heads
@@ -297,7 +302,7 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0) -> P
     for name in os.listdir(tiny):  # tokenizer and processor files of the tiny build
         if name not in ("config.json", "model.safetensors", "generation_config.json") and not name.startswith("."):
             (out / name).write_bytes((Path(tiny) / name).read_bytes())
-    (out / "bench.json").write_text(json.dumps({"family": family, "hidden": hidden, "layers": layers, "seed": seed}) + "\n")
+    (out / "bench.json").write_text(json.dumps({"family": family, "hidden": hidden, "layers": layers, "seed": seed, "vocab": vocab}) + "\n")
     return out
 
 
@@ -397,13 +402,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses, device: torch.device) -> float:
+def timed_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses, device: torch.device, step=train_step) -> float:
+    """Seconds of one ``step(runner, batch, coefficients)``; on CUDA its peak allocation above the start goes to ``runner.peak_bytes``."""
     sync(device)
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    train_step(runner, batch, coefficients)
+    step(runner, batch, coefficients)
     sync(device)
     elapsed = time.perf_counter() - start
     if device.type == "cuda":
@@ -425,7 +431,23 @@ def state_bytes(runner: Runner) -> int:
 
 def saved_activation_bytes(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> int:
     """Bytes of the unique storages autograd saves for backward in one forward, checkpointing off, weights excluded."""
-    model = runner.model
+
+    def forward() -> None:
+        inputs, labels = batch["inputs"], batch["labels"]
+        prompt = (labels == IGNORE_INDEX) & inputs["attention_mask"].bool()
+        with runner.context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+            loss = lm_loss(runner.model, inputs, labels)
+            extra = weighted_sum(routing_losses(runner.context, coefficients), coefficients)
+            if extra is not None:
+                loss = loss + extra
+        del loss, extra  # everything is saved by the end of the forward; dropping the graph frees it
+        runner.context.records = []  # the records hold router logits, and with them the graph
+
+    return sum(saved_storages(runner.model, forward).values())
+
+
+def saved_storages(model: nn.Module, forward) -> dict[int, int]:
+    """``{storage address: bytes}`` of what autograd saves for backward during ``forward()`` (checkpointing off, weights excluded)."""
     frozen = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
 
@@ -439,20 +461,12 @@ def saved_activation_bytes(runner: Runner, batch: dict[str, Any], coefficients: 
     for m in layers:
         m.gradient_checkpointing = False
     try:
-        inputs, labels = batch["inputs"], batch["labels"]
-        prompt = (labels == IGNORE_INDEX) & inputs["attention_mask"].bool()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with runner.context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
-                loss = lm_loss(model, inputs, labels)
-                extra = weighted_sum(routing_losses(runner.context, coefficients), coefficients)
-                if extra is not None:
-                    loss = loss + extra
-        del loss, extra  # everything is saved by the end of the forward; dropping the graph frees it
-        runner.context.records = []  # the records hold router logits, and with them the graph
+            forward()
     finally:
         for m in layers:
             m.gradient_checkpointing = True
-    return sum(seen.values())
+    return seen
 
 
 # -- correctness of the references ----------------------------------------------------------
@@ -516,6 +530,22 @@ def environment(device: torch.device) -> dict[str, Any]:
             cpu = platform.processor() or "unknown"
         env["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
     return env
+
+
+def start_run(device_arg: str, threads_arg: int | None, command: str) -> tuple[torch.device, dict[str, Any], float]:
+    """The device (``auto``: CUDA when present), torch's CPU threads (default 1 on a CPU), the printed command and environment; the start time."""
+    device = torch.device("cuda" if device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available()) else "cpu")
+    threads = threads_arg if threads_arg is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    env = environment(device)
+    print(f"command: {command}")
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"load average at start: {loadavg()}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return device, env, time.perf_counter()
 
 
 def loadavg() -> str:
@@ -729,19 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         return
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads:
-        torch.set_num_threads(threads)
-    env = environment(device)
-    print(f"command: {command}")
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print(f"load average at start: {loadavg()}")
-
-    started = time.perf_counter()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    device, env, started = start_run(args.device, args.threads, command)
     model_dir = build_bench_model(args.family, args.hidden, args.layers, args.seed)
     checkpointing = not args.no_checkpointing
     runners = [build_runner(v, model_dir, device, checkpointing, args.seed) for v in cases]
