@@ -78,6 +78,16 @@ def test_a_killed_build_leaves_no_complete_looking_shard_and_resumes(tmp_path):
     assert not list(out.glob("*.tmp")) and not (out / "dataset.json.partial").exists()
 
 
+def test_temporary_files_of_an_interrupted_build_are_removed(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    leftovers = [".train-000001.tar.k2j_x9.tmp", ".dataset.json.partial.rrzmrf9y.tmp", ".dataset.json.a1b2.tmp", "train-000007.tar.tmp"]
+    for name in leftovers + ["notes.txt", "val-000000.tar"]:
+        (out / name).write_bytes(b"x")  # as a kill in the middle of writing each would leave them
+    SyntheticRecipe(samples=20, samples_per_shard=10, seed=1).build(out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "notes.txt", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+
+
 def test_a_build_with_other_arguments_starts_over(tmp_path):
     out = tmp_path / "s"
     SyntheticRecipe(samples=40, samples_per_shard=10, seed=1).build(out, progress=False)

@@ -200,7 +200,8 @@ class ShardRecipe:
 
         written = {s["name"] for s in done}
         # Shards of an earlier, larger build (a glob must see only this one) and temporary files of an interrupted one.
-        stale = re.compile(rf"\.?{re.escape(self.prefix)}-\d{{6}}\.tar(\.\w+)?(\.tmp)?")
+        shard = rf"{re.escape(self.prefix)}-\d{{6}}\.tar"
+        stale = re.compile(rf"{shard}(\.tmp)?|\.({shard}|{re.escape(INDEX)}|{re.escape(PARTIAL)})\.\w+\.tmp")
         for path in out.iterdir():
             if stale.fullmatch(path.name) and path.name not in written:
                 path.unlink()
