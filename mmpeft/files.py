@@ -45,11 +45,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Delete the temporary siblings of ``path`` that a killed writer left (one writer per path at a time)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for pattern in (f".{path.name}.*.tmp", f".{path.name}.writing-*", f".{path.name}.old-*"):
+        for leftover in path.parent.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as stream:
@@ -100,6 +114,7 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling folder of ``out`` to fill; on success it replaces ``out``, on error it is deleted."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.writing-", dir=out.parent))
     _usual_mode(staging, directory=True)
     try:

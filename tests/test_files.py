@@ -40,3 +40,13 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
             (staging / "x").write_text("x")
             raise RuntimeError("crash")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    for name in (".last.ckpt.abc123.tmp", ".last-adapter.writing-x1y2", ".last-adapter.old-z3", ".other.ckpt.q.tmp"):
+        (tmp_path / name).mkdir() if "adapter" in name else (tmp_path / name).write_bytes(b"partial")
+    with atomic_file(tmp_path / "last.ckpt") as stream:
+        stream.write(b"ckpt")
+    with staged_dir(tmp_path / "last-adapter") as staging:
+        (staging / "adapter_config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ckpt.q.tmp", "last-adapter", "last.ckpt"]
