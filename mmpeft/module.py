@@ -206,23 +206,25 @@ class MMPeftModule(L.LightningModule):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def routing_step(self, batch: dict[str, Any]):
+        """The routing context for one forward pass over ``batch``: its real tokens, the prompt tokens instance routers pool over, the task ids."""
         inputs, labels = batch["inputs"], batch["labels"]
         attention = inputs.get("attention_mask")
         prompt = labels == IGNORE_INDEX  # (batch, seq): what instance routers pool over
         if attention is not None:
             prompt &= attention.bool()
-        train = stage == "train"
         # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
-        with self.routing_context.step(attention, prompt, batch["task_ids"], record=True):
-            loss, sample_losses = lm_losses(self.model, inputs, labels)
-            aux = routing_losses(self.routing_context, self.routing) if train else {}
-        if train:
-            self.sample_losses = sample_losses
-        size = labels.shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=size, prog_bar=True, sync_dist=not train)
+        return self.routing_context.step(attention, prompt, batch["task_ids"], record=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        with self.routing_step(batch):
+            loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"])
+            aux = routing_losses(self.routing_context, self.routing)
+        size = batch["labels"].shape[0]
+        self.log("train/loss", loss, batch_size=size, prog_bar=True)
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         extra = weighted_sum(aux, self.routing)
         if extra is not None:
             loss = loss + extra
@@ -241,11 +243,6 @@ class MMPeftModule(L.LightningModule):
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch["labels"].shape[0])
-        return loss
-
     # -- validation and test: every task's scores (docs/evaluation.md) ------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch)
@@ -261,12 +258,8 @@ class MMPeftModule(L.LightningModule):
         if "prompt_inputs" in batch and metrics.wants_answers(task_ids):
             answers = self.generate_answers(batch["prompt_inputs"], max_new_tokens=self.evaluation.max_new_tokens, do_sample=False, num_beams=1)
             metrics.update_answers(answers, batch["references"], task_ids)
-        attention = inputs.get("attention_mask")
-        prompt = labels == IGNORE_INDEX  # (batch, seq): what instance routers pool over
-        if attention is not None:
-            prompt &= attention.bool()
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
-        with self.routing_context.step(attention, prompt, task_ids, record=True):
+        with self.routing_step(batch):
             logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
         metrics.update_forced(logits, targets, task_ids[keep.nonzero(as_tuple=True)[0]], task_ids)
         self._count_skipped(batch)
