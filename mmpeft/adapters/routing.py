@@ -263,28 +263,6 @@ def bind_routers(module: nn.Module, context: RoutingContext, name: str, group: s
 # -- auxiliary losses -----------------------------------------------------------------------
 # Each takes one record and returns a scalar; masks are (batch, T) bool over real tokens.
 
-class GateMeans:
-    """Each router's applied gate averaged over the real tokens (token routing) or samples (instance routing) of many batches.
-
-    Call :meth:`add` after every forward run under ``context.step(..., record=True)``;
-    :meth:`means` then gives, per router name (the adapted layer's path), the ``(experts,)``
-    mean gate, what a mixture collapses with into one LoRA for a task (``python -m mmpeft merge``).
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, context: RoutingContext) -> None:
-        for record in context.records:
-            gate = record.gate()[_mask(record, context)].double()  # (tokens or samples, experts)
-            self.sums[record.name] = self.sums.get(record.name, 0) + gate.sum(0).cpu()  # (experts,)
-            self.counts[record.name] = self.counts.get(record.name, 0) + gate.shape[0]
-
-    def means(self) -> dict[str, torch.Tensor]:
-        return {name: (total / max(self.counts[name], 1)).float() for name, total in self.sums.items()}
-
-
 @dataclass
 class GroupStats:
     """One router group's routing over the batches a :class:`RoutingStats` saw."""
@@ -317,18 +295,24 @@ class RoutingStats:
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
         """Per group: ``count`` ``()``, ``gate`` ``(E,)``, ``entropy`` ``()``, ``task_gate`` ``(tasks, E)``, ``task_count`` ``(tasks,)``."""
 
+    min_experts = 2
+    """Routers with fewer experts are left out (one expert routes nothing)."""
+
+    def group_of(self, record: RouterRecord, context: RoutingContext) -> str:
+        return context.groups.get(record.name, record.name)
+
     def add(self, context: RoutingContext) -> None:
         """Count the records of the pass that just ran under ``context.step(..., record=True)``."""
         task_ids = context.task_ids
         for record in context.records:
             experts = record.probs.shape[-1]
-            if experts < 2:
+            if experts < self.min_experts:
                 continue
             mask = _mask(record, context).double()  # (batch, T): 1 for each real token (sample)
             probs = record.probs.detach().double()  # (batch, T, E)
             gate = record.gate().detach().double() * mask.unsqueeze(-1)  # (batch, T, E), 0 on padding
             entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(experts)  # (batch, T)
-            sums = self.sums.setdefault(context.groups.get(record.name, record.name), {})
+            sums = self.sums.setdefault(self.group_of(record, context), {})
             values = {"count": mask.sum(), "gate": gate.sum((0, 1)), "entropy": (entropy * mask).sum()}
             if task_ids is not None and self.num_tasks:
                 tasks = F.one_hot(task_ids.to(probs.device), self.num_tasks).double()  # (batch, tasks)
@@ -354,6 +338,23 @@ class RoutingStats:
             load = (sums["gate"] / count).float().cpu()  # (E,)
             out[group] = GroupStats(load, float(sums["entropy"] / count), task_expert, int(sums["count"]))
         return out
+
+
+class GateMeans(RoutingStats):
+    """Each router's applied gate averaged over the real tokens (token routing) or samples (instance routing) of many batches.
+
+    :class:`RoutingStats` with one group per router (the adapted layer's path), single-expert
+    routers included: :meth:`means` gives each router's ``(experts,)`` mean gate, what a mixture
+    collapses with into one LoRA for a task (``python -m mmpeft merge``).
+    """
+
+    min_experts = 1
+
+    def group_of(self, record: RouterRecord, context: RoutingContext) -> str:
+        return record.name
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: stats.load for name, stats in self.results().items()}
 
 
 def expert_gate(gate: torch.Tensor | None, experts: int, what: str) -> torch.Tensor:
