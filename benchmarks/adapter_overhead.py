@@ -81,6 +81,7 @@ from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, bind_
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 from mmpeft.module import lm_loss
+from mmpeft.speed import Speed, apply_to_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "mmpeft"
@@ -363,10 +364,14 @@ class Runner:
     peak_bytes: list[int] = field(default_factory=list)
     autocast: bool = False
     """bf16 autocast around the forward, as ``trainer.precision: bf16-mixed`` does on a GPU."""
+    speed: Speed = field(default_factory=Speed)
+    """The ``model.speed`` levers the model was loaded and injected with."""
 
 
-def build_runner(v: Variant, model_dir: Path, device: torch.device, checkpointing: bool, seed: int) -> Runner:
-    model = load_backbone(Backbone(pretrained=str(model_dir), gradient_checkpointing=checkpointing), device)
+def build_runner(v: Variant, model_dir: Path, device: torch.device, checkpointing: bool, seed: int, speed: Speed | None = None) -> Runner:
+    """One model with ``v``'s adapter on every linear layer of its language model, loaded as ``MMPeftModule`` loads it (``speed``: its levers)."""
+    speed = speed or Speed()
+    model = load_backbone(Backbone(pretrained=str(model_dir), gradient_checkpointing=checkpointing), device, speed)
     context = RoutingContext()
     lm = language_model(model)
     torch.manual_seed(seed)
@@ -375,10 +380,11 @@ def build_runner(v: Variant, model_dir: Path, device: torch.device, checkpointin
         inject_reference(lm, cls, VECTORISED[v.adapter][1](**v.config), context, v.name)
     else:
         inject_adapters(lm, [AdapterGroup(v.adapter, ["all-linear"], v.config)], context)
+    apply_to_adapters(model, speed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)  # MMPeftModule's optimizer ("adamw")
-    return Runner(v, model, context, optimizer, autocast=device.type == "cuda")
+    return Runner(v, model, context, optimizer, autocast=device.type == "cuda", speed=speed)
 
 
 def train_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> None:

@@ -33,6 +33,7 @@ from mmpeft.generation import Generation
 from mmpeft.metrics import Evaluation, TaskMetrics, print_table
 from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
+from mmpeft.speed import Speed, apply_to_adapters, chunked_token_losses
 
 log = logging.getLogger("mmpeft")
 
@@ -69,25 +70,31 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep, shifted[keep]
 
 
-def lm_losses(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_losses(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the assistant tokens, and each sample's own mean.
 
     Logits are computed only where a trained token is predicted (``logits_to_keep``), so
     prompts and image tokens never reach the LM head: with a 150k-token vocabulary the
-    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step. The
-    per-sample means ``(batch,)`` (detached; NaN for a sample without trained tokens) come
-    from the same logits, for the per-task losses of :mod:`mmpeft.monitor`.
+    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step. With
+    ``chunk`` > 0 even those are computed ``chunk`` positions at a time and never kept
+    (:func:`mmpeft.speed.chunked_token_losses`; ``model.speed.loss_chunk``). The per-sample
+    means ``(batch,)`` (detached; NaN for a sample without trained tokens) come from the same
+    per-token losses, for the per-task losses of :mod:`mmpeft.monitor`.
     """
     keep, targets = next_token_targets(labels)
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
-    token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (n_kept,)
+    token_loss = chunked_token_losses(model, inputs, keep, targets, chunk) if chunk > 0 else None  # (n_kept,)
+    if token_loss is None:
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
+        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (n_kept,)
     per_position = token_loss.new_zeros(keep.shape).masked_scatter(keep, token_loss.detach())  # (batch, seq)
     return token_loss.mean(), per_position.sum(1) / keep.sum(1)  # (), (batch,)
 
 
-def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """Mean next-token cross-entropy over the assistant tokens (see :func:`lm_losses`)."""
-    return lm_losses(model, inputs, labels)[0]
+    return lm_losses(model, inputs, labels, chunk)[0]
 
 
 class MMPeftModule(L.LightningModule):
@@ -100,6 +107,7 @@ class MMPeftModule(L.LightningModule):
         init_adapter: str | None = None,
         generation: Generation = Generation(),
         evaluation: Evaluation = Evaluation(),
+        speed: Speed = Speed(),
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
@@ -111,6 +119,7 @@ class MMPeftModule(L.LightningModule):
             init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its adapters, weights and task vocabulary, for further training, evaluation or prediction.
             generation: How ``predict`` decodes (greedy, sampling or beam search, and how many new tokens).
             evaluation: What validation and test score besides loss and token accuracy: greedy answers, and each task's metrics (docs/evaluation.md).
+            speed: Training-step speed and memory levers (chunked loss, in-place adapter add, where gradients and recomputation go; docs/speed.md). None changes the loss beyond floating-point noise.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +144,8 @@ class MMPeftModule(L.LightningModule):
         self.generation = generation
         evaluation.check()
         self.evaluation = evaluation
+        speed.check()
+        self.speed = speed
         self.metrics: TaskMetrics | None = None
         """Every task's validation or test scores, built when an evaluation pass starts (the task vocabulary is final then)."""
         self.tokenizer: Any = None
@@ -166,11 +177,12 @@ class MMPeftModule(L.LightningModule):
         predicting = self._trainer is not None and self.trainer.predicting
         # Gradient checkpointing only costs time when nothing is trained.
         backbone = dataclasses.replace(self.backbone, gradient_checkpointing=False) if predicting else self.backbone
-        model = load_backbone(backbone, self.trainer.strategy.root_device)
+        model = load_backbone(backbone, self.trainer.strategy.root_device, self.speed)
         if self.init_spec is not None:
             apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)
         else:
             inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
+        apply_to_adapters(model, self.speed)
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
         self.model = model.eval() if predicting else model.train()
 
@@ -218,7 +230,7 @@ class MMPeftModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         with self.routing_step(batch):
-            loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"])
+            loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk)
             aux = routing_losses(self.routing_context, self.routing)
         size = batch["labels"].shape[0]
         self.log("train/loss", loss, batch_size=size, prog_bar=True)

@@ -62,6 +62,8 @@ class AdaptedLinear(nn.Module):
         self.adapter_name = adapter_name
         self.in_features = base.in_features
         self.out_features = base.out_features
+        self.add_in_place = True
+        """Add the update into the base output's memory (``model.speed.inplace_add``): no base layer's backward reads its own output."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -70,7 +72,9 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = base_forward(self.base, x)  # (..., out_features)
-        return y + self.adapter(x).to(y.dtype)
+        delta = self.adapter(x).to(y.dtype)  # (..., out_features)
+        # Autograd forbids changing a custom Function's view output in place (bitsandbytes returns one for some shapes).
+        return y.add_(delta) if self.add_in_place and not y._is_view() else y + delta
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}"

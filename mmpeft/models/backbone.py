@@ -22,6 +22,7 @@ from transformers.utils import is_torchvision_available
 
 from mmpeft.adapters.quant import keep_standard_layout
 from mmpeft.errors import ConfigError
+from mmpeft.speed import Speed, place_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ def _without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin
     return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
 
 
-def load_backbone(backbone: Backbone, device: torch.device) -> nn.Module:
-    """Load the model quantized on ``device`` and prepare it for adapter training (QLoRA recipe)."""
+def load_backbone(backbone: Backbone, device: torch.device, speed: Speed | None = None) -> nn.Module:
+    """Load the model quantized on ``device`` and prepare it for adapter training (QLoRA recipe; ``speed``: where gradients and recomputation go)."""
     backbone.check_exists()
     dtype = backbone.torch_dtype(device)
     try:
@@ -170,12 +171,12 @@ def load_backbone(backbone: Backbone, device: torch.device) -> nn.Module:
     except OSError as exc:
         raise ConfigError(f"cannot load model.backbone.pretrained={backbone.pretrained!r}: {exc}") from exc
     keep_standard_layout(model)
-    prepare_for_training(model, backbone)
+    prepare_for_training(model, backbone, speed or Speed())
     return model
 
 
-def prepare_for_training(model: nn.Module, backbone: Backbone) -> None:
-    """Freeze the base, keep norms in fp32, enable input grads and non-reentrant checkpointing."""
+def prepare_for_training(model: nn.Module, backbone: Backbone, speed: Speed) -> None:
+    """Freeze the base, keep norms in fp32, checkpoint the language model's layers (non-reentrant) as ``speed`` places it."""
     model.requires_grad_(False)
     for module in model.modules():
         # Norms are tiny and sensitive to precision; QLoRA keeps them in fp32.
@@ -185,6 +186,13 @@ def prepare_for_training(model: nn.Module, backbone: Backbone) -> None:
         projector = get_path(model, PROJECTOR_PATHS, "projector")[1]
         projector.float().requires_grad_(True)
     if backbone.gradient_checkpointing:
+        # Non-reentrant: the graph stays connected without inputs that require grad, and auxiliary losses survive it.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the graph connected.
+        place_checkpointing(model, language_model(model), speed.checkpoint_every)
+    # transformers' checkpointing (and PEFT) make every embedding's output require grad, the frozen vision
+    # tower's too, so that reentrant checkpointing sees a grad-requiring input; backward then runs through the
+    # whole vision tower for nothing. Non-reentrant checkpointing needs none of it.
+    if speed.input_grads:
         model.enable_input_require_grads()
+    else:
+        model.disable_input_require_grads()
