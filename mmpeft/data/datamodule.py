@@ -151,6 +151,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         mixing: Mixing | None = None,
         max_skip_fraction: float = 0.1,
+        group_by_length: int = 0,
         prepare: list[RecipeRun] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
@@ -171,6 +172,7 @@ class ShardDataModule(L.LightningDataModule):
             seed: Seed of the shard order, the sample shuffle and the mixture draws.
             mixing: Weighted, resampled training stream over the sources or tasks (see docs/data.md). Default: one pass over the data per epoch.
             max_skip_fraction: Stop with an error naming the shard when more than this fraction of the samples is skipped (checked from 100 samples on, and at the end of each pass).
+            group_by_length: Training only: with k >= 2, each dataloader worker sorts pools of k batches' worth of samples by token length and yields them as k batches of neighbours, in a random order, so less of each batch is padding; 0 or 1: off. The pass's samples and batch counts stay the same; batches become correlated with length (and so with task, see docs/data.md).
             prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic data.
             trust_remote_code: Allow processor code from the checkpoint's repository.
         """
@@ -183,6 +185,8 @@ class ShardDataModule(L.LightningDataModule):
             self.mixing.check()
         if not 0 <= max_skip_fraction <= 1:
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        if group_by_length < 0:
+            raise ConfigError(f"data.group_by_length must be >= 0 (0 or 1: off; k >= 2: pools of k batches), got {group_by_length}")
         self.sources: dict[str, list[Source]] = {}
         """Resolved sources per split, filled by ``setup``."""
         self.prompt_inputs: list[Any] = []
@@ -291,6 +295,7 @@ class ShardDataModule(L.LightningDataModule):
         dataset = ShardStream(
             self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
             rank=rank, world=world, plan=plan, epoch_steps=epoch_steps, prompts=not train and self.eval_prompts,
+            group_by_length=hp.group_by_length if train else 0,
         )  # fmt: skip
         if train and self._resume is not None:
             dataset.resume_at(self._resume)  # before the workers start: they take a copy of the dataset

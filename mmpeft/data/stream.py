@@ -12,17 +12,23 @@ encoding and batching inside the dataloader workers:
   a :class:`Mixing` (explicit, or proportional to ``n ** (1 / temperature)``); shards are drawn
   with replacement, an epoch is ``epoch_steps`` batches per rank, and every (seed, rank, worker,
   epoch) has its own random stream.
+
+In training, ``group_by_length`` (k >= 2) batches neighbours in length: each worker collects
+``k`` batches' worth of encoded samples, sorts them by token length, cuts them into ``k``
+batches and yields those in a random order (:func:`length_groups`), so that less of a batch is
+padding. Which samples a pass yields, and how many batches, stay the same.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -164,15 +170,40 @@ def batch_quotas(shards: list[Shard], world: int, workers: int, batch_size: int)
     return quotas
 
 
+def length_groups(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """The indices of ``lengths`` cut into batches of neighbours in length, in a random order.
+
+    The indices are sorted by length (ties by index) and cut into runs of ``batch_size``; the
+    last run, holding the longest, is shorter when ``batch_size`` does not divide the count.
+    ``rng`` only orders the batches. Every index is in exactly one batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def batch_padding(lengths: Sequence[int], batches: list[list[int]]) -> int:
+    """Pad positions of ``batches`` (indices into ``lengths``), each padded to its longest."""
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches if b)
+
+
 @dataclass
 class StreamPosition:
     """How far one rank's training stream got, counted from the batches that were trained on.
 
     Every batch carries its epoch, the worker that made it, how many samples that worker had
-    taken out of its shuffled stream when the batch was complete, and how many batches it had
-    yielded. The position is the latest of these per worker; a pass resumed from it skips each
-    worker's ``drawn`` samples without decoding them, so it yields exactly the batches that the
-    interrupted run would have yielded next.
+    taken out of its shuffled stream, and how many batches it had yielded. The position is the
+    latest of these per worker; a pass resumed from it skips each worker's ``drawn`` samples
+    without decoding them, so it yields exactly the batches that the interrupted run would have
+    yielded next.
+
+    With length grouping, a worker draws a whole pool of samples before it yields the pool's
+    batches: ``drawn`` is then the count at the start of the pool and ``pooled`` the batches of
+    the pool already yielded; the resumed pass rebuilds the pool (deterministically) and drops
+    those. After the last batch of a pool, ``drawn`` is the count at its end and ``pooled`` 0.
     """
 
     epoch: int = 0
@@ -182,22 +213,35 @@ class StreamPosition:
     batches: dict[int, int] = field(default_factory=dict)
     next_worker: int = 0
     """The worker whose batch the dataloader would have asked for next (they take turns)."""
+    pooled: dict[int, int] = field(default_factory=dict)
+    """Per worker, batches of its current length-grouping pool already yielded (0: at a pool boundary)."""
+    group: int = 1
+    """Batches per length-grouping pool (1: no grouping); a resume with another value restarts the epoch."""
 
     def update(self, tag: dict[str, int], workers: int) -> None:
         """Record a trained batch's ``stream`` tag."""
-        if tag["epoch"] != self.epoch or workers != self.workers:
-            self.epoch, self.workers, self.drawn, self.batches = tag["epoch"], workers, {}, {}
+        group = tag.get("group", 1)
+        if tag["epoch"] != self.epoch or workers != self.workers or group != self.group:
+            self.epoch, self.workers, self.group, self.drawn, self.batches, self.pooled = tag["epoch"], workers, group, {}, {}, {}
         self.drawn[tag["worker"]] = tag["drawn"]
         self.batches[tag["worker"]] = tag["batches"]
+        self.pooled[tag["worker"]] = tag.get("pooled", 0)
         self.next_worker = (tag["worker"] + 1) % workers
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "workers": self.workers, "drawn": dict(self.drawn), "batches": dict(self.batches), "next_worker": self.next_worker}
+        return {
+            "epoch": self.epoch, "workers": self.workers, "drawn": dict(self.drawn), "batches": dict(self.batches),
+            "next_worker": self.next_worker, "pooled": dict(self.pooled), "group": self.group,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
+        """Also reads positions saved before length grouping existed (no ``pooled``, no ``group``: ungrouped)."""
         as_ints = lambda d: {int(k): int(v) for k, v in d.items()}  # noqa: E731
-        return cls(int(data["epoch"]), int(data["workers"]), as_ints(data["drawn"]), as_ints(data["batches"]), int(data.get("next_worker", 0)))
+        return cls(
+            int(data["epoch"]), int(data["workers"]), as_ints(data["drawn"]), as_ints(data["batches"]), int(data.get("next_worker", 0)),
+            as_ints(data.get("pooled") or {}), int(data.get("group", 1)),
+        )  # fmt: skip
 
 
 def _rank_world() -> tuple[int, int]:
@@ -223,6 +267,7 @@ class ShardStream(IterableDataset):
         plan: MixPlan | None = None,
         epoch_steps: int | None = None,
         prompts: bool = False,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
         self.sources, self.encoder, self.batch_size = sources, encoder, batch_size
@@ -233,6 +278,8 @@ class ShardStream(IterableDataset):
             rank, world = _rank_world()
         self.rank, self.world = rank, world
         self.plan, self.epoch_steps = plan, epoch_steps
+        self.group = max(1, group_by_length) if train else 1
+        """Batches per length-grouping pool in this stream (1: batches in stream order; evaluation is never grouped)."""
         self.epoch = 0
         """Passes started by this copy of the stream (each worker holds its own copy)."""
         self.resume: StreamPosition | None = None
@@ -256,31 +303,52 @@ class ShardStream(IterableDataset):
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         return wds.tarfile_samples(({"url": u} for u in urls), handler=self._bad_shard)
 
-    def _batch(self, items_in: Iterator[dict[str, Any]], limit: int | None, epoch: int, worker: int, done: int = 0) -> Iterator[dict[str, Any]]:
-        """Batches of encoded samples; stop after ``limit`` full batches (``done`` of them yielded before a resume), else end with a partial one.
+    def _batch(
+        self, items_in: Iterator[dict[str, Any]], limit: int | None, epoch: int, worker: int, done: int = 0, pooled: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Batches of encoded samples; stop after ``limit`` full batches, else end with a partial one.
 
-        Each batch carries ``stream``: the epoch, the worker, and how far that worker had read
-        when the batch was complete (see :class:`StreamPosition`).
+        Samples are taken in pools of ``self.group`` batches (one batch without grouping), cut into
+        batches by :func:`length_groups` when grouping. ``done`` batches were yielded before this
+        pass resumed, all of them before the pool it resumes in, of which it drops the first
+        ``pooled`` batches (yielded too). With a ``limit`` the last pool is cut to the batches still
+        due, so a pass takes exactly the samples it would take without grouping.
+
+        Each batch carries ``stream``: the epoch, the worker, how far that worker had read and how
+        many batches it had yielded (see :class:`StreamPosition`).
         """
-        items = []
-
-        def tagged(batch: dict[str, Any]) -> dict[str, Any]:
-            batch["stream"] = {"epoch": epoch, "worker": worker, "drawn": self._drawn, "batches": done}
-            return batch
-
-        if limit is not None and done >= limit:
-            return
-        for item in items_in:
-            items.append(item)
-            if len(items) == self.batch_size:
+        items_in = iter(items_in)
+        pool_number = done // self.group  # every pool before this one gave ``group`` full batches
+        while limit is None or done < limit:
+            size = self.group if limit is None else min(self.group, limit - done)
+            start = self._drawn
+            pool = list(itertools.islice(items_in, size * self.batch_size))
+            if limit is not None:
+                pool = pool[: len(pool) - len(pool) % self.batch_size]  # only full batches count towards a limit
+            if not pool:
+                return
+            if self.group > 1:
+                rng = random.Random(f"{self.seed}:{self.rank}:{worker}:{epoch}:pool{pool_number}")
+                groups = length_groups([item["tokens"]["input_ids"].numel() for item in pool], self.batch_size, rng)
+            else:
+                groups = [list(range(len(pool)))]
+            dropped, pooled = pooled, 0
+            if dropped:  # resumed inside this pool: its first batches were yielded, their skip counts reported with them
+                done += dropped
+                self.encoder.skipped.clear()
+            pool_number += 1
+            for i in range(dropped, len(groups)):
                 done += 1
-                yield tagged(self.encoder.collate(items))
-                items = []
-                if limit is not None and done >= limit:
-                    return
-        if items and limit is None:
-            done += 1
-            yield tagged(self.encoder.collate(items))
+                last = i == len(groups) - 1
+                batch = self.encoder.collate([pool[j] for j in groups[i]])
+                # After a pool's last batch the worker resumes after the pool, else at its start.
+                batch["stream"] = {
+                    "epoch": epoch, "worker": worker, "batches": done, "group": self.group,
+                    "drawn": self._drawn if last else start, "pooled": 0 if last else i + 1,
+                }  # fmt: skip
+                yield batch
+            if len(pool) < size * self.batch_size:
+                return
 
     def _encoded(self, raws: Iterator[dict[str, Any]], rng: random.Random, skip: int = 0) -> Iterator[dict[str, Any]]:
         """Shuffled (training) and encoded samples; the skipped ones are counted by the encoder.
@@ -321,10 +389,10 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, self.epoch = self.epoch, self.epoch + 1
-        worker, skip, done = self._resume_point(epoch, worker, workers)
+        worker, skip, done, pooled = self._resume_point(epoch, worker, workers)
         rng = random.Random(f"{self.seed}:{self.rank}:{worker}:{epoch}")
         self._drawn = 0
-        batches = lambda items, limit: self._batch(items, limit, epoch, worker, done)  # noqa: E731
+        batches = lambda items, limit: self._batch(items, limit, epoch, worker, done, pooled)  # noqa: E731
         if self.plan is not None:
             steps = self.epoch_steps or 1
             yield from batches(self._encoded(self._resampled(rng), rng, skip), steps // workers + (worker < steps % workers))
@@ -346,25 +414,33 @@ class ShardStream(IterableDataset):
         self.epoch = position.epoch
         self.resume = position
 
-    def _resume_point(self, epoch: int, worker: int, workers: int) -> tuple[int, int, int]:
-        """``(worker id, samples to skip, batches already yielded)`` for this worker's pass of ``epoch``.
+    def _resume_point(self, epoch: int, worker: int, workers: int) -> tuple[int, int, int, int]:
+        """``(worker id, samples to skip, batches yielded before the pool to resume in, batches of that pool yielded)`` for this worker's pass of ``epoch``.
 
-        Unless this pass resumes an interrupted one, that is ``(worker, 0, 0)``. When it does, the
+        Unless this pass resumes an interrupted one, that is ``(worker, 0, 0, 0)``. When it does, the
         worker ids are rotated for this pass so that the dataloader, which always asks worker 0
         first, continues the interrupted run's round-robin order with the worker that was next.
         """
         position, self.resume = self.resume, None
         if position is None or position.epoch != epoch:
-            return worker, 0, 0
+            return worker, 0, 0, 0
+        changed, restore = [], []
         if position.workers != workers:
+            changed.append(f"{workers} dataloader workers where the checkpoint had {position.workers}")
+            restore.append(f"data.num_workers={position.workers}")
+        if position.group != self.group:
+            off = lambda group: group if group > 1 else 0  # noqa: E731  (as data.group_by_length spells it)
+            changed.append(f"data.group_by_length={off(self.group)} where the checkpoint had {off(position.group)}")
+            restore.append(f"data.group_by_length={off(position.group)}")
+        if changed:
             log.warning(
-                "resuming with %d dataloader workers where the checkpoint had %d: epoch %d restarts from its "
-                "beginning (set data.num_workers=%d to continue exactly where it stopped)",
-                workers, position.workers, epoch, position.workers,
+                "resuming with %s: epoch %d restarts from its beginning (set %s to continue exactly where it stopped)",
+                " and ".join(changed), epoch, " and ".join(restore),
             )  # fmt: skip
-            return worker, 0, 0
+            return worker, 0, 0, 0
         worker = (worker + position.next_worker) % workers
-        return worker, position.drawn.get(worker, 0), position.batches.get(worker, 0)
+        pooled = position.pooled.get(worker, 0)
+        return worker, position.drawn.get(worker, 0), position.batches.get(worker, 0) - pooled, pooled
 
     def _resampled(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         """An endless stream drawn from the mixture: a source by its probability, a sample kept by its task's acceptance."""
