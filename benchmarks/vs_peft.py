@@ -1,46 +1,55 @@
-"""mmpeft's LoRA against PEFT's LoRA on the same 4-bit model, the same batches, side by side.
+"""mmpeft's LoRA against PEFT's LoRA on the same 4-bit model, the same batches, side by side; and each speed lever on its own.
 
     python benchmarks/vs_peft.py [--hidden H] [--layers L] [--vocab V] [--max-len T] [--batch B]
-                                 [--rank R] [--rounds K] [--quick | --check] [--out FILE]
+                                 [--batches K] [--rank R] [--rounds N] [--quick | --check] [--out FILE]
 
 One process loads the same local checkpoint (LLaVA architecture, the tiny demo's vision tower,
 a text model ``--hidden`` wide and ``--layers`` deep with a ``--vocab``-row embedding and LM
-head; built here and cached under ``.cache/mmpeft/bench-*``) twice, in NF4 with double
-quantization both times:
+head; built here and cached under ``.cache/mmpeft/bench-*``) several times, in NF4 with double
+quantization every time:
 
-- ``mmpeft``: ``load_backbone`` (QLoRA preparation, non-reentrant checkpointing), LoRA injected
-  on every linear layer of the language model, a step as ``MMPeftModule`` trains (``lm_loss``:
-  logits only where a trained token is predicted);
 - ``peft``: ``AutoModelForImageTextToText.from_pretrained`` with the same quantization config,
   ``peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)``,
   ``get_peft_model`` with a ``LoraConfig`` of the same r, alpha and dropout targeting exactly the
   same linear layers, and ``model(**inputs, labels=labels).loss`` (full logits, transformers'
-  loss), as PEFT's documentation trains.
+  loss), as PEFT's documentation trains;
+- mmpeft variants: ``load_backbone`` (QLoRA preparation, non-reentrant checkpointing), LoRA
+  injected on every linear layer of the language model, a step as ``MMPeftModule`` trains
+  (``lm_loss``: logits only where a trained token is predicted), with the ``model.speed``
+  levers (mmpeft/speed.py) set per variant: ``levers off`` (whole logits of the trained
+  positions, out-of-place adapter add, input grads as PEFT sets them, every layer recomputed),
+  then each lever alone (``+ loss_chunk``, ``+ inplace_add``, ``- input_grads``,
+  ``checkpoint_every 2``, ``+ length-grouped batches`` as ``data.group_by_length`` makes
+  them), ``defaults`` (``model.speed`` as shipped, batches as they come) and ``all levers``.
 
-Both get AdamW with the same learning rate and the same initial adapter weights (mmpeft's ``A``
-copied into ``lora_A``; both ``B`` set to the same small random values, so the adapters change
-the loss). Before training, the script checks that both compute the same loss on the first
-batch (dropout off; relative difference at most 1e-4 in float32 on a CPU, 2e-2 under bf16 on
-CUDA). Batches: ``--batch`` samples of mixed lengths up to ``--max-len`` tokens, each an image
-prompt then random text, the last eighth of each sample labelled as the answer, padded on the
-right to the batch's longest sample; the same batches, in the same order, for both.
+All get AdamW with the same learning rate and the same initial adapter weights (mmpeft's ``A``
+copied into ``lora_A``; every ``B`` set to the same small random values, so the adapters change
+the loss). Before training, the script checks that every variant computes the same loss as PEFT
+on the first batch (dropout off; relative difference at most 1e-4 in float32 on a CPU, 2e-2
+under bf16 on CUDA). Batches: ``--batches`` batches of ``--batch`` samples of mixed lengths up
+to ``--max-len`` tokens, each an image prompt then random text, the last eighth of each sample
+labelled as the answer, padded on the right to the batch's longest sample. Every variant
+trains on the same samples in the same batches, except ``length-grouped``, which regroups the
+same samples with :func:`mmpeft.data.stream.length_groups` (the pool is all ``--batches``
+batches, as ``data.group_by_length: K`` pools K batches).
 
-Each round runs a step (forward, backward, ``optimizer.step()``, ``zero_grad()``) of each side,
-``--steps`` at a time, the order swapped every round. Reported: step time and real tokens per
-second per side, and per round the ratio mmpeft / PEFT (median over rounds, 95% bootstrap
-interval); memory: on CUDA the peak allocated during a step above what was allocated before
-it; on a CPU, which has no allocator peak, a proxy: the activations autograd saves for backward
-in one forward with checkpointing off (unique storages, frozen weights excluded) and the
-largest single saved tensor (the logits), labelled as such. The targets of issue 7 (step time
-<= 0.85x, peak memory <= 0.7x PEFT's) are judged with ``verdict``.
+Each round runs a pass over its batches (forward, backward, ``optimizer.step()``,
+``zero_grad()`` per batch) of every variant, the order rotated every round. Reported: pass
+time and real tokens per second per variant, and per round the ratios to PEFT and to
+``levers off`` (median over rounds, 95% bootstrap interval). Memory: the peak allocated during
+a pass above what was allocated before it: on CUDA from the allocator's statistics, on a CPU
+from torch's profiler memory events (every tensor allocation and free of the pass, summed in
+time order), measured in one extra untimed pass. The targets of issue 7 (step time <= 0.85x,
+peak memory <= 0.7x PEFT's) are judged with ``verdict``.
 
 ``--check``: a small model and two short rounds, only to check the losses agree and print the
-table (well under a minute on a CPU).
+tables (well under a minute on a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -63,12 +72,9 @@ from adapter_overhead import (  # noqa: E402
     make_batch,
     median_ci,
     mib,
-    saved_storages,
     start_run,
-    state_bytes,
     timed_step,
     to_device,
-    train_step,
     verdict,
 )
 
@@ -79,7 +85,10 @@ from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
 from mmpeft.data.encode import IGNORE_INDEX  # noqa: E402
 from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
+from mmpeft.data.stream import length_groups  # noqa: E402
 from mmpeft.module import lm_loss  # noqa: E402
+from mmpeft.speed import Speed  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
 
@@ -160,7 +169,16 @@ def peft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses
 
 
 def mmpeft_loss(runner: Runner, batch: dict[str, Any]) -> torch.Tensor:
-    return lm_loss(runner.model, batch["inputs"], batch["labels"])  # LoRA has no routers: no routing context needed
+    return lm_loss(runner.model, batch["inputs"], batch["labels"], runner.speed.loss_chunk)  # LoRA has no routers: no routing context needed
+
+
+def mmpeft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> None:
+    """One step as ``MMPeftModule.training_step`` (LoRA: no routing losses) plus Lightning's optimizer step."""
+    with torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=runner.autocast):
+        loss = mmpeft_loss(runner, batch)
+    loss.backward()
+    runner.optimizer.step()
+    runner.optimizer.zero_grad(set_to_none=True)
 
 
 def same_initial_adapters(ours: Runner, theirs: Runner, lm_path: str, seed: int) -> int:
@@ -177,26 +195,94 @@ def same_initial_adapters(ours: Runner, theirs: Runner, lm_path: str, seed: int)
     return len(layers)
 
 
-def first_losses(ours: Runner, theirs: Runner, batch: dict[str, Any]) -> tuple[float, float]:
-    """Both losses on ``batch`` before any step, dropout off (eval mode), under each side's own precision."""
-    losses = []
-    for runner, loss_fn in ((ours, mmpeft_loss), (theirs, peft_loss)):
-        runner.model.eval()
-        with torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=runner.autocast):
-            losses.append(float(loss_fn(runner, batch).detach()))
-        runner.model.train()
-    return losses[0], losses[1]
+def first_loss(runner: Runner, loss_fn, batch: dict[str, Any]) -> float:
+    """The loss on ``batch`` before any step, dropout off (eval mode), under the runner's own precision."""
+    runner.model.eval()
+    with torch.no_grad(), torch.autocast(batch["labels"].device.type, dtype=torch.bfloat16, enabled=runner.autocast):
+        loss = float(loss_fn(runner, batch))
+    runner.model.train()
+    return loss
 
 
-def memory_proxy(runner: Runner, loss_fn, batch: dict[str, Any]) -> tuple[int, int]:
-    """(bytes saved for backward in one forward, checkpointing off; the largest single saved storage)."""
+def pass_peak_bytes(runner: Runner, step, batches: list[dict[str, Any]], coefficients: RoutingLosses, device: torch.device) -> int:
+    """Peak bytes allocated during one pass over ``batches`` above what was allocated before it.
 
-    def forward() -> None:
-        loss = loss_fn(runner, batch)
-        del loss
+    CUDA: the allocator's statistics. CPU: torch's profiler records every allocation and free
+    (``[memory]`` events with signed sizes); their running sum in time order peaks here.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for batch in batches:
+            step(runner, batch, coefficients)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
 
-    seen = saved_storages(runner.model, forward)
-    return sum(seen.values()), max(seen.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for batch in batches:
+            step(runner, batch, coefficients)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# -- the variants ---------------------------------------------------------------------------
+
+OFF = Speed(loss_chunk=0, inplace_add=False, input_grads=True, checkpoint_every=1)
+
+
+def variants(check: bool) -> list[tuple[str, Speed, bool]]:
+    """(name, model.speed, length-grouped batches) of every mmpeft variant, the baseline first."""
+    chunk = 16 if check else Speed().loss_chunk  # --check: several chunks even for its few answer tokens
+    return [
+        ("levers off", OFF, False),
+        (f"+ loss_chunk {chunk}", dataclasses.replace(OFF, loss_chunk=chunk), False),
+        ("+ inplace_add", dataclasses.replace(OFF, inplace_add=True), False),
+        ("- input_grads", dataclasses.replace(OFF, input_grads=False), False),
+        ("checkpoint_every 2", dataclasses.replace(OFF, checkpoint_every=2), False),
+        ("+ length-grouped batches", OFF, True),
+        ("defaults", dataclasses.replace(Speed(), loss_chunk=chunk), False),
+        ("all levers", dataclasses.replace(Speed(), loss_chunk=chunk, checkpoint_every=2), True),
+    ]
+
+
+def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The same samples in batches of neighbours by length (``data.group_by_length`` with a pool of all of them), right-padded per batch."""
+    rows = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch["lengths"]))]
+    lengths = [batches[b]["lengths"][i] for b, i in rows]
+    groups = length_groups(lengths, len(batches[0]["lengths"]), random.Random(seed))
+    out = []
+    for group in groups:
+        members = [rows[j] for j in group]
+        longest = max(lengths[j] for j in group)
+
+        def gather(get) -> torch.Tensor:
+            return torch.stack([get(batches[b], i) for b, i in members])
+
+        def cut(t: torch.Tensor, fill: int) -> torch.Tensor:  # (seq,) -> (longest,)
+            return F.pad(t, (0, max(0, longest - t.shape[0])), value=fill)[:longest]
+
+        inputs = {
+            "input_ids": gather(lambda batch, i: cut(batch["inputs"]["input_ids"][i], 0)),
+            "attention_mask": gather(lambda batch, i: cut(batch["inputs"]["attention_mask"][i], 0)),
+        }
+        for key, value in batches[0]["inputs"].items():
+            if key not in inputs:  # per-sample image tensors: pixel_values, image sizes
+                inputs[key] = gather(lambda batch, i, key=key: batch["inputs"][key][i])
+        labels = gather(lambda batch, i: cut(batch["labels"][i], IGNORE_INDEX))
+        task_ids = gather(lambda batch, i: batch["task_ids"][i])
+        out.append({"inputs": inputs, "labels": labels, "task_ids": task_ids, "lengths": [lengths[j] for j in group]})
+    return out
+
+
+def padded_tokens(batches: list[dict[str, Any]]) -> int:
+    return sum(len(b["lengths"]) * max(b["lengths"]) for b in batches)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -209,21 +295,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000, help="rows of the embedding and the LM head")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-len", type=int, default=None, help="longest sample (default 1024 on CUDA, 512 on a CPU)")
-    p.add_argument("--batches", type=int, default=2, help="distinct batches, cycled")
+    p.add_argument("--batches", type=int, default=4, help="batches per pass (the length-grouping pool)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=1, help="timed steps per side per round")
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU, as adapter_overhead.py; 0 keeps torch's)")
     p.add_argument("--quick", action="store_true", help="fewer rounds and shorter samples")
-    p.add_argument("--check", action="store_true", help="a small model, two short rounds: check the first losses agree, print the table")
+    p.add_argument("--check", action="store_true", help="a small model, two short rounds: check the first losses agree, print the tables")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.check:
-        args.hidden, args.layers, args.batch, args.max_len, args.batches, args.rounds, args.steps = 128, 2, 2, 128, 1, 2, 1
+        args.hidden, args.layers, args.batch, args.max_len, args.batches, args.rounds = 128, 2, 2, 128, 2, 2
     elif args.quick:
         args.rounds = min(args.rounds, 3)
         args.max_len = args.max_len or 256
@@ -237,24 +322,31 @@ def main(argv: list[str] | None = None) -> None:
     max_len = args.max_len or (1024 if device.type == "cuda" else 512)
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
     model_dir = build_bench_model("llava", args.hidden, args.layers, args.seed, vocab=args.vocab)
-
     lora = {"r": args.rank, "alpha": alpha, "dropout": args.dropout}
-    ours = build_runner(Variant("mmpeft", "lora", lora), model_dir, device, True, args.seed)
-    lm_path = get_path(ours.model, LANGUAGE_MODEL_PATHS, "language model")[0]
-    names = [f"{lm_path}.{n}" for n, m in language_model(ours.model).named_modules() if isinstance(m, AdaptedLinear)]
+
+    ours: dict[str, Runner] = {}
+    for name, speed, _ in variants(args.check):
+        ours[name] = build_runner(Variant(name, "lora", lora), model_dir, device, True, args.seed, speed)
+    base = ours["levers off"]
+    lm_path = get_path(base.model, LANGUAGE_MODEL_PATHS, "language model")[0]
+    names = [f"{lm_path}.{n}" for n, m in language_model(base.model).named_modules() if isinstance(m, AdaptedLinear)]
     theirs = build_peft(model_dir, device, names, args.rank, alpha, args.dropout)
-    adapted = same_initial_adapters(ours, theirs, lm_path, args.seed)
+    adapted = 0
+    for runner in ours.values():  # the same generator every time: every variant and PEFT get the same B
+        adapted = same_initial_adapters(runner, theirs, lm_path, args.seed)
     peft_names = {n.removeprefix("base_model.model.") for n, m in theirs.model.named_modules() if hasattr(m, "lora_A")}
     if peft_names != set(names):
         raise AssertionError(f"PEFT adapted other layers than mmpeft: {sorted(peft_names ^ set(names))[:5]}")
-    trainable = [sum(p.numel() for p in r.model.parameters() if p.requires_grad) for r in (ours, theirs)]
+    trainable = [sum(p.numel() for p in r.model.parameters() if p.requires_grad) for r in (base, theirs)]
     if trainable[0] != trainable[1]:
         raise AssertionError(f"trainable parameters differ: mmpeft {trainable[0]:,}, PEFT {trainable[1]:,}")
 
-    dtype = next(p.dtype for p in ours.model.parameters() if p.is_floating_point())
-    image_token = ours.model.config.image_token_id
-    batches = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in mixed_batches(model_dir, args.batches, args.batch, max_len, image_token, args.seed)]
-    text = language_model(ours.model).config
+    dtype = next(p.dtype for p in base.model.parameters() if p.is_floating_point())
+    image_token = base.model.config.image_token_id
+    raw = mixed_batches(model_dir, args.batches, args.batch, max_len, image_token, args.seed)
+    as_given = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in raw]
+    grouped = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in regroup(raw, args.seed)]
+    text = language_model(base.model).config
     setup = {
         "family": "llava",
         "hidden": args.hidden,
@@ -267,72 +359,60 @@ def main(argv: list[str] | None = None) -> None:
         "quantization": "nf4 + double quant (bitsandbytes)",
         "gradient_checkpointing": "mmpeft non-reentrant; PEFT as prepare_model_for_kbit_training leaves it (torch's default, reentrant)",
         "batch": args.batch,
+        "batches_per_pass": args.batches,
         "max_len": max_len,
-        "lengths": [b["lengths"] for b in batches],
-        "steps_per_round": args.steps,
+        "lengths": [b["lengths"] for b in raw],
+        "padded_tokens_per_pass": {"as given": padded_tokens(raw), "length-grouped": padded_tokens(grouped)},
         "rounds": args.rounds,
     }
     print("setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()))
 
-    loss_ours, loss_theirs = first_losses(ours, theirs, batches[0])
-    rel = abs(loss_ours - loss_theirs) / abs(loss_theirs)
+    loss_theirs = first_loss(theirs, peft_loss, as_given[0])
     tolerance = 1e-4 if device.type == "cpu" else 2e-2
-    if not rel <= tolerance:
-        raise AssertionError(f"first-step losses differ: mmpeft {loss_ours:.6f}, PEFT {loss_theirs:.6f} (relative {rel:.1e} > {tolerance:.0e})")
-    print(f"first-step losses agree: mmpeft {loss_ours:.6f}, PEFT {loss_theirs:.6f} (relative difference {rel:.1e} <= {tolerance:.0e})")
+    firsts = {}
+    for name, runner in ours.items():
+        firsts[name] = first_loss(runner, mmpeft_loss, as_given[0])
+        rel = abs(firsts[name] - loss_theirs) / abs(loss_theirs)
+        if not rel <= tolerance:
+            raise AssertionError(f"first-step losses differ: mmpeft ({name}) {firsts[name]:.6f}, PEFT {loss_theirs:.6f} (relative {rel:.1e} > {tolerance:.0e})")
+    worst = max(abs(v - loss_theirs) / abs(loss_theirs) for v in firsts.values())
+    print(
+        f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants), PEFT {loss_theirs:.6f} "
+        f"(largest relative difference {worst:.1e} <= {tolerance:.0e})"
+    )
 
     coefficients = RoutingLosses()
-    sides = {"mmpeft": (ours, train_step), "peft": (theirs, peft_step)}
-    before = {name: [p.detach().clone() for p in r.optimizer.param_groups[0]["params"]] for name, (r, _) in sides.items()}
-    for runner, step in sides.values():  # warm-up: AdamW's state, first-call costs
+    sides: dict[str, tuple[Runner, Any, list[dict[str, Any]]]] = {"peft": (theirs, peft_step, as_given)}
+    for name, _, grouping in variants(args.check):
+        sides[name] = (ours[name], mmpeft_step, grouped if grouping else as_given)
+    before = {name: [p.detach().clone() for p in r.optimizer.param_groups[0]["params"]] for name, (r, _, _) in sides.items()}
+    for runner, step, batches in sides.values():  # warm-up: AdamW's state, first-call costs
         step(runner, batches[0], coefficients)
-    for name, (runner, _) in sides.items():  # every adapter weight trains (PEFT's checkpointing included)
+    for name, (runner, _, _) in sides.items():  # every adapter weight trains (PEFT's checkpointing included)
         frozen = sum(bool(torch.equal(a, p)) for a, p in zip(before[name], runner.optimizer.param_groups[0]["params"]))
         if frozen:
             raise AssertionError(f"{name}: {frozen} adapter tensors did not change in the first step")
     del before
-    tokens = {"mmpeft": 0, "peft": 0}
+    peaks = {name: pass_peak_bytes(runner, step, batches, coefficients, device) for name, (runner, step, batches) in sides.items()}
+    tokens = {name: sum(int(b["inputs"]["attention_mask"].sum()) for b in batches) for name, (_, _, batches) in sides.items()}
+    order = list(sides)
     rounds: list[dict[str, float]] = []
     for k in range(args.rounds):
-        order = ["mmpeft", "peft"] if k % 2 == 0 else ["peft", "mmpeft"]
+        shift = k % len(order)
         seconds: dict[str, float] = {}
-        peaks: dict[str, float] = {}
-        for name in order:
-            runner, step = sides[name]
+        for name in order[shift:] + order[:shift]:
+            runner, step, batches = sides[name]
             gc.collect()
-            times = []
-            for j in range(args.steps):
-                batch = batches[(k * args.steps + j) % len(batches)]
-                times.append(timed_step(runner, batch, coefficients, device, step=step))
-                tokens[name] += int(batch["inputs"]["attention_mask"].sum())
-            runner.times.append(times)
-            seconds[name] = statistics.fmean(times)
-            if runner.peak_bytes:
-                peaks[name] = statistics.median(runner.peak_bytes[-args.steps :])
-        rounds.append({"seconds": seconds, "peak_bytes": peaks})
+            seconds[name] = sum(timed_step(runner, batch, coefficients, device, step=step) for batch in batches)
+        rounds.append(seconds)
         print(f"round {k + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})", flush=True)
 
-    rows = []
-    for name, (runner, _) in sides.items():
-        steps = [t for slot in runner.times for t in slot]
-        row: dict[str, Any] = {
-            "side": name,
-            "step_s_median": statistics.median(steps),
-            "step_s_min": min(steps),
-            "tokens_per_s": tokens[name] / sum(steps),
-            "state_bytes": state_bytes(runner),
-        }
-        if device.type == "cuda":
-            row["peak_bytes_median"] = statistics.median(runner.peak_bytes)
-        else:
-            row["saved_activation_bytes"], row["largest_tensor_bytes"] = memory_proxy(runner, mmpeft_loss if name == "mmpeft" else peft_loss, batches[0])
-        rows.append(row)
-    ratios = ratio_rows(rounds, rows, device)
+    rows = summarise(rounds, peaks, tokens, device)
     elapsed = time.perf_counter() - started
     print()
-    print(side_table(rows, device))
+    print(variant_table(rows, device))
     print()
-    print(ratio_table(ratios))
+    print(target_table(rows))
     print()
     print(f"total {elapsed:.0f} s; load average at end: {loadavg()}")
     if args.out:
@@ -342,10 +422,10 @@ def main(argv: list[str] | None = None) -> None:
                     "command": command,
                     "environment": env,
                     "setup": setup,
-                    "first_losses": {"mmpeft": loss_ours, "peft": loss_theirs, "relative_difference": rel},
+                    "first_losses": {"peft": loss_theirs, **firsts},
                     "rows": rows,
-                    "ratios": ratios,
                     "rounds": rounds,
+                    "peak_bytes": peaks,
                     "checkpoint": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
                 },
                 indent=2,
@@ -355,49 +435,52 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
 
 
-def ratio_rows(rounds: list[dict[str, Any]], rows: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """mmpeft / PEFT per round (median, 95% bootstrap interval), and the memory ratio with its target's verdict."""
-    time_ratio = [r["seconds"]["mmpeft"] / r["seconds"]["peft"] for r in rounds]
-    by = {row["side"]: row for row in rows}
-    out = []
-
-    def add(what: str, values: list[float], target: float | None, note: str = "") -> None:
-        low, high = median_ci(values)
-        met = verdict(low, high, target, at_most=True) if target is not None else "-"
-        out.append({"measure": what, "median": statistics.median(values), "ci95": [low, high], "target": target, "met": met, "note": note})
-
-    add("step time", time_ratio, TARGETS["step time"])
-    add("tokens / s", [1 / x for x in time_ratio], None, "same batches, so the inverse of the step-time ratio")
-    add("step time, fastest steps", [by["mmpeft"]["step_s_min"] / by["peft"]["step_s_min"]], None, "one value, not a median")
-    if device.type == "cuda":
-        add("peak memory", [r["peak_bytes"]["mmpeft"] / r["peak_bytes"]["peft"] for r in rounds], TARGETS["peak memory"], "peak allocated during a step")
-    else:
-        proxy = by["mmpeft"]["saved_activation_bytes"] / by["peft"]["saved_activation_bytes"]
-        add("saved activations (CPU memory proxy)", [proxy], TARGETS["peak memory"], "one forward, checkpointing off; not a peak")
-        largest = by["mmpeft"]["largest_tensor_bytes"] / by["peft"]["largest_tensor_bytes"]
-        add("largest saved tensor (CPU memory proxy)", [largest], None, "the logits")
-    return out
+def summarise(rounds: list[dict[str, float]], peaks: dict[str, int], tokens: dict[str, int], device: torch.device) -> list[dict[str, Any]]:
+    """Per variant: pass time (median, min), tokens/s, peak memory, and the ratios to PEFT and to ``levers off`` (per round: median, 95% interval)."""
+    rows = []
+    for name in rounds[0]:
+        times = [r[name] for r in rounds]
+        row: dict[str, Any] = {"variant": name, "pass_s_median": statistics.median(times), "pass_s_min": min(times)}
+        row["tokens_per_s"] = tokens[name] / statistics.median(times)
+        row["peak_bytes"] = peaks[name]
+        for ref in ("peft", "levers off"):
+            values = [r[name] / r[ref] for r in rounds]
+            row[f"time_x_{ref}"] = {"median": statistics.median(values), "ci95": list(median_ci(values))}
+            row[f"memory_x_{ref}"] = peaks[name] / peaks[ref]
+        rows.append(row)
+    return rows
 
 
-def side_table(rows: list[dict[str, Any]], device: torch.device) -> str:
-    mem_head = "peak step memory MiB" if device.type == "cuda" else "params+grads+AdamW MiB | saved activations MiB (no ckpt) | largest saved tensor MiB"
-    head = f"| side | step s median (min) | real tokens / s | {mem_head} |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+def variant_table(rows: list[dict[str, Any]], device: torch.device) -> str:
+    memory = "peak MiB (CUDA allocator)" if device.type == "cuda" else "peak MiB (CPU, profiler)"
+    lines = [
+        f"| variant | pass s median (min) | real tokens / s | time x PEFT [95% CI] | time x levers off [95% CI] | {memory} | memory x PEFT | memory x levers off |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        if device.type == "cuda":
-            mem = mib(row["peak_bytes_median"])
-        else:
-            mem = f"{mib(row['state_bytes'])} | {mib(row['saved_activation_bytes'])} | {mib(row['largest_tensor_bytes'])}"
-        lines.append(f"| {row['side']} | {row['step_s_median']:.3f} ({row['step_s_min']:.3f}) | {row['tokens_per_s']:.1f} | {mem} |")
+        cells = [row["variant"], f"{row['pass_s_median']:.3f} ({row['pass_s_min']:.3f})", f"{row['tokens_per_s']:.1f}"]
+        for ref in ("peft", "levers off"):
+            t = row[f"time_x_{ref}"]
+            cells.append(f"{t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}]")
+        cells += [mib(row["peak_bytes"]), f"{row['memory_x_peft']:.3f}x", f"{row['memory_x_levers off']:.3f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def ratio_table(ratios: list[dict[str, Any]]) -> str:
-    lines = ["| mmpeft / PEFT | median [95% CI] | target | met | note |", "|---|---|---|---|---|"]
-    for r in ratios:
-        low, high = r["ci95"]
-        target = f"<= {r['target']:.2f}x" if r["target"] is not None else "-"
-        lines.append(f"| {r['measure']} | {r['median']:.3f}x [{low:.3f}-{high:.3f}] | {target} | {r['met']} | {r['note']} |")
+def target_table(rows: list[dict[str, Any]]) -> str:
+    """Issue 7's targets for the shipped defaults and for all levers: step time and peak memory as a ratio to PEFT's."""
+    lines = ["| mmpeft / PEFT | step time [95% CI] | target | met | peak memory | target | met |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["variant"] not in ("defaults", "all levers"):
+            continue
+        t = row["time_x_peft"]
+        low, high = t["ci95"]
+        memory = row["memory_x_peft"]
+        lines.append(
+            f"| {row['variant']} | {t['median']:.3f}x [{low:.3f}-{high:.3f}] | <= {TARGETS['step time']:.2f}x | "
+            f"{verdict(low, high, TARGETS['step time'], at_most=True)} | {memory:.3f}x | <= {TARGETS['peak memory']:.2f}x | "
+            f"{verdict(memory, memory, TARGETS['peak memory'], at_most=True)} |"
+        )
     return "\n".join(lines)
 
 

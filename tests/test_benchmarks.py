@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,22 +46,64 @@ def test_data_throughput_check_compares_identical_batches_and_reports_rates():
     assert "| shard loading (1 worker) s / batch < training step s |" in out
 
 
-def test_vs_peft_check_gives_the_same_first_loss_and_a_table_of_both_sides():
+def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     result = run_check("vs_peft")
     out = result.stdout
     agree = [line for line in out.splitlines() if line.startswith("first-step losses agree: mmpeft ")]
-    assert len(agree) == 1
-    relative = float(agree[0].split("relative difference ")[1].split()[0])
+    assert len(agree) == 1 and "(all 8 variants)" in agree[0]
+    relative = float(agree[0].split("largest relative difference ")[1].split()[0])
     assert relative <= 1e-4
+    setup = next(line for line in out.splitlines() if line.startswith("setup: "))
+    padded = setup.split("padded_tokens_per_pass ")[1].split("}")[0] + "}"
+    padding = eval(padded)  # {'as given': n, 'length-grouped': m}: the same samples, regrouped
+    assert padding["length-grouped"] <= padding["as given"]
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[0] in ("mmpeft", "peft"):
+        if len(cells) == 8 and cells[1][:1].isdigit():
             rows[cells[0]] = cells
-    assert set(rows) == {"mmpeft", "peft"}
-    for cells in rows.values():
-        step, rate = float(cells[1].split()[0]), float(cells[2])
-        state, saved, largest = (float(c) for c in cells[3:])
-        assert step > 0 and rate > 0 and state > 0 and saved > 0 and largest > 0
-    ratios = [line for line in out.splitlines() if line.startswith(("| step time |", "| saved activations (CPU memory proxy) |"))]
-    assert len(ratios) == 2 and all(float(line.split("|")[2].split("x")[0]) > 0 for line in ratios)
+    assert set(rows) == {"peft", "levers off", "+ loss_chunk 16", "+ inplace_add", "- input_grads", "checkpoint_every 2", "+ length-grouped batches", "defaults", "all levers"}
+    for name, cells in rows.items():
+        seconds, rate, peak = float(cells[1].split()[0]), float(cells[2]), float(cells[5])
+        assert seconds > 0 and rate > 0 and peak > 0, name
+        assert float(cells[3].split("x")[0]) > 0 and float(cells[6].rstrip("x")) > 0
+    assert rows["peft"][3].startswith("1.000x") and rows["levers off"][4].startswith("1.000x")
+    # The chunked loss never holds the (positions x vocabulary) logits; the memory measure must see it.
+    assert float(rows["+ loss_chunk 16"][7].rstrip("x")) < 1.0
+    targets = [line for line in out.splitlines() if line.startswith(("| defaults |", "| all levers |")) and "<= 0.85x" in line]
+    assert len(targets) == 2
+
+
+@pytest.mark.slow
+def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_scores_every_task(tmp_path):
+    """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out samples."""
+    out = tmp_path / "conflict.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/conflict_suite/run.py", "--check", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    tasks = report["setup"]["tasks"]
+    assert len(tasks) >= 5
+    counts = report["param_counts"]
+    assert set(counts) == {"lora", "asymlora", "moelora", "mixlora"}
+    assert all(abs(n / counts["lora"] - 1) <= 0.05 for n in counts.values())
+    seeds = report["setup"]["seeds"]
+    assert len(seeds) == 3
+    for name, adapter in report["adapters"].items():
+        assert adapter["trainable_params"] == counts[name]
+        assert adapter["chosen_lr"] in report["setup"]["lr grid"]
+        assert [run["seed"] for run in adapter["runs"]] == seeds
+        for run in adapter["runs"]:
+            assert run["lr"] == adapter["chosen_lr"] and run["trainable_params"] == counts[name]
+            scores = run["test"]
+            assert set(scores) == {*tasks, "mean"} and all(0.0 <= v <= 1.0 for v in scores.values())
+            assert abs(scores["mean"] - sum(scores[t] for t in tasks) / len(tasks)) < 1e-6
+    # The printed table: the base model's row and one row per adapter, a mean ± std cell per task.
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| base (no adapter) |", "| lora |", "| asymlora |", "| moelora |", "| mixlora |"))]
+    assert len(rows) == 5
+    assert all(line.count("±") == len(tasks) + 1 for line in rows[1:])
+    assert result.stdout.startswith("command: python benchmarks/conflict_suite/run.py --check")
+    assert "environment: python" in result.stdout
