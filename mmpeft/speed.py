@@ -32,8 +32,8 @@ log = logging.getLogger("mmpeft")
 class Speed:
     """Training-step speed and memory levers (docs/speed.md). None changes the loss beyond floating-point noise."""
 
-    loss_chunk: int = 1024
-    """Positions per chunk of the LM head and cross-entropy; 0 computes all trained positions' logits at once."""
+    loss_chunk: int = 256
+    """Positions per chunk of the LM head and cross-entropy; 0 computes all trained positions' logits at once. A chunk holds ``loss_chunk x vocabulary`` float32 logits (256 x 151,646: 148 MiB)."""
 
     inplace_add: bool = True
     """Adapters add their update into the base layer's output in place (no copy of the 4-bit output)."""
