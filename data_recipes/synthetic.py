@@ -35,7 +35,6 @@ fixed mtime) as long as Python, Pillow and zlib are the same versions.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw
 
-from mmpeft.data.build import Record, ShardRecipe, is_built
+from mmpeft.data.build import Record, ShardRecipe, is_built, png_bytes
 
 __all__ = ["SyntheticRecipe", "is_built"]
 
@@ -229,12 +228,6 @@ TASKS: dict[str, Callable[[random.Random, int], Sample]] = {
 # ----------------------------------------------------------------------------- recipe
 
 
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @dataclass(kw_only=True)
 class SyntheticRecipe(ShardRecipe):
     """Generate a synthetic multi-task image-text mixture as WebDataset shards."""
@@ -283,4 +276,4 @@ class SyntheticRecipe(ShardRecipe):
         rng = random.Random(f"{self.seed}:{index}")
         task = self._order[index]
         messages, images = TASKS[task](rng, self.image_size)
-        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(_png(im), "png") for im in images])
+        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(png_bytes(im), "png") for im in images])

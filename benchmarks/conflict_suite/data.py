@@ -38,14 +38,13 @@ Splits are the same recipe with different seeds (train, val and test never share
 
 from __future__ import annotations
 
-import io
 import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from PIL import Image, ImageDraw
 
-from mmpeft.data.build import Record, ShardRecipe
+from mmpeft.data.build import Record, ShardRecipe, png_bytes
 from mmpeft.data.sample import Sample
 
 SIZE = 32
@@ -212,12 +211,6 @@ def task_sample(task: str, rng: random.Random) -> tuple[list[dict[str, Any]], Im
     raise ValueError(f"unknown task {task!r}")
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @dataclass(kw_only=True)
 class ConflictRecipe(ShardRecipe):
     """The suite's fine-tuning mixture as WebDataset shards: ``samples_per_task`` of each task, shuffled together."""
@@ -243,4 +236,4 @@ class ConflictRecipe(ShardRecipe):
     def record(self, index: int) -> Record:
         task = self._order[index]
         messages, image = task_sample(task, random.Random(f"{self.seed}:{index}"))
-        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(png(image), "png")])
+        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(png_bytes(image), "png")])

@@ -90,6 +90,13 @@ class Record:
         return sample
 
 
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as PNG, for a :class:`Record`'s ``images`` (``(png_bytes(im), "png")``)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def checked_image(data: bytes, what: str) -> tuple[bytes, str]:
     """``data`` and its file extension after decoding it completely (a truncated file fails here, not in training)."""
     try:
