@@ -136,6 +136,27 @@ def test_mixlora_straight_through_keeps_the_paper_forward_and_trains_the_routers
         assert param.grad is not None and param.grad.abs().sum() > 0
 
 
+def test_mixlora_stays_finite_when_its_routers_saturate():
+    # Saturated routers give chosen factors a probability of exactly 0 in float32, where
+    # score / stop_grad(score) was 0 / 0: NaN outputs, and training diverged (the conflict suite saw it).
+    torch.manual_seed(0)
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10))
+    torch.nn.init.normal_(adapter.B)
+    with torch.no_grad():
+        for router in (adapter.router_a, adapter.router_b):
+            router.weight.normal_(std=1000.0)
+    x = torch.randn(2, 5, D_IN)
+    probs = torch.softmax(adapter.router_a.logits(adapter.router_a.context.pool(x)), dim=-1)  # (2, 10)
+    assert (probs.topk(R, dim=-1).values == 0).any()  # the regime that produced NaN
+    _, weight_a, _, weight_b = adapter.route(x)
+    assert torch.equal(weight_a, torch.ones_like(weight_a)) and torch.equal(weight_b, torch.ones_like(weight_b))
+    out = adapter(x)
+    assert torch.isfinite(out).all()
+    out.pow(2).sum().backward()
+    for param in (adapter.A, adapter.B, adapter.router_a.weight, adapter.router_b.weight, adapter.condition):
+        assert param.grad is not None and torch.isfinite(param.grad).all()
+
+
 # -- routing losses against direct computations on hand-made tensors -------------------------
 
 LOGITS = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], [[0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]])  # (2 samples, 2 tokens, 3 experts)

@@ -49,22 +49,27 @@ class MixLoRA(nn.Module):
         h = context.pool(x)  # (batch, d_in)
         t = self.config.temperature
         logits_a = self.router_a.logits(h)  # (batch, E)
-        probs_a = torch.softmax(logits_a / t, dim=-1)
-        score_a, index_a = probs_a.topk(self.r, dim=-1)  # (batch, r)
+        log_a = torch.log_softmax(logits_a / t, dim=-1)  # (batch, E): log p_A
+        log_score_a, index_a = log_a.topk(self.r, dim=-1)  # (batch, r)
         chosen_a = self.A[index_a]  # (batch, r, d_in)
         logits_b = self.router_b.logits(h)  # (batch, E)
-        probs_b = torch.softmax(logits_b / t, dim=-1)
-        conditional = torch.softmax(F.linear(chosen_a, self.condition) / t, dim=-1).sum(dim=1)  # (batch, E)
-        score_b, index_b = (probs_b + conditional).topk(self.r, dim=-1)  # (batch, r)
-        for router, logits, probs, index in ((self.router_a, logits_a, probs_a, index_a), (self.router_b, logits_b, probs_b, index_b)):
-            selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, index, True)
-            context.record(RouterRecord(router.name, logits[:, None], probs[:, None], selected[:, None], self.r, "instance"))
-        return index_a, self._weights(score_a), index_b, self._weights(score_b)
+        log_b = torch.log_softmax(logits_b / t, dim=-1)  # (batch, E)
+        log_conditional = torch.log_softmax(F.linear(chosen_a, self.condition) / t, dim=-1)  # (batch, r, E): one per chosen A-factor
+        # log(p_B + sum_k softmax(C a_k)): in log space, so that a saturated router (probabilities
+        # that underflow to 0) still gives finite weights and gradients.
+        log_score_b, index_b = torch.logsumexp(torch.cat([log_b[:, None], log_conditional], dim=1), dim=1).topk(self.r, dim=-1)  # (batch, r)
+        for router, logits, log_probs, index in ((self.router_a, logits_a, log_a, index_a), (self.router_b, logits_b, log_b, index_b)):
+            selected = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, index, True)
+            context.record(RouterRecord(router.name, logits[:, None], log_probs.exp()[:, None], selected[:, None], self.r, "instance"))
+        return index_a, self._weights(log_score_a), index_b, self._weights(log_score_b)
 
-    def _weights(self, score: torch.Tensor) -> torch.Tensor:
+    def _weights(self, log_score: torch.Tensor) -> torch.Tensor:
+        """Each chosen factor's weight ``(batch, r)`` from its log score."""
         if self.config.weighting == "straight_through":
-            return score / score.detach()  # 1 in the forward; d/d score = 1 / score in the backward
-        return score * self.r / score.sum(dim=-1, keepdim=True)  # renormalised to mean 1
+            # 1 in the forward; the score's gradient is the weight's over the score, as score / stop_grad(score)
+            # would give, but finite when a score underflows to 0 (0 / 0 there: NaN, and training diverges).
+            return torch.exp(log_score - log_score.detach())
+        return torch.softmax(log_score, dim=-1) * self.r  # the scores renormalised to mean 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)
