@@ -95,7 +95,7 @@ class Mode:
 MODES: dict[str, Mode] = {
     "check": Mode(BaseSettings(steps=150, pool=1500, held_out=50, warmup=15), 40, 6, 6, steps=4, batch=8, lrs=(1e-3, 3e-3), seeds=(0, 1, 2)),
     "quick": Mode(BaseSettings(), 400, 20, 20, steps=60, batch=16, lrs=(3e-3,), seeds=(0, 1, 2)),
-    "full": Mode(BaseSettings(), 600, 40, 80, steps=150, batch=16, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2)),
+    "full": Mode(BaseSettings(), 1500, 40, 80, steps=450, batch=16, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2)),
 }
 
 
@@ -238,15 +238,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--check", action="store_const", dest="mode", const="check", help="smoke run (seconds, after a small base build)")
     group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="the default: under 5 minutes once the base is cached")
     group.add_argument("--full", action="store_const", dest="mode", const="full", help="the full benchmark (under an hour on 2 CPU cores)")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    group.add_argument("--table", type=Path, metavar="RESULTS_JSON", help="print the table of a finished run from its --out JSON, and exit")
+    p.add_argument("--out", type=Path, help="write the results as JSON here (and the runs' Lightning output beside it, with the suffix .lightning.log)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads stall whenever one is preempted)")
     args = p.parse_args(argv)
-    args.mode = args.mode or "quick"
+    args.mode = args.mode or ("table" if args.table else "quick")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.table is not None:
+        report = json.loads(args.table.read_text())
+        for entry in report["adapters"].values():  # JSON object keys are strings
+            entry["lr_search"] = {float(lr): v for lr, v in entry["lr_search"].items()}
+        print(f"results of: {report['command']} ({report['seconds']['total']:.0f} s)")
+        print(table(report))
+        return report
     command = "python benchmarks/conflict_suite/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     device, env, started = start_run("cpu", args.threads, command)
     quiet()
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        args.out.with_suffix(".log").write_text(log.getvalue())
+        args.out.with_suffix(".lightning.log").write_text(log.getvalue())
     return report
 
 
