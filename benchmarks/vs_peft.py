@@ -27,11 +27,11 @@ copied into ``lora_A``; every ``B`` set to the same small random values, so the 
 the loss). Before training, the script checks that every variant computes the same loss as PEFT
 on the first batch (dropout off; relative difference at most 1e-4 in float32 on a CPU, 2e-2
 under bf16 on CUDA). Batches: ``--batches`` batches of ``--batch`` samples of mixed lengths up
-to ``--max-len`` tokens, each an image prompt then random text, the last eighth of each sample
-labelled as the answer, padded on the right to the batch's longest sample. Every variant
-trains on the same samples in the same batches, except ``length-grouped``, which regroups the
-same samples with :func:`mmpeft.data.stream.length_groups` (the pool is all ``--batches``
-batches, as ``data.group_by_length: K`` pools K batches).
+to ``--max-len`` tokens, each an image prompt then random text, the last ``--answer`` fraction
+(default an eighth) of each sample labelled as the answer, padded on the right to the batch's
+longest sample. Every variant trains on the same samples in the same batches, except
+``length-grouped``, which regroups the same samples with :func:`mmpeft.data.stream.length_groups`
+(the pool is all ``--batches`` batches, as ``data.group_by_length: K`` pools K batches).
 
 Each round runs a pass over its batches (forward, backward, ``optimizer.step()``,
 ``zero_grad()`` per batch) of every variant, the order rotated every round. Reported: pass
@@ -96,11 +96,11 @@ TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
 # -- batches --------------------------------------------------------------------------------
 
 
-def mixed_batches(model_dir: Path, count: int, batch: int, max_len: int, image_token: int, seed: int) -> list[dict[str, Any]]:
+def mixed_batches(model_dir: Path, count: int, batch: int, max_len: int, image_token: int, seed: int, answer: float = 1 / 8) -> list[dict[str, Any]]:
     """``count`` batches of ``batch`` samples of mixed lengths (the first batch's first sample ``max_len``), right-padded per batch.
 
-    Each sample is make_batch's image prompt and random text cut to its length; its last eighth
-    (at least 8 tokens) is the labelled answer.
+    Each sample is make_batch's image prompt and random text cut to its length; its last
+    ``answer`` fraction (at least 8 tokens, never the image prompt) is the labelled answer.
     """
     rng = random.Random(seed)
     out = []
@@ -120,9 +120,9 @@ def mixed_batches(model_dir: Path, count: int, batch: int, max_len: int, image_t
         mask = torch.zeros(batch, longest, dtype=torch.long)  # (batch, longest)
         labels = torch.full((batch, longest), IGNORE_INDEX)  # (batch, longest)
         for i, n in enumerate(lengths):
-            answer = max(8, n // 8)
+            answered = min(max(8, int(n * answer)), n - prefix)  # never the image prompt
             mask[i, :n] = 1
-            labels[i, n - answer : n] = inputs["input_ids"][i, n - answer : n]
+            labels[i, n - answered : n] = inputs["input_ids"][i, n - answered : n]
             inputs["input_ids"][i, n:] = 0  # padding: masked out and never labelled
         inputs["attention_mask"] = mask
         out.append({"inputs": inputs, "labels": labels, "task_ids": full["task_ids"], "lengths": lengths})
@@ -299,6 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
     p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--answer", type=float, default=1 / 8, help="fraction of each sample labelled as its answer (the trained positions)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU, as adapter_overhead.py; 0 keeps torch's)")
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = next(p.dtype for p in base.model.parameters() if p.is_floating_point())
     image_token = base.model.config.image_token_id
-    raw = mixed_batches(model_dir, args.batches, args.batch, max_len, image_token, args.seed)
+    raw = mixed_batches(model_dir, args.batches, args.batch, max_len, image_token, args.seed, args.answer)
     as_given = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in raw]
     grouped = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in regroup(raw, args.seed)]
     text = language_model(base.model).config
