@@ -184,6 +184,12 @@ def run_one(base: Path, dirs: dict[str, Path], adapter: str, lr: float, seed: in
     return result
 
 
+def run_line(r: dict[str, Any], elapsed: float) -> str:
+    """One run's progress line: what was trained, its scores, its final training loss, its time and the suite's so far."""
+    val = f"val mean {r['val']['mean']:.3f}, " if "val" in r else ""
+    return f"{r['adapter']} lr {r['lr']:g} seed {r['seed']}: {val}test mean {r['test']['mean']:.3f}, train loss {r['final_train_loss']:.3f} ({r['total_s']} s; {elapsed:.0f} s so far)"
+
+
 def count_parameters(base: Path) -> dict[str, int]:
     """Trainable parameters of each adapter, counted on the real NF4 model with the adapter injected."""
     from mmpeft.adapters import AdapterGroup, inject_adapters
@@ -294,9 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stages = ("val", "test") if len(mode.lrs) > 1 else ("test",)
             search[lr] = run_one(base, dirs, adapter, lr, mode.seeds[0], mode, stages, log)
             done += 1
-            r = search[lr]
-            val = f"val mean {r['val']['mean']:.3f}, " if "val" in r else ""
-            print(f"[{done}/{total_runs}] {adapter} lr {lr:g} seed {mode.seeds[0]}: {val}test mean {r['test']['mean']:.3f}, train loss {r['final_train_loss']:.3f} ({r['total_s']} s; {time.perf_counter() - started:.0f} s so far)", flush=True)
+            print(f"[{done}/{total_runs}] {run_line(search[lr], time.perf_counter() - started)}", flush=True)
         # With one LR there is nothing to choose; otherwise the best val mean (the first of equals).
         chosen = max(mode.lrs, key=lambda lr: search[lr]["val"]["mean"]) if len(mode.lrs) > 1 else mode.lrs[0]
         runs = [search[chosen]]
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = run_one(base, dirs, adapter, chosen, seed, mode, ("test",), log)
             runs.append(r)
             done += 1
-            print(f"[{done}/{total_runs}] {adapter} lr {chosen:g} seed {seed}: test mean {r['test']['mean']:.3f}, train loss {r['final_train_loss']:.3f} ({r['total_s']} s; {time.perf_counter() - started:.0f} s so far)", flush=True)
+            print(f"[{done}/{total_runs}] {run_line(r, time.perf_counter() - started)}", flush=True)
         report["adapters"][adapter] = {
             "config": ADAPTER_CONFIGS[adapter],
             "trainable_params": counts[adapter],
