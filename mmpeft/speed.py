@@ -132,8 +132,8 @@ def apply_to_adapters(model: nn.Module, speed: Speed) -> int:
 # -- where gradients and recomputation go -----------------------------------------------------
 
 
-def place_checkpointing(model: nn.Module, language: nn.Module, every: int) -> int:
-    """Checkpoint only every ``every``-th decoder layer of ``language``, and no layer outside it. Returns how many are checkpointed.
+def place_checkpointing(model: nn.Module, language: nn.Module, every: int) -> None:
+    """Checkpoint only every ``every``-th decoder layer of ``language``, and no layer outside it.
 
     Call after transformers' ``activation_checkpointing_enable`` (which sets each
     ``GradientCheckpointingLayer``'s ``gradient_checkpointing`` flag): the frozen vision tower
@@ -150,4 +150,3 @@ def place_checkpointing(model: nn.Module, language: nn.Module, every: int) -> in
                 index += 1
             else:
                 module.gradient_checkpointing = False
-    return sum(1 for m in language.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -55,7 +56,7 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     assert relative <= 1e-4
     setup = next(line for line in out.splitlines() if line.startswith("setup: "))
     padded = setup.split("padded_tokens_per_pass ")[1].split("}")[0] + "}"
-    padding = eval(padded)  # {'as given': n, 'length-grouped': m}: the same samples, regrouped
+    padding = ast.literal_eval(padded)  # {'as given': n, 'length-grouped': m}: the same samples, regrouped
     assert padding["length-grouped"] <= padding["as given"]
     rows = {}
     for line in out.splitlines():
