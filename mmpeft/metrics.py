@@ -275,6 +275,13 @@ class Results:
         return table
 
 
+class PerTask(ClasswiseWrapper):
+    """``ClasswiseWrapper`` that also takes a single task: torchmetrics squeezes a ``(1,)`` result to a scalar."""
+
+    def _convert_output(self, x: Tensor) -> dict[str, Any]:
+        return super()._convert_output(x.reshape(-1))
+
+
 class TaskMetrics(torch.nn.Module):
     """Every task's scores for one evaluation pass, and their mean over tasks.
 
@@ -290,7 +297,7 @@ class TaskMetrics(torch.nn.Module):
         metrics = {name: cls(len(self.tasks)) for name, cls in FORCED.items()} | {name: METRICS[name](len(self.tasks)) for name in self.generated}
         # compute_groups off: two scores whose states happen to be equal after a batch must not be merged.
         self.collection = MetricCollection(
-            {name: ClasswiseWrapper(metric, labels=self.tasks, postfix=f"/{name}") for name, metric in metrics.items()}, compute_groups=False
+            {name: PerTask(metric, labels=self.tasks, postfix=f"/{name}") for name, metric in metrics.items()}, compute_groups=False
         )
 
     def update_forced(self, logits: Tensor, target: Tensor, token_task_ids: Tensor, task_ids: Tensor) -> None:

@@ -12,13 +12,24 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory) -> dict[str, str]:
-    """One tiny checkpoint folder per model family, built once per test session."""
-    from mmpeft.models.tiny import FAMILIES, build_tiny_model
+class TinyModels(dict):
+    """Tiny checkpoint folders by family, each built the first time a test asks for it."""
 
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: str(build_tiny_model(family, root / family)) for family in FAMILIES}
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        from mmpeft.models.tiny import build_tiny_model
+
+        self[family] = str(build_tiny_model(family, self.root / family))
+        return self[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> TinyModels:
+    """One tiny checkpoint folder per model family, built once per test session when first used."""
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def batches(tiny_model_dirs):
-    return {family: _batch(path) for family, path in tiny_model_dirs.items()}
+    return {family: _batch(tiny_model_dirs[family]) for family in ("llava", "qwen2_vl")}
 
 
 def adapted(tiny_model_dirs, family: str, case: str, *, checkpointing: bool = True, seed: int = 0):

@@ -15,7 +15,7 @@ from mmpeft.models.backbone import load_processor
 
 FAMILIES = ["llava", "qwen2_vl"]
 # What each assistant turn is trained on: its text and the template's end-of-turn.
-ANSWER = {"llava": " {}</s>", "qwen2_vl": "{}<|im_end|>\n"}
+ANSWER = {"llava": " {}</s>", "qwen2_vl": "{}<|im_end|>"}
 
 
 @pytest.fixture(scope="module")

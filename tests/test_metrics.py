@@ -381,3 +381,16 @@ def test_validate_and_test_print_a_table_per_task_and_log_every_score(tmp_path, 
     assert rows["mean"][0] == "6" and rows["mean"][1] == f"{mean(losses):.4f}"
     assert "DataLoader 0" not in result.stdout  # Lightning's own table of every logged name is off
     assert ("validation" if stage == "val" else "test") + ": scores per task (3 tasks)" in result.stdout
+
+
+def test_a_single_task_is_scored_like_several():
+    """torchmetrics squeezes a one-task result to a scalar; validation of a one-task data set crashed on it."""
+    metrics = TaskMetrics(["only"], {"only": ["exact_match"]})
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])  # predicts 1, 0, 0
+    metrics.update_forced(logits, torch.tensor([1, 1, 0]), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    metrics.update_answers(["Red."], [["red"]], torch.zeros(1, dtype=torch.long))
+    results = metrics.compute()
+    assert results.tasks["only"]["samples"] == 1.0
+    assert results.tasks["only"]["token_accuracy"] == pytest.approx(2 / 3)
+    assert results.tasks["only"]["exact_match"] == 1.0
+    assert results.mean["exact_match"] == 1.0

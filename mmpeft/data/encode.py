@@ -14,11 +14,13 @@ encodes a chat without its final assistant turn, with the template's generation 
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections import Counter
 from typing import Any
 
 import torch
+from PIL import Image
 
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.errors import DataError
@@ -39,6 +41,18 @@ def image_token_id(processor: Any) -> int:
     return int(token_id)
 
 
+def image_token_ids(processor: Any) -> set[int]:
+    """The ids of the processor's image tokens: every ``*image*_token`` it names (placeholder, soft token, begin and end)."""
+    ids = {image_token_id(processor)}
+    vocab = processor.tokenizer.get_added_vocab()
+    for name in dir(processor):
+        if "image" in name and name.endswith("_token") and not name.startswith("_"):
+            token = getattr(processor, name, None)
+            if isinstance(token, str) and token in vocab:
+                ids.add(vocab[token])
+    return ids
+
+
 class ChatEncoder:
     """Callable for a WebDataset pipeline: raw sample -> encoded sample, or ``None`` when skipped (and counted)."""
 
@@ -50,6 +64,11 @@ class ChatEncoder:
         self.set_tasks(tasks)
         self.max_length = max_length
         self.image_token_id = image_token_id(processor)
+        self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
+        """Every token id the processor uses for images (placeholders, soft tokens, wrappers)."""
+        # Longest first, so that an end-of-turn token is never taken for a shorter one it starts with.
+        self._per_sample: set[str] | None = None
+        self._special_tokens = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.skipped: Counter[str] = Counter()
@@ -107,61 +126,104 @@ class ChatEncoder:
         )
 
     def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-        """The chat as text and the character span of every assistant turn in it."""
+        """The chat as text and the character span of every assistant turn's answer in it.
+
+        A span is the turn's text as the template wrote it, and the end-of-turn token right after
+        it when the template writes one (``</s>``, ``<|im_end|>``, ``<end_of_turn>``, ...), never
+        the role header before it nor the newline after. It is found by searching each turn's
+        text in the rendered chat, in order, from where the turn's own rendering starts: the
+        chat up to the turn with the generation prompt where that is a prefix of the whole
+        (most templates), else the chat before the turn (templates such as LLaVA-OneVision's,
+        whose generation prompt differs from a finished turn's header), else where the previous
+        turn ended (templates that render earlier turns differently).
+        """
         apply = self.processor.apply_chat_template
         text = apply(messages, tokenize=False)
-        spans = []
+        spans: list[tuple[int, int]] = []
+        cursor = 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = apply(messages[:i], tokenize=False, add_generation_prompt=True)
-            upto = apply(messages[: i + 1], tokenize=False)
-            if not (upto.startswith(prompt) and text.startswith(upto)):
-                raise SampleError("template_not_prefix_stable", "the chat template renders prefixes differently")
-            spans.append((len(prompt), len(upto)))
+            start = cursor
+            for prefix in (apply(messages[:i], tokenize=False, add_generation_prompt=True), apply(messages[:i], tokenize=False) if i else ""):
+                if text.startswith(prefix) and len(prefix) >= cursor:
+                    start = len(prefix)
+                    break
+            answer = message_text(message).strip()
+            begin = text.find(answer, start) if answer else -1
+            if begin < 0:
+                raise SampleError("template_changes_answer", f"assistant turn {len(spans) + 1}'s text is not in the chat as its template renders it")
+            end = begin + len(answer)
+            spans.append((begin, end + len(self._end_of_turn(text, end))))
+            cursor = spans[-1][1]
         return text, spans
+
+    def _end_of_turn(self, text: str, at: int) -> str:
+        """The special token the template writes right at ``at`` (the end of an answer), or ``""``."""
+        return next((token for token in self._special_tokens if text.startswith(token, at)), "")
 
     def _process(self, text: str, images: list[Any]) -> tuple[dict[str, Any], bool]:
         """The processor's encoding of one rendered chat, and whether special tokens (BOS) were added."""
         bos = self.tokenizer.bos_token
         add_special = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
-        enc = self.processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=add_special)
+        enc = self.processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special)
         return enc, add_special
 
     @staticmethod
     def _split_inputs(enc: dict[str, Any], length: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The processor's outputs as per-token inputs (cut to ``length``) and image inputs."""
+        """The processor's outputs as per-token inputs (cut to ``length``) and image inputs.
+
+        Per-token inputs are those whose second axis runs along the sequence: ``input_ids``,
+        ``attention_mask``, ``token_type_ids``, ``mm_token_type_ids``, Mllama's
+        ``cross_attention_mask`` ``(1, seq, images, tiles)``; everything else (pixel values, grid
+        sizes, ...) is an image input.
+        """
         seq = enc["input_ids"].shape[1]
         tokens, images = {}, {}
         for name, value in enc.items():
             if not isinstance(value, torch.Tensor):
                 continue
-            if value.dim() == 2 and value.shape == (1, seq):
-                tokens[name] = value[0, :length]  # per-token inputs: input_ids, attention_mask, ...
+            if value.dim() >= 2 and value.shape[:2] == (1, seq):
+                tokens[name] = value[0, :length]  # (seq, ...)
             else:
-                images[name] = value  # pixel_values, image_grid_thw, image_sizes, ...: concatenated across a batch
+                images[name] = value
         return tokens, images
+
+    def _token_map(self, text: str, add_special: bool, ids: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Where each token of the plain tokenization of ``text`` is in the processor's ``ids``.
+
+        Returns the plain tokens' character offsets and a ``(n,)`` tensor of their positions in
+        ``ids`` (-1 where the processor changed the token: image placeholders expanded, wrapper
+        tokens, an inserted BOS). The two token sequences are aligned by their longest common
+        runs, so it holds for any way a processor expands images.
+        """
+        plain = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        position = torch.full((len(plain["input_ids"]),), -1, dtype=torch.long)
+        matcher = difflib.SequenceMatcher(None, plain["input_ids"], ids.tolist(), autojunk=False)
+        for a, b, size in matcher.get_matching_blocks():
+            position[a : a + size] = torch.arange(b, b + size)
+        return [tuple(o) for o in plain["offset_mapping"]], position
 
     def encode(self, sample: Sample) -> dict[str, Any]:
         if sample.task not in self.task_ids:
             raise SampleError("unknown_task", f"task {sample.task!r} is not in the task vocabulary")
         text, spans = self.render(sample.messages)
         enc, add_special = self._process(text, sample.images)
-        ids = enc["input_ids"][0]  # (L,) with image placeholders expanded
-        plain = self.tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
-        plain_ids = torch.tensor(plain["input_ids"])  # (n,) one token per image placeholder
-        offsets = torch.tensor(plain["offset_mapping"]).reshape(-1, 2)  # (n, 2) character spans
-        start, end = offsets[:, 0], offsets[:, 1]
-        plain_target = torch.zeros_like(plain_ids, dtype=torch.bool)
-        for a, b in spans:
-            plain_target |= (start >= a) & (start < b) & (end > start)
+        ids = enc["input_ids"][0]  # (L,) as the processor made it: images expanded
+        offsets, position = self._token_map(text, add_special, ids)
 
-        is_image = ids == self.image_token_id
-        plain_is_image = plain_ids == self.image_token_id
-        if not torch.equal(ids[~is_image], plain_ids[~plain_is_image]):
-            raise SampleError("tokenization_mismatch", "processor and tokenizer disagree outside image tokens")
-        target = torch.zeros_like(ids, dtype=torch.bool)
-        target[~is_image] = plain_target[~plain_is_image]
+        target = torch.zeros_like(ids, dtype=torch.bool)  # (L,)
+        for turn, (a, b) in enumerate(spans, start=1):
+            # The tokens that overlap the answer: the first may carry a space of the template.
+            hits = [i for i, (start, end) in enumerate(offsets) if end > start and start < b and end > a]
+            where = position[hits]
+            if not hits or (where < 0).any():
+                raise SampleError("tokenization_mismatch", f"the processor's tokens of assistant turn {turn} differ from the tokenizer's")
+            target[where] = True
+        # Image tokens: what the processor inserted (expansions, wrappers) and the placeholders themselves.
+        is_image = torch.ones_like(target)
+        is_image[position[position >= 0]] = False
+        is_image |= torch.isin(ids, self.image_token_ids)
 
         length = ids.numel()
         exc = None
@@ -216,20 +278,46 @@ class ChatEncoder:
 
     # -- a batch ----------------------------------------------------------------------------
     def _pad(self, items: list[dict[str, Any]], left: bool = False) -> dict[str, torch.Tensor]:
-        """The token inputs of ``items`` padded to the longest (on the left for generation) and their image inputs concatenated."""
-        longest = max(item["tokens"]["input_ids"].numel() for item in items)
+        """The inputs of ``items`` batched as their processor batches them.
+
+        Per-token inputs are padded to the longest sequence (on the left for generation):
+        ``input_ids`` with the pad token, the rest (masks, token types, cross-attention masks)
+        with 0. Image inputs are concatenated along their first axis with every other axis
+        zero-padded to the batch's largest (patch counts, tiles, image sizes differ per sample),
+        which is how processors pad them; an input with one row per *sample* (Mllama's and
+        Idefics3's images) gets a row of zeros (no image) for a sample without images. The test
+        suite checks the result against the processor's own batch for every family.
+        """
+        longest = max(item["tokens"]["input_ids"].shape[0] for item in items)
         inputs: dict[str, torch.Tensor] = {}
-        for name in items[0]["tokens"]:
+        for name in dict.fromkeys(name for item in items for name in item["tokens"]):
             fill = self.pad_token_id if name == "input_ids" else 0
-            inputs[name] = torch.full((len(items), longest), fill, dtype=items[0]["tokens"][name].dtype)  # (batch, seq)
-        for row, item in enumerate(items):
-            for name, value in item["tokens"].items():
-                n = value.numel()
-                span = slice(longest - n, None) if left else slice(0, n)
-                inputs[name][row, span] = value
-        for name in {name for item in items for name in item["images"]}:
-            inputs[name] = torch.cat([item["images"][name] for item in items if name in item["images"]])
+            like = next(item["tokens"][name] for item in items if name in item["tokens"])
+            # A sample may lack one (no cross-attention mask without images): zeros, as the processor pads it.
+            rows = [item["tokens"].get(name, like.new_zeros((item["tokens"]["input_ids"].shape[0],) + (0,) * (like.dim() - 1))) for item in items]
+            inputs[name] = _stack_padded(rows, longest, fill, left)  # (batch, seq, ...)
+        names = list(dict.fromkeys(name for item in items for name in item["images"]))
+        per_sample = self._per_sample_inputs() if names and any(name not in item["images"] for item in items for name in names) else set()
+        for name in names:
+            present = [item["images"][name] for item in items if name in item["images"]]
+            if name in per_sample:
+                empty = torch.zeros((1,) + present[0].shape[1:], dtype=present[0].dtype)
+                present = [item["images"].get(name, empty) for item in items]
+            inputs[name] = _cat_padded(present)
         return inputs
+
+    def _per_sample_inputs(self) -> set[str]:
+        """Image inputs with one row per sample rather than per image (or patch), found once from a two-image chat."""
+        if self._per_sample is None:
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "a"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
+            ]
+            pictures = [Image.new("RGB", (32, 32)), Image.new("RGB", (32, 48))]
+            enc, _ = self._process(self.processor.apply_chat_template(messages, tokenize=False), pictures)
+            _, images = self._split_inputs(enc, enc["input_ids"].shape[1])
+            self._per_sample = {name for name, value in images.items() if value.shape[0] == 1}
+        return self._per_sample
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Right-pad the token inputs and concatenate the image inputs of ``items``.
@@ -263,6 +351,26 @@ class ChatEncoder:
             "prompts": [item["prompt"] for item in items],
             "reference": [item["reference"] for item in items],
         }
+
+
+def _pad_to(value: torch.Tensor, shape: tuple[int, ...], fill: float, left: bool = False) -> torch.Tensor:
+    """``value`` padded with ``fill`` at the end of every axis (at the start of the first with ``left``) to ``shape``."""
+    out = torch.full(shape, fill, dtype=value.dtype)
+    first = slice(shape[0] - value.shape[0], None) if left else slice(0, value.shape[0])
+    out[(first, *(slice(0, n) for n in value.shape[1:]))] = value
+    return out
+
+
+def _stack_padded(rows: list[torch.Tensor], length: int, fill: float, left: bool) -> torch.Tensor:
+    """Per-token inputs ``(seq_i, ...)`` as one ``(batch, length, ...)`` tensor."""
+    shape = (length, *(max(row.shape[d] for row in rows) for d in range(1, rows[0].dim())))
+    return torch.stack([_pad_to(row, shape, fill, left) for row in rows])
+
+
+def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
+    """Image inputs concatenated along their first axis, every other axis zero-padded to the largest."""
+    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
+    return torch.cat([_pad_to(v, (v.shape[0], *shape[1:]), 0) for v in values])
 
 
 def split_reference(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:

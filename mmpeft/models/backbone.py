@@ -8,10 +8,12 @@ needs no code, only, at worst, an explicit path in the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import inspect
+import json
 import logging
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -60,7 +62,7 @@ class Backbone:
     attn_implementation: str | None = "sdpa"
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
 
-    build_tiny: Literal["llava", "qwen2_vl"] | None = None
+    build_tiny: str | None = None
     """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there first."""
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
@@ -121,9 +123,10 @@ def quantization_config(backbone: Backbone, dtype: torch.dtype) -> BitsAndBytesC
 def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = "data.processor", **kwargs: Any):
     """The checkpoint's processor through ``AutoProcessor``.
 
-    Processors of video-capable families (Qwen2-VL, ...) need torchvision for their video
-    processor. mmpeft trains on images, so where torchvision is missing the same processor
-    class is loaded without its video part rather than failing.
+    Processors of video-capable families (Qwen2-VL, SmolVLM, InternVL, ...) need torchvision
+    for their video processor. mmpeft trains on images, so where torchvision is missing the
+    same processor class is loaded without its video part rather than failing, with every
+    setting of its ``processor_config.json`` (``image_seq_len``, ...) kept.
     """
     check_checkpoint(pretrained, key)
     kwargs["trust_remote_code"] = trust_remote_code
@@ -134,25 +137,65 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
             if "torchvision" not in str(exc).lower() or is_torchvision_available():
                 raise
             config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-            return _without_video(PROCESSOR_MAPPING[type(config)]).from_pretrained(pretrained, **kwargs)
+            return _without_video(PROCESSOR_MAPPING[type(config)], pretrained).from_pretrained(pretrained, **kwargs)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: the processor of {pretrained!r} needs a package that is not installed: {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
 
 
-def _without_video(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """``processor_class`` whose sub-processors are only its image processor and tokenizer.
+class NoVideoProcessor:
+    """Stands in for a video processor where torchvision is missing.
 
-    ``ProcessorMixin`` reads the sub-processors from ``__init__``'s parameter names, so a
-    subclass whose ``__init__`` omits ``video_processor`` neither loads nor requires one; the
-    parent's ``__init__`` receives ``None`` for it, and a call with ``videos=`` is refused
-    because the attribute is absent.
+    Carries the settings of the checkpoint's ``video_preprocessor_config.json`` (``num_frames``,
+    ``fps``: some processors read them while rendering a chat) and refuses to process videos.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.__dict__.update(settings)
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None  # a setting the checkpoint does not store
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ImportError("processing videos needs torchvision, which is not installed; mmpeft trains on images")
+
+
+def _without_video(processor_class: type[ProcessorMixin], pretrained: str) -> type[ProcessorMixin]:
+    """``processor_class`` whose sub-processors are only its image processor and tokenizer.
+
+    ``ProcessorMixin`` reads the sub-processors from ``__init__``'s parameters and the settings it
+    accepts from ``processor_config.json`` from ``__init__``'s code object, so the subclass gets an
+    ``__init__`` with the parent's parameters less ``video_processor`` (written out, so that every
+    setting such as ``image_seq_len`` or ``num_image_tokens`` still loads). The parent's ``__init__``
+    receives ``None`` for the video processor, and ``video_processor`` is then a
+    :class:`NoVideoProcessor` with the checkpoint's video settings.
+    """
+    parameters = [
+        p for name, p in inspect.signature(processor_class.__init__).parameters.items()
+        if name not in ("self", "video_processor") and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]  # fmt: skip
+    defaults = {p.name: None if p.default is inspect.Parameter.empty else p.default for p in parameters}
+    names = [p.name for p in parameters]
+    source = (
+        f"def __init__(self, {''.join(f'{n}=_defaults[{n!r}], ' for n in names)}**kwargs):\n"
+        f"    _parent_init(self, {''.join(f'{n}={n}, ' for n in names)}video_processor=None, **kwargs)\n"
+        f"    self.video_processor = _video\n"
+    )
+    settings = _read_json(Path(pretrained) / "video_preprocessor_config.json")
+    scope = {"_defaults": defaults, "_parent_init": processor_class.__init__, "_video": NoVideoProcessor(settings)}
+    exec(source, scope)  # noqa: S102 - the parameter names come from the processor class, not from data
     log.warning("torchvision is not installed: loading %s without its video processor (images only)", processor_class.__name__)
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__, "__module__": __name__})
+    return type(processor_class.__name__, (processor_class,), {"__init__": scope["__init__"], "__module__": __name__})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def load_backbone(backbone: Backbone, device: torch.device, speed: Speed | None = None) -> nn.Module:

@@ -12,6 +12,7 @@ mimics the real checkpoint's, and a model with a few thousand parameters per lay
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -40,7 +41,13 @@ from mmpeft.files import staged_dir
 
 __all__ = ["FAMILIES", "MARKER_FILE", "build_tiny_model"]
 
-FAMILIES = ("llava", "qwen2_vl")
+# Families whose builder lives in mmpeft/models/tiny_families/<family>.py (a ``build(out, seed)``
+# function, imported only when that family is built).
+_FAMILY_MODULES = (
+    "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "mllama", "idefics3", "smolvlm",
+    "gemma3", "paligemma", "internvl", "mistral3", "phi4_multimodal",
+)  # fmt: skip
+FAMILIES = ("llava", "qwen2_vl", *_FAMILY_MODULES)
 
 # Written last: its presence means every other file of the build is complete.
 MARKER_FILE = ".mmpeft-tiny.json"
@@ -187,7 +194,7 @@ def build_tiny_model(
         raise FileExistsError(f"{out} is not empty and holds no tiny model build; pass overwrite=True to replace it")
 
     with staged_dir(out) as staging:
-        _BUILDERS[family](staging, seed)
+        _builder(family)(staging, seed)
         (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
     return out
 
@@ -287,19 +294,30 @@ def _llava_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _qwen_tokenizer() -> Qwen2Tokenizer:
+def _qwen_tokenizer(
+    added: tuple[str, ...] = _QWEN_SPECIALS,
+    *,
+    not_special: frozenset[str] = frozenset(),
+    chat_template: str = _QWEN_CHAT_TEMPLATE,
+    **kwargs: Any,
+) -> Qwen2Tokenizer:
+    """A Qwen2 byte-level BPE whose `added` tokens follow the vocabulary in the order given.
+
+    Every added token is special except those in `not_special` (single tokens that decoding
+    keeps, like Qwen2.5's ``<tool_call>``); `kwargs` go to `Qwen2Tokenizer`.
+    """
     pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    backend = _train_bpe(pre_tokenizer, [], _TARGET_VOCAB - len(_QWEN_SPECIALS))
+    backend = _train_bpe(pre_tokenizer, [], _TARGET_VOCAB - len(added))
     model = json.loads(backend.to_str())["model"]
-    # Special tokens follow the vocabulary in Qwen2's order (<|endoftext|> first), so their ids
-    # do not depend on the order in which the tokenizer class registers them.
+    # Added tokens follow the vocabulary in the real checkpoint's order (<|endoftext|> first), so
+    # their ids do not depend on the order in which the tokenizer class registers them.
     vocab = dict(model["vocab"])
-    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(_QWEN_SPECIALS)})
+    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(added)})
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=[tuple(merge) for merge in model["merges"]],
@@ -308,9 +326,12 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
         pad_token="<|endoftext|>",
         padding_side="right",
         model_max_length=_MAX_POSITIONS,
-        chat_template=_QWEN_CHAT_TEMPLATE,
+        chat_template=chat_template,
+        **kwargs,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIALS)})
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in added if t not in not_special]})
+    if not_special:
+        tokenizer.add_tokens([t for t in added if t in not_special])
     return tokenizer
 
 
@@ -373,31 +394,18 @@ def _build_llava(out: pathlib.Path, seed: int) -> None:
 
 def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
     tokenizer = _qwen_tokenizer()
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=_QWEN_PIXELS,
-        max_pixels=_QWEN_PIXELS,
-        patch_size=_QWEN_PATCH,
-        temporal_patch_size=_QWEN_TEMPORAL_PATCH,
-        merge_size=_QWEN_MERGE,
-    )
-    ids = {token: _token_id(tokenizer, token) for token in _QWEN_SPECIALS}
-    end_of_text, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": _TEXT_HIDDEN,
-            "intermediate_size": _TEXT_INTERMEDIATE,
-            "num_hidden_layers": _TEXT_LAYERS,
-            "num_attention_heads": _TEXT_HEADS,
-            "num_key_value_heads": _TEXT_KV_HEADS,
-            "max_position_embeddings": _MAX_POSITIONS,
-            "max_window_layers": _TEXT_LAYERS,
-            "initializer_range": _TEXT_INIT_STD,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
-            "bos_token_id": end_of_text,
-            "eos_token_id": im_end,
-            "pad_token_id": end_of_text,
-        },
+    _build_qwen_vl(
+        out,
+        seed,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLConfig,
+        tokenizer,
+        _qwen_image_processor(),
+        text_config=_qwen_text_config(
+            tokenizer,
+            max_window_layers=_TEXT_LAYERS,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
+        ),
         vision_config={
             "depth": 2,
             "embed_dim": 32,
@@ -408,15 +416,63 @@ def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
             "spatial_merge_size": _QWEN_MERGE,
             "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
         },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def _qwen_image_processor(**kwargs: Any) -> Qwen2VLImageProcessorPil:
+    """Qwen2-VL's image processor at ~16 image tokens per image (`kwargs` override)."""
+    settings = {
+        "min_pixels": _QWEN_PIXELS,
+        "max_pixels": _QWEN_PIXELS,
+        "patch_size": _QWEN_PATCH,
+        "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
+        "merge_size": _QWEN_MERGE,
+    }
+    return Qwen2VLImageProcessorPil(**{**settings, **kwargs})
+
+
+def _qwen_text_config(tokenizer: Qwen2Tokenizer, **kwargs: Any) -> dict[str, Any]:
+    """The tiny text model of the Qwen families (`kwargs` add or override keys)."""
+    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": _TEXT_HIDDEN,
+        "intermediate_size": _TEXT_INTERMEDIATE,
+        "num_hidden_layers": _TEXT_LAYERS,
+        "num_attention_heads": _TEXT_HEADS,
+        "num_key_value_heads": _TEXT_KV_HEADS,
+        "max_position_embeddings": _MAX_POSITIONS,
+        "initializer_range": _TEXT_INIT_STD,
+        "bos_token_id": end_of_text,
+        "eos_token_id": im_end,
+        "pad_token_id": end_of_text,
+        **kwargs,
+    }
+
+
+def _build_qwen_vl(
+    out: pathlib.Path,
+    seed: int,
+    model_class: type[PreTrainedModel],
+    config_class: type[PreTrainedConfig],
+    tokenizer: Qwen2Tokenizer,
+    image_processor: Qwen2VLImageProcessorPil,
+    **config_kwargs: Any,
+) -> None:
+    """Save a Qwen-VL family checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): `config_kwargs` hold
+    at least `text_config` and `vision_config`; the vision token ids come from `tokenizer`."""
+    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
+    config = config_class(
+        image_token_id=_token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=_token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+        **config_kwargs,
     )
     generation_config = GenerationConfig(
         bos_token_id=end_of_text, eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text
     )
-    _save_model(Qwen2VLForConditionalGeneration, config, generation_config, out, seed)
+    _save_model(model_class, config, generation_config, out, seed)
     # Saved part by part, the layout of Qwen/Qwen2-VL-2B-Instruct (preprocessor_config.json plus
     # tokenizer files): building a Qwen2VLProcessor needs its video processor, which needs
     # torchvision. AutoProcessor rebuilds the processor from these files, and the video
@@ -439,3 +495,10 @@ def _save_model(
 
 
 _BUILDERS = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}
+
+
+def _builder(family: str):
+    """The function that writes a tiny checkpoint of ``family`` into a folder: ``build(out, seed)``."""
+    if family in _BUILDERS:
+        return _BUILDERS[family]
+    return importlib.import_module(f"mmpeft.models.tiny_families.{family}").build

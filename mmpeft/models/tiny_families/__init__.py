@@ -1,0 +1,1 @@
+"""Tiny-model builders, one module per family (see mmpeft.models.tiny)."""
