@@ -49,3 +49,19 @@ def fake_distribution(folder, name: str, version: str, entry_points: str) -> Non
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (dist / "entry_points.txt").write_text(entry_points)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The family conformance table (tests/test_families.py): a row per family, a column per check."""
+    import sys
+
+    module = sys.modules.get("test_families")
+    if module is None or not module.RESULTS:
+        return
+    checks = module.CHECKS
+    width = max(len(f) for f in module.RESULTS)
+    terminalreporter.write_sep("=", "family conformance (tests/test_families.py)")
+    terminalreporter.write_line(f"{'family':<{width}}  " + "  ".join(checks))
+    for family, row in module.RESULTS.items():
+        cells = ["ok".center(len(c)) if row.get(c) == "ok" else ("FAIL" if c in row else "-").center(len(c)) for c in checks]
+        terminalreporter.write_line(f"{family:<{width}}  " + "  ".join(cells))

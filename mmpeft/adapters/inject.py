@@ -23,9 +23,11 @@ from mmpeft.adapters.quant import BaseLayerView, is_linear
 from mmpeft.adapters.routing import RoutingContext, bind_routers
 from mmpeft.errors import ConfigError
 
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
-# Group aliases a config may use in `targets`; they cover Llama/Qwen/Mistral-style names.
+# Every supported family names its language model's layers the Llama way, except Phi's fused ones
+# (qkv_proj, gate_up_proj). Mllama's cross-attention layers (cross_attn.q_proj, ...) are attention too.
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj", "gate_up_proj"]
+# Group aliases a config may use in `targets`: an alias must match some layer, not every name in it.
 ALIASES: dict[str, list[str]] = {"attention": ATTENTION, "mlp": MLP, "all-linear": ["*"]}
 
 
@@ -85,8 +87,8 @@ def inject_adapters(
     existing = ", ".join(sorted(set(map(_collapse, candidates))))
     owner: dict[str, int] = {}
     for i, group in enumerate(groups):
-        for target, pattern in ((t, p) for t in group.targets for p in ALIASES.get(t, [t])):
-            hits = [name for name in candidates if _matches(name, pattern)]
+        for target in group.targets:
+            hits = [name for name in candidates if any(_matches(name, pattern) for pattern in ALIASES.get(target, [target]))]
             if not hits:
                 raise ConfigError(
                     f"adapters[{i}] ({group.name}): target {target!r} matches no linear layer of the "

@@ -162,10 +162,14 @@ class ChatEncoder:
         """The special token the template writes right at ``at`` (the end of an answer), or ``""``."""
         return next((token for token in self._special_tokens if text.startswith(token, at)), "")
 
+    def adds_special_tokens(self, text: str) -> bool:
+        """Whether the tokenizer should add its special tokens (BOS) to ``text``: not when the template wrote BOS itself."""
+        bos = self.tokenizer.bos_token
+        return not (bos and text.startswith(bos))
+
     def _process(self, text: str, images: list[Any]) -> tuple[dict[str, Any], bool]:
         """The processor's encoding of one rendered chat, and whether special tokens (BOS) were added."""
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))  # templates that write BOS themselves get no second one
+        add_special = self.adds_special_tokens(text)
         enc = self.processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special)
         return enc, add_special
 
