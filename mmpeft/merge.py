@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig
 
 from mmpeft import registry
 from mmpeft.adapters.base import AdaptedLinear
@@ -54,6 +54,7 @@ from mmpeft.models.backbone import (
     LANGUAGE_MODEL_PATHS,
     PROJECTOR_PATHS,
     Backbone,
+    auto_model_class,
     check_checkpoint,
     get_path,
     load_backbone,
@@ -171,7 +172,7 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
 
     # The model without weights (meta device): its module paths, the adapters rebuilt on it, their tensors assigned.
     with torch.device("meta"):
-        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=o.trust_remote_code)
+        skeleton = auto_model_class(config, "--base").from_config(config, trust_remote_code=o.trust_remote_code)
     prefix, lm = get_path(skeleton, LANGUAGE_MODEL_PATHS, "language model")
     adapted = {f"{prefix}.{name}": layer for name, layer in inject_adapters(lm, spec.groups, RoutingContext()).items()}
     try:
@@ -476,9 +477,10 @@ def save_processor(processor: Any, out: Path) -> None:
 
 
 def load_plain(pretrained: str, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """A checkpoint through ``AutoModelForImageTextToText.from_pretrained``, unquantized unless ``kwargs`` say otherwise."""
+    """A checkpoint through its auto class's ``from_pretrained`` (:func:`~mmpeft.models.backbone.auto_model_class`), unquantized unless ``kwargs`` say otherwise."""
     try:
-        model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config, "--base").from_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
         raise ConfigError(f"cannot load {pretrained!r}: {exc}") from exc
     keep_standard_layout(model)

@@ -141,3 +141,9 @@ def test_eval_forward_without_grad_keeps_the_4bit_weights_readable(tiny_model_di
     assert torch.isfinite(logits).all()
     after = [dequantized_weight(m) for m in layers]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_checkpoint_that_is_not_image_text_is_refused_naming_its_type(tmp_path, tiny_llama):
+    tiny_llama.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match=r"model.backbone.pretrained: model type 'llama' is not an image-text model .* docs/families.md"):
+        load_backbone(Backbone(str(tmp_path / "llama")), torch.device("cpu"))

@@ -15,9 +15,10 @@ through:
 7. ``save/load``: the adapter directory reloads onto a fresh NF4 model with the same logits.
 8. ``export``: the PEFT export gives PeftModel the same logits.
 
-``test_fit_from_shards`` then trains each family through ``python -m mmpeft fit`` from tar shards
-(batch size 2, mixed image sizes, a multi-turn and a two-image sample, none skipped), validates
-with generation and exports. The table of results is printed at the end of the run.
+``test_fit_from_shards`` then builds tar shards with the chat recipe, checks them with
+``data inspect --processor``, trains each family through ``python -m mmpeft fit`` (batch size 2,
+mixed image sizes, a multi-turn and a two-image sample, none skipped), validates with generation
+and exports. The table of results is printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -320,6 +321,10 @@ def test_fit_from_shards(family, tiny_model_dirs, tmp_path, capsys):
     src = write_chats(tmp_path / "src", copies=2)
     code, err = run_main(capsys, "data", "build", "chat", "--src", str(src), "--out", str(tmp_path / "shards"), "--progress", "false")
     assert code == 0, err
+    code, err = run_main(capsys, "data", "inspect", str(tmp_path / "shards"), "--processor", base, "--json", str(tmp_path / "inspect.json"), "--no-progress")
+    assert code == 0, err
+    report = json.loads((tmp_path / "inspect.json").read_text())
+    assert report["usable"] == report["samples_read"] == 4 and report["skipped"] == {}
     (tmp_path / "fit.yaml").write_text(FIT_CONFIG.format(root=tmp_path, base=base))
     code, err = run_main(capsys, "fit", "--config", str(tmp_path / "fit.yaml"))
     assert code == 0, err

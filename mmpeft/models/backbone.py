@@ -1,7 +1,8 @@
 """Load a multimodal backbone the QLoRA way and find its towers.
 
-Any ``AutoModelForImageTextToText`` checkpoint loads here: LLaVA, Qwen2-VL/2.5-VL,
-Idefics3/SmolVLM and others. Towers are found by attribute names that transformers
+Any image-text checkpoint of transformers loads here (``AutoModelForImageTextToText``, or
+``AutoModelForMultimodalLM`` for Phi-4-multimodal): LLaVA, Qwen2-VL/2.5-VL/3-VL, Idefics3/SmolVLM,
+Gemma 3, Mllama and others (docs/families.md). Towers are found by attribute names that transformers
 uses across families (a table, not one class per model), so a new family usually
 needs no code, only, at worst, an explicit path in the config.
 """
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
@@ -198,12 +199,31 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def auto_model_class(config: Any, key: str = "model.backbone.pretrained") -> type:
+    """The transformers auto class that builds this image-text checkpoint.
+
+    ``AutoModelForImageTextToText`` for nearly every family; ``AutoModelForMultimodalLM`` for an
+    image-text model mapped only there (Phi-4-multimodal), recognised by its vision config. Any
+    other checkpoint is refused, naming its model type.
+    """
+    if type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    if type(config) in AutoModelForMultimodalLM._model_mapping and getattr(config, "vision_config", None) is not None:
+        return AutoModelForMultimodalLM
+    raise ConfigError(
+        f"{key}: model type {getattr(config, 'model_type', type(config).__name__)!r} is not an image-text model transformers can "
+        "build (its config is in neither AutoModelForImageTextToText nor, with a vision config, AutoModelForMultimodalLM); "
+        "docs/families.md lists the families mmpeft is tested on"
+    )
+
+
 def load_backbone(backbone: Backbone, device: torch.device, speed: Speed | None = None) -> nn.Module:
     """Load the model quantized on ``device`` and prepare it for adapter training (QLoRA recipe; ``speed``: where gradients and recomputation go)."""
     backbone.check_exists()
     dtype = backbone.torch_dtype(device)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
+        config = AutoConfig.from_pretrained(backbone.pretrained, trust_remote_code=backbone.trust_remote_code)
+        model = auto_model_class(config).from_pretrained(
             backbone.pretrained,
             quantization_config=quantization_config(backbone, dtype),
             dtype=dtype,
