@@ -153,15 +153,20 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
         items[key] = item
     record(family, "encode")
 
-    # 3. batch: samples with images of other sizes batch as the processor batches them.
-    batch = encoder.collate([items["one"], items["multi"]])
-    texts = [encoder.render(messages)[0] for _, _, messages, _ in image_chats(family)]
-    images = [[picture(size) for size in sizes] for *_, sizes in image_chats(family)]
-    theirs = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=encoder.adds_special_tokens(texts[0]))
+    # 3. batch: samples with images of other sizes batch as the processor batches them (per-token
+    # inputs at the real tokens: Mllama's processor extends the last image's cross-attention over the padding).
+    batch = encoder.collate([items[key] for key, *_ in CHATS])
+    texts = [encoder.render(messages)[0] for _, _, messages, _ in CHATS]
+    images = [[picture(size) for size in sizes] for *_, sizes in CHATS]
+    theirs = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=encoder.adds_special_tokens(texts[0]))
+    ours_real, theirs_real = batch["inputs"]["attention_mask"].bool(), theirs["attention_mask"].bool()
     for name, value in theirs.items():
         if isinstance(value, torch.Tensor):
             assert name in batch["inputs"], f"{name} missing from the batch"
-            torch.testing.assert_close(batch["inputs"][name], value, msg=lambda m: f"{name}: {m}")
+            ours = batch["inputs"][name]
+            if value.shape[:2] == theirs_real.shape:  # per token: the real tokens, whichever side the processor pads
+                ours, value = ours[ours_real], value[theirs_real]
+            torch.testing.assert_close(ours, value, msg=lambda m: f"{name}: {m}")
     assert batch["labels"].shape == batch["inputs"]["input_ids"].shape
     record(family, "batch")
 

@@ -67,7 +67,6 @@ class ChatEncoder:
         self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
         """Every token id the processor uses for images (placeholders, soft tokens, wrappers)."""
         # Longest first, so that an end-of-turn token is never taken for a shorter one it starts with.
-        self._per_sample: set[str] | None = None
         self._special_tokens = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -247,6 +246,8 @@ class ChatEncoder:
             "task_id": self.task_ids[sample.task],
             "tokens": tokens,
             "images": images,
+            "text": text,  # the rendered chat and its images: a batch needing the processor's padding is processed again
+            "pictures": sample.images,
             "labels": labels,
             "length": ids.numel(),  # before truncation (data inspect reports these)
         }
@@ -278,6 +279,8 @@ class ChatEncoder:
             "references": sample.references or ([reference] if reference is not None else []),
             "tokens": tokens,
             "images": images,
+            "text": text,
+            "pictures": sample.images[:n_images],
         }
 
     # -- a batch ----------------------------------------------------------------------------
@@ -286,11 +289,12 @@ class ChatEncoder:
 
         Per-token inputs are padded to the longest sequence (on the left for generation):
         ``input_ids`` with the pad token, the rest (masks, token types, cross-attention masks)
-        with 0. Image inputs are concatenated along their first axis with every other axis
-        zero-padded to the batch's largest (patch counts, tiles, image sizes differ per sample),
-        which is how processors pad them; an input with one row per *sample* (Mllama's and
-        Idefics3's images) gets a row of zeros (no image) for a sample without images. The test
-        suite checks the result against the processor's own batch for every family.
+        with 0. Image inputs whose shapes agree past the first axis are concatenated along it,
+        which is all a processor does with them. Where they differ (patch or tile counts, image
+        sizes, images per sample) or some samples have none, padding them is the processor's own
+        business (Mllama marks the first tile of a padding image, Idefics3 pads with empty
+        images): the batch's images go through the processor together, and its image inputs are
+        taken. The tests check the result against the processor's own batch for every family.
         """
         longest = max(item["tokens"]["input_ids"].shape[0] for item in items)
         inputs: dict[str, torch.Tensor] = {}
@@ -301,27 +305,17 @@ class ChatEncoder:
             rows = [item["tokens"].get(name, like.new_zeros((item["tokens"]["input_ids"].shape[0],) + (0,) * (like.dim() - 1))) for item in items]
             inputs[name] = _stack_padded(rows, longest, fill, left)  # (batch, seq, ...)
         names = list(dict.fromkeys(name for item in items for name in item["images"]))
-        per_sample = self._per_sample_inputs() if names and any(name not in item["images"] for item in items for name in names) else set()
-        for name in names:
-            present = [item["images"][name] for item in items if name in item["images"]]
-            if name in per_sample:
-                empty = torch.zeros((1,) + present[0].shape[1:], dtype=present[0].dtype)
-                present = [item["images"].get(name, empty) for item in items]
-            inputs[name] = _cat_padded(present)
-        return inputs
-
-    def _per_sample_inputs(self) -> set[str]:
-        """Image inputs with one row per sample rather than per image (or patch), found once from a two-image chat."""
-        if self._per_sample is None:
-            messages = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "a"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "b"}]},
-            ]
-            pictures = [Image.new("RGB", (32, 32)), Image.new("RGB", (32, 48))]
-            enc, _ = self._process(self.processor.apply_chat_template(messages, tokenize=False), pictures)
+        simple = all(
+            all(name in item["images"] for item in items) and len({item["images"][name].shape[1:] for item in items}) == 1 for name in names
+        )
+        if simple:
+            inputs.update({name: torch.cat([item["images"][name] for item in items]) for name in names})
+        elif names:
+            text = [item["text"] for item in items]
+            enc = self.processor(text=text, images=[item["pictures"] for item in items], padding=True, return_tensors="pt", add_special_tokens=self.adds_special_tokens(text[0]))
             _, images = self._split_inputs(enc, enc["input_ids"].shape[1])
-            self._per_sample = {name for name, value in images.items() if value.shape[0] == 1}
-        return self._per_sample
+            inputs.update(images)
+        return inputs
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Right-pad the token inputs and concatenate the image inputs of ``items``.
@@ -369,12 +363,6 @@ def _stack_padded(rows: list[torch.Tensor], length: int, fill: float, left: bool
     """Per-token inputs ``(seq_i, ...)`` as one ``(batch, length, ...)`` tensor."""
     shape = (length, *(max(row.shape[d] for row in rows) for d in range(1, rows[0].dim())))
     return torch.stack([_pad_to(row, shape, fill, left) for row in rows])
-
-
-def _cat_padded(values: list[torch.Tensor]) -> torch.Tensor:
-    """Image inputs concatenated along their first axis, every other axis zero-padded to the largest."""
-    shape = [max(v.shape[d] for v in values) for d in range(values[0].dim())]
-    return torch.cat([_pad_to(v, (v.shape[0], *shape[1:]), 0) for v in values])
 
 
 def split_reference(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:

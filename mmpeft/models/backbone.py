@@ -134,7 +134,7 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
     try:
         try:
             return AutoProcessor.from_pretrained(pretrained, **kwargs)
-        except ImportError as exc:
+        except (ImportError, ValueError) as exc:  # some processors say ValueError("... requires `torchvision` ...")
             if "torchvision" not in str(exc).lower() or is_torchvision_available():
                 raise
             config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
