@@ -139,8 +139,10 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
                 raise
             config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
             return _without_video(PROCESSOR_MAPPING[type(config)], pretrained).from_pretrained(pretrained, **kwargs)
-    except ImportError as exc:
-        raise ConfigError(f"{key}: the processor of {pretrained!r} needs a package that is not installed: {exc}") from exc
+    except (ImportError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "torchvision" not in str(exc).lower():
+            raise
+        raise ConfigError(f"{key}: the processor of {pretrained!r} needs a package that is not installed: {' '.join(str(exc).split())}") from exc
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
 
