@@ -34,7 +34,7 @@ from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.base import AdaptedLinear
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.data.encode import IGNORE_INDEX, ChatEncoder
-from mmpeft.data.sample import Sample
+from mmpeft.data.sample import Sample, SampleError
 from mmpeft.export import export_peft
 from mmpeft.models.backbone import Backbone, language_model, load_backbone, load_processor
 from mmpeft.models.tiny import FAMILIES
@@ -71,6 +71,11 @@ END_OF_TURN = {
     "mistral3": "</s>",
     "phi4_multimodal": "<|end|>",
 }
+
+
+# PaliGemma has no chat template: its processor takes the prompt and, for training, the answer as a
+# ``suffix`` (a prefix-LM). Only a chat's last answer is trained, and every sample needs an image.
+PREFIX_LM = {"paligemma"}
 
 
 def user(text: str, images: int = 0) -> dict:
@@ -126,6 +131,11 @@ def image_chats(family: str) -> list:
     return [chat for chat in CHATS if chat[3]]
 
 
+def chats(family: str) -> list:
+    """The CHATS the family takes: all of them, those with images for a prefix-LM."""
+    return image_chats(family) if family in PREFIX_LM else CHATS
+
+
 @pytest.fixture(scope="module")
 def checked():
     """The families whose in-process checks passed, so the CLI run reports a clear prerequisite failure."""
@@ -146,25 +156,32 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
 
     # 2. encode: labels are exactly each assistant turn (its text and end-of-turn token).
     encoder = ChatEncoder(processor, TASKS, max_length=4096)
+    assert encoder.prefix_lm == (family in PREFIX_LM)
     items = {}
-    for key, task, messages, sizes in CHATS:
+    for key, task, messages, sizes in chats(family):
         item = encoder.encode(sample(key, task, messages, sizes))
         labels, ids = item["labels"], item["tokens"]["input_ids"]
         trained = labels != IGNORE_INDEX
         assert torch.equal(labels[trained], ids[trained])
         decoded = [processor.tokenizer.decode(run) for run in target_runs(labels)]
         expected = [m["content"][0]["text"] + END_OF_TURN[family] for m in messages if m["role"] == "assistant"]
+        expected = expected[-1:] if family in PREFIX_LM else expected
         assert [d.lstrip() for d in decoded] == expected, key
         assert all(d == d.lstrip() or d[: len(d) - len(d.lstrip())].isspace() for d in decoded)
         items[key] = item
+    if family in PREFIX_LM:
+        with pytest.raises(SampleError, match="processor_refused"):
+            encoder.encode(sample(*CHATS[-1]))  # text only
     record(family, "encode")
 
     # 3. batch: samples with images of other sizes batch as the processor batches them (per-token
     # inputs at the real tokens: Mllama's processor extends the last image's cross-attention over the padding).
-    batch = encoder.collate([items[key] for key, *_ in CHATS])
-    texts = [encoder.render(messages)[0] for _, _, messages, _ in CHATS]
-    images = [[picture(size) for size in sizes] for *_, sizes in CHATS]
-    theirs = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=encoder.adds_special_tokens(texts[0]))
+    batch = encoder.collate(list(items.values()))
+    texts = [item["text"] for item in items.values()]
+    images = [[picture(size) for size in sizes] for *_, sizes in chats(family)]
+    extra = {"suffix": [messages[-1]["content"][0]["text"] for _, _, messages, _ in chats(family)]} if encoder.prefix_lm else {}
+    theirs = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=encoder.adds_special_tokens(texts[0]), **extra)
+    theirs.pop("labels", None)
     ours_real, theirs_real = batch["inputs"]["attention_mask"].bool(), theirs["attention_mask"].bool()
     for name, value in theirs.items():
         if isinstance(value, torch.Tensor):

@@ -15,15 +15,15 @@ encodes a chat without its final assistant turn, with the template's generation 
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from collections import Counter
 from typing import Any
 
 import torch
-from PIL import Image
 
 from mmpeft.data.sample import Sample, SampleError, parse_sample
-from mmpeft.errors import DataError
+from mmpeft.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 REPORT_FIRST = 5
@@ -39,6 +39,16 @@ def image_token_id(processor: Any) -> int:
     if token_id is None:
         token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     return int(token_id)
+
+
+def chat_template(processor: Any) -> str | None:
+    """The processor's chat template, else its tokenizer's."""
+    return getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+
+
+def is_prefix_lm(processor: Any) -> bool:
+    """A processor that has no chat template and encodes the answer as a ``suffix`` (PaliGemma's prefix-LM way)."""
+    return not chat_template(processor) and "suffix" in inspect.signature(processor.__call__).parameters
 
 
 def image_token_ids(processor: Any) -> set[int]:
@@ -64,6 +74,15 @@ class ChatEncoder:
         self.set_tasks(tasks)
         self.max_length = max_length
         self.image_token_id = image_token_id(processor)
+        self.prefix_lm = is_prefix_lm(processor)
+        """A processor without a chat template that takes the answer as ``suffix`` (PaliGemma): see :meth:`_encode_prefix_lm`."""
+        if not self.prefix_lm and not chat_template(processor):
+            raise ConfigError(
+                f"the processor {type(processor).__name__} of {getattr(processor, 'name_or_path', None) or self.tokenizer.name_or_path!r} "
+                "has no chat template; give the checkpoint one (chat_template.jinja) or use a processor that has one"
+            )
+        self._kept: torch.Tensor | None = None
+        """For the sample being encoded: which of the processor's tokens come from the text itself (not inserted by it)."""
         self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
         """Every token id the processor uses for images (placeholders, soft tokens, wrappers)."""
         # Longest first, so that an end-of-turn token is never taken for a shorter one it starts with.
@@ -169,8 +188,15 @@ class ChatEncoder:
     def _process(self, text: str, images: list[Any]) -> tuple[dict[str, Any], bool]:
         """The processor's encoding of one rendered chat, and whether special tokens (BOS) were added."""
         add_special = self.adds_special_tokens(text)
-        enc = self.processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special)
+        enc = self._call_processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special)
         return enc, add_special
+
+    def _call_processor(self, **kwargs: Any) -> dict[str, Any]:
+        """The processor's output; a sample it refuses (PaliGemma without an image, ...) is skipped as ``processor_refused``."""
+        try:
+            return self.processor(**kwargs)
+        except (ValueError, TypeError, IndexError) as exc:
+            raise SampleError("processor_refused", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
     @staticmethod
     def _split_inputs(enc: dict[str, Any], length: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -210,22 +236,13 @@ class ChatEncoder:
     def encode(self, sample: Sample) -> dict[str, Any]:
         if sample.task not in self.task_ids:
             raise SampleError("unknown_task", f"task {sample.task!r} is not in the task vocabulary")
-        text, spans = self.render(sample.messages)
-        enc, add_special = self._process(text, sample.images)
-        ids = enc["input_ids"][0]  # (L,) as the processor made it: images expanded
-        offsets, position = self._token_map(text, add_special, ids)
-
-        target = torch.zeros_like(ids, dtype=torch.bool)  # (L,)
-        for turn, (a, b) in enumerate(spans, start=1):
-            # The tokens that overlap the answer: the first may carry a space of the template.
-            hits = [i for i, (start, end) in enumerate(offsets) if end > start and start < b and end > a]
-            where = position[hits]
-            if not hits or (where < 0).any():
-                raise SampleError("tokenization_mismatch", f"the processor's tokens of assistant turn {turn} differ from the tokenizer's")
-            target[where] = True
+        if self.prefix_lm:
+            text, enc, target = self._encode_prefix_lm(sample)
+        else:
+            text, enc, target = self._encode_chat(sample)
+        ids = enc["input_ids"][0]
         # Image tokens: what the processor inserted (expansions, wrappers) and the placeholders themselves.
-        is_image = torch.ones_like(target)
-        is_image[position[position >= 0]] = False
+        is_image = ~self._kept if self._kept is not None else torch.zeros_like(target)
         is_image |= torch.isin(ids, self.image_token_ids)
 
         length = ids.numel()
@@ -252,19 +269,63 @@ class ChatEncoder:
             "length": ids.numel(),  # before truncation (data inspect reports these)
         }
 
+    def _encode_chat(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor]:
+        """A chat through its template: the text, the processor's encoding and the ``(L,)`` mask of assistant tokens."""
+        text, spans = self.render(sample.messages)
+        enc, add_special = self._process(text, sample.images)
+        ids = enc["input_ids"][0]  # (L,) as the processor made it: images expanded
+        offsets, position = self._token_map(text, add_special, ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)  # (L,)
+        for turn, (a, b) in enumerate(spans, start=1):
+            # The tokens that overlap the answer: the first may carry a space of the template.
+            hits = [i for i, (start, end) in enumerate(offsets) if end > start and start < b and end > a]
+            where = position[hits]
+            if not hits or (where < 0).any():
+                raise SampleError("tokenization_mismatch", f"the processor's tokens of assistant turn {turn} differ from the tokenizer's")
+            target[where] = True
+        self._kept = torch.zeros_like(target)
+        self._kept[position[position >= 0]] = True  # tokens of the text itself, not inserted by the processor
+        return text, enc, target
+
+    def _encode_prefix_lm(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor]:
+        """A processor without a chat template that takes the answer as ``suffix`` (PaliGemma).
+
+        The prompt (:meth:`prefix`) is the model's bidirectional prefix and the chat's last answer
+        its suffix; the processor marks the suffix in ``token_type_ids`` (its causal part) and
+        returns its labels, which are the targets: the answer and the EOS it appends.
+        """
+        messages, answer = split_reference(sample.messages)
+        prefix = self.prefix(messages)
+        enc = self._call_processor(text=[prefix], images=[sample.images] if sample.images else None, suffix=[answer or ""], return_tensors="pt")
+        labels = enc.pop("labels")[0]
+        self._kept = None
+        return prefix, enc, labels != IGNORE_INDEX
+
+    def prefix(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt of a prefix-LM processor: an image placeholder per image, then the text of every turn, a line each."""
+        images = sum(p["type"] == "image" for m in messages for p in m["content"])
+        lines = [message_text(m) for m in messages if message_text(m)]
+        return self.processor.image_token * images + "\n".join(lines)
+
     def encode_prompt(self, sample: Sample) -> dict[str, Any]:
         """A chat to generate the next assistant turn of: the prompt's model inputs, and what a prediction file reports.
 
         A final assistant turn is the ``reference`` answer and is left out of the prompt; the rest is
-        rendered with the template's generation prompt (``add_generation_prompt=True``). ``prompt``
-        is the text of the last user turn. ``references``, what evaluation scores the answer against,
-        are the sample's own ``references`` if it has them, else the ``reference`` (if any). Prompts are never cut: one longer than ``max_length`` is
-        refused (``too_long``). The task is not looked up: generation does not use task ids.
+        rendered with the template's generation prompt (``add_generation_prompt=True``), or as the
+        prefix of a prefix-LM processor. ``prompt`` is the text of the last user turn.
+        ``references``, what evaluation scores the answer against, are the sample's own
+        ``references`` if it has them, else the ``reference`` (if any). Prompts are never cut: one
+        longer than ``max_length`` is refused (``too_long``). The task is not looked up: generation
+        does not use task ids.
         """
         messages, reference = split_reference(sample.messages)
         n_images = sum(p["type"] == "image" for m in messages for p in m["content"])
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if self.prefix_lm:
+            text = self.prefix(messages)
+        else:
+            text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc, _ = self._process(text, sample.images[:n_images])
+        enc.pop("labels", None)
         length = enc["input_ids"].shape[1]
         if length > self.max_length:
             exc = SampleError("too_long", f"the prompt has {length} tokens, more than max_length={self.max_length}")

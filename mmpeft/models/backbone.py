@@ -60,8 +60,8 @@ class Backbone:
     trust_remote_code: bool = False
     """Allow model code from the checkpoint's repository. Off unless you trust it."""
 
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``). ``None``: transformers chooses per sub-model, sdpa where the architecture supports it (Gemma 2's soft-capping, in PaliGemma 2, does not)."""
 
     build_tiny: str | None = None
     """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there first."""
