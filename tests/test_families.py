@@ -11,9 +11,10 @@ through:
 4. ``inject``: LoRA on ``attention`` and AsymLoRA on ``mlp`` (the aliases) wrap the language model's
    layers and nothing outside it.
 5. ``step``: one training step gives a finite loss and a non-zero gradient in every adapter tensor.
-6. ``generate``: greedy generation with the KV cache gives the tokens generation without it gives.
-7. ``save/load``: the adapter directory reloads onto a fresh NF4 model with the same logits.
-8. ``export``: the PEFT export gives PeftModel the same logits.
+6. ``causal``: no trained token sees a later one (the batch's attention inputs, token types included).
+7. ``generate``: greedy generation with the KV cache gives the tokens generation without it gives.
+8. ``save/load``: the adapter directory reloads onto a fresh NF4 model with the same logits.
+9. ``export``: the PEFT export gives PeftModel the same logits.
 
 ``test_fit_from_shards`` then builds tar shards with the chat recipe, checks them with
 ``data inspect --processor``, trains each family through ``python -m mmpeft fit`` (batch size 2,
@@ -49,7 +50,7 @@ REFUSED = {
 }
 SUPPORTED = [family for family in FAMILIES if family not in REFUSED]
 TASKS = ["colour", "shape"]
-CHECKS = ("load", "encode", "batch", "inject", "step", "generate", "save/load", "export", "fit")
+CHECKS = ("load", "encode", "batch", "inject", "step", "causal", "generate", "save/load", "export", "fit")
 RESULTS: dict[str, dict[str, str]] = {}
 """family -> check -> "ok" or the failure, printed as the table by conftest's terminal summary."""
 
@@ -227,8 +228,22 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     assert not dead, f"no gradient in {dead[:5]}"
     record(family, "step")
 
-    # 6. generate: the KV cache changes nothing in greedy decoding.
+    # 6. causal: no trained token sees a later one (PaliGemma's answer must not, as it would
+    # with all-zero token types). Changing the last trained token leaves every earlier logit alone.
     model.eval()
+    last = int((labels[0] != IGNORE_INDEX).nonzero().max())
+    changed = {name: value.clone() for name, value in inputs.items()}
+    words = [t for t in processor.tokenizer.encode(" dog cat", add_special_tokens=False) if t != changed["input_ids"][0, last]]
+    changed["input_ids"][0, last] = words[0]  # a text token, never an image placeholder
+    with torch.no_grad():
+        outputs = []
+        for batch_inputs in (inputs, changed):
+            with context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+                outputs.append(model(**batch_inputs, use_cache=False).logits[0, :last])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
+    record(family, "causal")
+
+    # 7. generate: the KV cache changes nothing in greedy decoding.
     prompts = encoder._pad([encoder.encode_prompt(sample(*chat)) for chat in image_chats(family)], left=True)
     with torch.no_grad():
         cached = context.generate(model, **prompts, max_new_tokens=4, do_sample=False, use_cache=True)
@@ -237,7 +252,7 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     torch.testing.assert_close(cached, uncached)
     record(family, "generate")
 
-    # 7. save/load: the adapter directory gives a fresh NF4 model the same logits.
+    # 8. save/load: the adapter directory gives a fresh NF4 model the same logits.
     spec = AdapterSpec(groups, base, base_summary(model.config), TASKS, False).resolved()
     directory = save_adapter(tmp_path / "adapter", spec, trainable_tensors(model))
     with torch.no_grad(), context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
@@ -250,7 +265,7 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     record(family, "save/load")
 
-    # 8. export: PEFT's LoRA from mmpeft's gives the same logits on the unquantized base.
+    # 9. export: PEFT's LoRA from mmpeft's gives the same logits on the unquantized base.
     from peft import PeftModel
 
     lora = write_lora(tmp_path / "lora", base)

@@ -374,8 +374,9 @@ class ChatEncoder:
         elif names:
             text = [item["text"] for item in items]
             enc = self.processor(text=text, images=[item["pictures"] for item in items], padding=True, return_tensors="pt", add_special_tokens=self.adds_special_tokens(text[0]))
-            _, images = self._split_inputs(enc, enc["input_ids"].shape[1])
-            inputs.update(images)
+            # Only its image inputs: its per-token ones are padded on the processor's side and uncut.
+            tokens = enc["input_ids"].shape  # (batch, seq)
+            inputs.update({name: value for name, value in enc.items() if name in names and value.shape[:2] != tokens})
         return inputs
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,10 +9,13 @@ needs no code, only, at worst, an explicit path in the config.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
-from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.models.auto.configuration_auto import model_type_to_module_name
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
 from mmpeft.adapters.quant import keep_standard_layout
@@ -138,13 +142,43 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
             if "torchvision" not in str(exc).lower() or is_torchvision_available():
                 raise
             config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-            return _without_video(PROCESSOR_MAPPING[type(config)], pretrained).from_pretrained(pretrained, **kwargs)
+            processor_class = PROCESSOR_MAPPING[type(config)]
+            if type(processor_class).__name__ == "DummyObject":  # transformers' stand-in for a class it could not import
+                processor_class = _import_with_pil_helpers(processor_class.__name__)
+            return _without_video(processor_class, pretrained).from_pretrained(pretrained, **kwargs)
     except (ImportError, ValueError) as exc:
         if isinstance(exc, ValueError) and "torchvision" not in str(exc).lower():
             raise
         raise ConfigError(f"{key}: the processor of {pretrained!r} needs a package that is not installed: {' '.join(str(exc).split())}") from exc
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
+
+
+def _import_with_pil_helpers(class_name: str) -> type[ProcessorMixin]:
+    """Import the processor class ``class_name`` whose module takes helper functions from its torchvision image processor.
+
+    PixtralProcessor's module imports ``get_resize_output_image_size`` from
+    ``image_processing_pixtral``, which needs torchvision; the same function is in its PIL twin,
+    ``image_processing_pil_pixtral``. For the import only, the PIL module stands in for the
+    torchvision one; the image processor itself is then the PIL class (``AutoImageProcessor``'s
+    choice without torchvision).
+    """
+    tried = []
+    for model_type, name in PROCESSOR_MAPPING_NAMES.items():
+        if name != class_name:
+            continue
+        package = f"transformers.models.{model_type_to_module_name(model_type)}"
+        module = f"{package}.processing_{model_type_to_module_name(model_type)}"
+        twin = f"{package}.image_processing_{model_type_to_module_name(model_type)}"
+        tried.append(module)
+        if importlib.util.find_spec(module) is None or importlib.util.find_spec(twin.replace("image_processing_", "image_processing_pil_")) is None:
+            continue
+        sys.modules[twin] = importlib.import_module(twin.replace("image_processing_", "image_processing_pil_"))
+        try:
+            return getattr(importlib.import_module(module), class_name)
+        finally:
+            del sys.modules[twin]
+    raise ImportError(f"{class_name} needs torchvision and has no PIL image processor to stand in (looked in {', '.join(tried) or 'no module'})")
 
 
 class NoVideoProcessor:

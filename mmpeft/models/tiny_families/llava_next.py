@@ -2,7 +2,8 @@
 
 CLIP vision tower, Mistral text model, anyres image patches: every image becomes a base view
 plus a grid of crops chosen from ``image_grid_pinpoints`` by its aspect ratio, so the number of
-``<image>`` tokens varies with the image size, as in the real model (here 9 to 51 per image).
+``<image>`` tokens varies with the image size and shape, as in the real model (here about 19 to
+51 per image).
 
 Also home of the helpers the other tiny families of this folder share (text sizes, byte-level
 tokenizer, anyres grid).
@@ -10,11 +11,13 @@ tokenizer, anyres grid).
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Any
 
 from tokenizers import pre_tokenizers
 from transformers import (
+    BaseImageProcessor,
     CLIPVisionConfig,
     GenerationConfig,
     LlavaNextConfig,
@@ -105,6 +108,26 @@ def byte_level_tokenizer(
 def pinpoints(view: int, grids: tuple[tuple[int, int], ...]) -> list[list[int]]:
     """``image_grid_pinpoints`` (height, width in pixels) of anyres grids of ``view``-pixel crops."""
     return [[rows * view, cols * view] for rows, cols in grids]
+
+
+def save_processor_parts(
+    out: pathlib.Path,
+    processor_class: str,
+    tokenizer: PreTrainedTokenizerFast,
+    image_processor: BaseImageProcessor,
+    chat_template: str,
+    **settings: Any,
+) -> None:
+    """Save a processor that cannot be built here part by part, as its hub repo lays it out:
+    tokenizer files, preprocessor_config.json, processor_config.json with the processor's own
+    settings, and the chat template (chat_template.jinja). For processors whose class needs
+    torchvision (its video processor, or its module): ``AutoProcessor`` rebuilds them from these
+    files where torchvision is installed."""
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    config = {"processor_class": processor_class, **settings}
+    (out / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build(out: pathlib.Path, seed: int) -> None:
