@@ -61,8 +61,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     checks = module.CHECKS
     width = max(len(f) for f in module.RESULTS)
     terminalreporter.write_sep("=", "family conformance (tests/test_families.py)")
-    terminalreporter.write_line(f"{'family':<{width}}  " + "  ".join(checks))
+    widths = [max(len(c), *(len(row.get(c, "-")) for row in module.RESULTS.values())) for c in checks]
+    terminalreporter.write_line(f"{'family':<{width}}  " + "  ".join(c.center(w) for c, w in zip(checks, widths)))
     for family, row in module.RESULTS.items():
         # A check a failing test never reached shows "-": the failure is in the first of them.
-        cells = [row.get(c, "-").center(len(c)) for c in checks]
+        cells = [row.get(c, "-").center(w) for c, w in zip(checks, widths)]
         terminalreporter.write_line(f"{family:<{width}}  " + "  ".join(cells))

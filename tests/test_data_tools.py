@@ -119,8 +119,8 @@ def test_inspect_reports_tasks_images_lengths_and_drops(tiny_model_dirs, tmp_pat
     assert tight["tokens"]["truncated"] >= 1 and tight["skipped"] == {}
     # A cut inside the image tokens drops every sample, named by shard and key, lengths still measured.
     cut = inspect_shards(str(out), tiny_model_dirs["llava"], max_length=8, progress=False)
-    assert cut["skipped"] == {"too_long": 24} and cut["usable"] == 0
-    assert cut["skipped_examples"]["too_long"][0].startswith("train-000000.tar:")
+    assert cut["skipped"] == {"cuts_image_tokens": 24} and cut["usable"] == 0
+    assert cut["skipped_examples"]["cuts_image_tokens"][0].startswith("train-000000.tar:")
     assert cut["tokens"]["per_task"]["compare"]["max"] == longest
 
 

@@ -121,7 +121,7 @@ def test_truncation_keeps_image_tokens_whole(processors, family):
     encoder = ChatEncoder(processor, ["t"], max_length=image_end - 3)
     raw = raw_sample("k", "t", messages, [image()])
     assert encoder(raw) is None
-    assert encoder.skipped == {"too_long": 1}
+    assert encoder.skipped == {"cuts_image_tokens": 1}
 
     # A cut after the images but before any answer leaves nothing to train on.
     encoder = ChatEncoder(processor, ["t"], max_length=image_end + 2)

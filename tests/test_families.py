@@ -6,7 +6,8 @@ through:
 
 1. ``load``: the processor keeps every setting it saved; the model loads in NF4.
 2. ``encode``: the labelled tokens decode to exactly each assistant turn's text and its
-   end-of-turn token, for one turn and several, with 0, 1 and 2 images.
+   end-of-turn token, for one turn and several, with 0, 1 and 2 images; ``max_length``
+   truncates, or skips a sample it would cut through image tokens.
 3. ``batch``: a batch of samples with images of different sizes equals the processor's own batch.
 4. ``inject``: LoRA on ``attention`` and AsymLoRA on ``mlp`` (the aliases) wrap the language model's
    layers and nothing outside it.
@@ -173,6 +174,15 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     if family in PREFIX_LM:
         with pytest.raises(SampleError, match="processor_refused"):
             encoder.encode(sample(*CHATS[-1]))  # text only
+    # max_length: a cut in the last answer truncates; a cut through image tokens skips the sample.
+    multi = sample(*CHATS[1])
+    full = items["multi"]["labels"].numel()
+    short = ChatEncoder(processor, TASKS, max_length=full - 2).encode(multi)
+    assert torch.equal(short["labels"], items["multi"]["labels"][: full - 2])
+    assert all(value.shape[0] == full - 2 for value in short["tokens"].values())
+    image_positions = torch.isin(items["multi"]["tokens"]["input_ids"], encoder.image_token_ids).nonzero()
+    with pytest.raises(SampleError, match="cuts_image_tokens"):
+        ChatEncoder(processor, TASKS, max_length=int(image_positions[len(image_positions) // 2])).encode(multi)
     record(family, "encode")
 
     # 3. batch: samples with images of other sizes batch as the processor batches them (per-token

@@ -248,7 +248,7 @@ class ChatEncoder:
         length = ids.numel()
         exc = None
         if length > self.max_length and is_image[self.max_length :].any():
-            exc = SampleError("too_long", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
+            exc = SampleError("cuts_image_tokens", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
         elif not target[: self.max_length].any():
             exc = SampleError("no_target_tokens", f"no assistant token left within max_length={self.max_length}")
         if exc is not None:

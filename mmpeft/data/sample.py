@@ -25,7 +25,7 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.length: int | None = None
-        """The sample's length in tokens, when it is known (``too_long``)."""
+        """The sample's length in tokens, when it is known (``cuts_image_tokens``, ``too_long``)."""
 
 
 @dataclass
