@@ -154,8 +154,7 @@ class MMPeftModule(L.LightningModule):
         self.routing_context = RoutingContext()
         for i, group in enumerate(adapters):
             group.resolve(i)  # unknown adapter names and keys fail here, before any model is loaded
-        if backbone.build_tiny is None:
-            backbone.check_exists()
+        backbone.check_exists()
         self.model: torch.nn.Module | None = None
         # Checkpoints hold only trainable tensors, so loading one must accept the frozen base's absence.
         self.strict_loading = False

@@ -147,3 +147,8 @@ def test_a_checkpoint_that_is_not_image_text_is_refused_naming_its_type(tmp_path
     tiny_llama.save_pretrained(tmp_path / "llama")
     with pytest.raises(ConfigError, match=r"model.backbone.pretrained: model type 'llama' is not an image-text model .* docs/families.md"):
         load_backbone(Backbone(str(tmp_path / "llama")), torch.device("cpu"))
+
+
+def test_an_unknown_tiny_family_names_the_key_and_the_families():
+    with pytest.raises(ConfigError, match=r"model.backbone.build_tiny: unknown family 'llava2'; one of llava, qwen2_vl, .*gemma3"):
+        Backbone("/tmp/nowhere", build_tiny="llava2").check_exists()

@@ -67,7 +67,9 @@ def test_each_lever_and_all_together_keep_loss_and_gradients(tiny_model_dirs, fa
         torch.testing.assert_close(samples, samples0, rtol=1e-5, atol=1e-6, msg=name)
         assert grads.keys() == grads0.keys()
         for key in grads0:
-            torch.testing.assert_close(grads[key], grads0[key], rtol=1e-4, atol=1e-7, msg=f"{name}: {key}")
+            # Summation order differs (chunks): an element near zero may differ by float32 noise of the tensor's scale.
+            scale = grads0[key].abs().max().item()
+            torch.testing.assert_close(grads[key], grads0[key], rtol=1e-4, atol=max(1e-7, 1e-6 * scale), msg=lambda m: f"{name}: {key}: {m}")
 
 
 def test_chunked_cross_entropy_matches_whole_logits_in_value_and_gradient():

@@ -68,7 +68,7 @@ class Backbone:
     """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``). ``None``: transformers chooses per sub-model, sdpa where the architecture supports it (Gemma 2's soft-capping, in PaliGemma 2, does not)."""
 
     build_tiny: str | None = None
-    """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there first."""
+    """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there first (``python -m mmpeft tiny-model --help`` lists the families)."""
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.compute_dtype != "auto":
@@ -76,6 +76,12 @@ class Backbone:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def check_exists(self) -> None:
+        if self.build_tiny is not None:
+            from mmpeft.models.tiny import FAMILIES
+
+            if self.build_tiny not in FAMILIES:
+                raise ConfigError(f"model.backbone.build_tiny: unknown family {self.build_tiny!r}; one of {', '.join(FAMILIES)}")
+            return  # built in prepare_data
         check_checkpoint(self.pretrained, "model.backbone.pretrained")
 
 
