@@ -8,6 +8,10 @@ production without network access or model downloads.
 Everything is created locally: a byte-level BPE tokenizer trained on a small built-in corpus,
 the family's image processor sized for ~16 image tokens per small image, a chat template that
 mimics the real checkpoint's, and a model with a few thousand parameters per layer.
+
+LLaVA and Qwen2-VL are built here; every other family in ``tiny_families/<family>.py``, from the
+sizes and helpers below that the families share (tokenizer training, text and vision tower sizes,
+model and processor saving).
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import importlib
 import json
 import os
 import pathlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    BaseImageProcessor,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
     GenerationConfig,
@@ -30,6 +36,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Tokenizer,
     Qwen2VLConfig,
@@ -54,7 +61,7 @@ MARKER_FILE = ".mmpeft-tiny.json"
 # Bump when the layout of a build changes so stale caches are rebuilt rather than reused.
 _BUILD_VERSION = 3
 
-# Shared text-model size (both families).
+# Shared text-model size (every family; Mllama adds a cross-attention layer).
 _TEXT_HIDDEN = 64
 _TEXT_LAYERS = 2
 _TEXT_HEADS = 4
@@ -66,6 +73,11 @@ _TARGET_VOCAB = 1000
 # 0.02 * hidden * 1 = 1.3, so no adapter could push the loss far below ln(vocab). A wider
 # init gives the frozen head the logit range a trained one has, and the demo's loss room to fall.
 _TEXT_INIT_STD = 0.1
+# Shared vision-tower size (the ViT-style towers; Mllama's and the Qwen families' name them differently).
+_VISION_HIDDEN = 32
+_VISION_LAYERS = 2
+_VISION_HEADS = 2
+_VISION_INTERMEDIATE = 64
 
 # LLaVA: a 32x32 crop cut into 8x8 CLIP patches gives 16 patches (+ CLS, dropped by "default").
 _LLAVA_IMAGE_SIZE = 32
@@ -123,6 +135,11 @@ _QWEN_SPECIALS = (
 # vocab/merges on load: training with anything else would tokenize differently after a reload.
 _QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Llama 3's pre-tokenisation (tiktoken's cl100k pattern: digits in groups of up to three), used
+# by Idefics3 and Mllama.
+_LLAMA3_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # Like llava-hf/llava-1.5-7b-hf ("USER: <image>\n... ASSISTANT: ...</s>"), but also accepts
@@ -195,7 +212,7 @@ def build_tiny_model(
 
     with staged_dir(out) as staging:
         _builder(family)(staging, seed)
-        (staging / MARKER_FILE).write_text(json.dumps(wanted, indent=2) + "\n")
+        write_json(staging / MARKER_FILE, wanted)
     return out
 
 
@@ -204,6 +221,11 @@ def _read_marker(out: pathlib.Path) -> dict[str, Any] | None:
         return json.loads((out / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
+
+
+def write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
+    """Write ``values`` as the hub's JSON files are: indented by 2, keys sorted, a final newline."""
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def _corpus() -> list[str]:
@@ -254,14 +276,19 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _train_bpe(pre_tokenizer: pre_tokenizers.PreTokenizer, special_tokens: list[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE; the 256-byte initial alphabet lets any text round-trip."""
+def _train_bpe(
+    pre_tokenizer: pre_tokenizers.PreTokenizer | None, special_tokens: Iterable[str], vocab_size: int
+) -> Tokenizer:
+    """Train a byte-level BPE; the 256-byte initial alphabet lets any text round-trip. The
+    ``special_tokens`` take the first ids; ``pre_tokenizer`` defaults to GPT-2's byte-level one."""
     tokenizer = Tokenizer(models.BPE())
+    if pre_tokenizer is None:
+        pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=special_tokens,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -269,58 +296,234 @@ def _train_bpe(pre_tokenizer: pre_tokenizers.PreTokenizer, special_tokens: list[
     return tokenizer
 
 
-def _llava_tokenizer() -> PreTrainedTokenizerFast:
-    specials = _LLAVA_SPECIALS
-    # <unk>, <s>, </s> take ids 0-2 as in Llama; <image> then <pad> follow the vocabulary as in
-    # llava-hf/llava-1.5-7b-hf (32000, 32001).
-    backend = _train_bpe(
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-        [specials["unk"], specials["bos"], specials["eos"]],
-        _TARGET_VOCAB - 2,
+def regex_byte_level(regex: str) -> pre_tokenizers.PreTokenizer:
+    """Split on a tiktoken-style ``regex``, then map to bytes (without GPT-2's own split): the
+    pre-tokenisation of the Qwen2, Llama 3 and Tekken (Mistral) vocabularies."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
-    backend.add_special_tokens([specials["image"], specials["pad"]])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+
+
+def byte_level_tokenizer(
+    leading: Iterable[str],
+    trailing: Iterable[str],
+    pre_tokenizer: pre_tokenizers.PreTokenizer | None = None,
+    **kwargs: Any,
+) -> PreTrainedTokenizerFast:
+    """A ~1000-token byte-level BPE: ``leading`` special tokens take the first ids (as <unk>, <s>,
+    </s> in Llama/Mistral vocabularies), ``trailing`` ones follow the learned vocabulary (as
+    LLaVA's <image> or Llama 3's <|...|> tokens). ``pre_tokenizer`` defaults to GPT-2's byte-level
+    one; ``kwargs`` go to PreTrainedTokenizerFast."""
+    trailing = list(trailing)
+    backend = _train_bpe(pre_tokenizer, leading, _TARGET_VOCAB - len(trailing))
+    backend.add_special_tokens(trailing)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=_MAX_POSITIONS, **kwargs)
+
+
+def bpe_vocab(
+    pre_tokenizer: pre_tokenizers.PreTokenizer | None = None,
+    leading: Iterable[str] = (),
+    trailing: Iterable[str] = (),
+    *,
+    added_later: int = 0,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The vocabulary and merges of a ~1000-token BPE, for the tokenizer classes that rebuild their
+    pipeline from them on load (``Qwen2Tokenizer``, ``GPT2Tokenizer``, ``GemmaTokenizer``), so the
+    pieces must be learned with the same ``pre_tokenizer`` they rebuild (default: GPT-2's
+    byte-level one).
+
+    ``leading`` tokens take the first ids; ``trailing`` ones follow the learned pieces in the order
+    given, so their ids do not depend on the order in which a tokenizer class registers them;
+    ``added_later`` ids are left for tokens the caller adds to the tokenizer itself.
+    """
+    trailing = list(trailing)
+    backend = _train_bpe(pre_tokenizer, leading, _TARGET_VOCAB - len(trailing) - added_later)
+    model = json.loads(backend.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(trailing)})
+    return vocab, [tuple(merge) for merge in model["merges"]]
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    found = tokenizer.get_vocab().get(token)
+    if found is None:
+        raise RuntimeError(f"tokenizer has no id for special token {token!r}")
+    return found
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Iterable[str]) -> dict[str, int]:
+    """``{token: id}`` for each of ``tokens``."""
+    return {token: token_id(tokenizer, token) for token in tokens}
+
+
+def text_sizes(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of the shared tiny text-model size, for any Llama-like text config."""
+    return {
+        "hidden_size": _TEXT_HIDDEN,
+        "intermediate_size": _TEXT_INTERMEDIATE,
+        "num_hidden_layers": _TEXT_LAYERS,
+        "num_attention_heads": _TEXT_HEADS,
+        "num_key_value_heads": _TEXT_KV_HEADS,
+        "max_position_embeddings": _MAX_POSITIONS,
+        "initializer_range": _TEXT_INIT_STD,
+        **overrides,
+    }
+
+
+def vision_sizes(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of the shared tiny vision-tower size, for ViT-style vision configs
+    (CLIP, SigLIP, InternViT, Pixtral, Phi-4's SigLIP); ``overrides`` add the image and patch sizes."""
+    return {
+        "hidden_size": _VISION_HIDDEN,
+        "intermediate_size": _VISION_INTERMEDIATE,
+        "num_hidden_layers": _VISION_LAYERS,
+        "num_attention_heads": _VISION_HEADS,
+        **overrides,
+    }
+
+
+def siglip_vision_config(image_size: int, patch: int) -> dict[str, Any]:
+    """A tiny SigLIP tower without the pooling head (Gemma 3, PaliGemma, LLaVA-OneVision; the
+    real one: hidden 1152, 27 layers, 14-pixel patches)."""
+    return {
+        "model_type": "siglip_vision_model",
+        **vision_sizes(image_size=image_size, patch_size=patch, vision_use_head=False),
+    }
+
+
+def pinpoints(view: int, grids: tuple[tuple[int, int], ...]) -> list[list[int]]:
+    """``image_grid_pinpoints`` (height, width in pixels) of anyres grids of ``view``-pixel crops."""
+    return [[rows * view, cols * view] for rows, cols in grids]
+
+
+def save_model(
+    model_class: type[PreTrainedModel],
+    config: PreTrainedConfig,
+    out: pathlib.Path,
+    seed: int,
+    *,
+    adjust: Callable[[PreTrainedModel], None] | None = None,
+    **generation: Any,
+) -> None:
+    """Save a ``model_class(config)`` initialised from ``seed`` (float32, safetensors) to ``out``,
+    with a generation config of ``generation`` (token ids, and the real checkpoint's sampling
+    settings where it samples). ``adjust`` may change its fresh weights in place before saving."""
+    torch.manual_seed(seed)
+    model = model_class(config).to(torch.float32)
+    if adjust is not None:
+        with torch.no_grad():
+            adjust(model)
+    model.generation_config = GenerationConfig(**generation)
+    model.save_pretrained(out)
+
+
+def save_processor_parts(
+    out: pathlib.Path,
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: BaseImageProcessor | None = None,
+    processor_config: dict[str, Any] | None = None,
+) -> None:
+    """Save a processor that cannot be built here part by part, as its hub repo lays it out: the
+    tokenizer files (with the chat template the tokenizer holds), the image processor's
+    preprocessor_config.json and, where given, ``processor_config`` (the processor's class and its
+    own settings) as processor_config.json. For processors whose class needs torchvision (its
+    video processor, or its module): ``AutoProcessor`` rebuilds them from these files where
+    torchvision is installed."""
+    tokenizer.save_pretrained(out)
+    if image_processor is not None:
+        image_processor.save_pretrained(out)
+    if processor_config is not None:
+        write_json(out / "processor_config.json", processor_config)
+
+
+def llava_tokenizer(**kwargs: Any) -> PreTrainedTokenizerFast:
+    """The Llama/Mistral tokenizer of LLaVA and LLaVA-NeXT: <unk>, <s>, </s> take ids 0-2 as in
+    Llama; <image> then <pad> follow the vocabulary as in the llava-hf checkpoints (32000, 32001).
+    ``kwargs`` (padding side, chat template) go to PreTrainedTokenizerFast."""
+    specials = _LLAVA_SPECIALS
+    return byte_level_tokenizer(
+        [specials["unk"], specials["bos"], specials["eos"]],
+        [specials["image"], specials["pad"]],
         bos_token=specials["bos"],
         eos_token=specials["eos"],
         unk_token=specials["unk"],
         pad_token=specials["pad"],
         extra_special_tokens={"image_token": specials["image"]},
-        add_bos_token=True,  # Llama tokenizers prepend <s>; the chat template does not
+        add_bos_token=True,  # Llama tokenizers prepend <s>; the chat templates do not
         add_eos_token=False,
-        padding_side="right",
-        model_max_length=_MAX_POSITIONS,
-        chat_template=_LLAVA_CHAT_TEMPLATE,
+        **kwargs,
     )
 
 
-def _qwen_tokenizer(
+def llava_special_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The bos/eos/pad token ids of ``llava_tokenizer``, as LLaVA's text and generation configs take them."""
+    return {f"{name}_token_id": token_id(tokenizer, _LLAVA_SPECIALS[name]) for name in ("bos", "eos", "pad")}
+
+
+def llama3_tokenizer(trailing: Iterable[str], **kwargs: Any) -> PreTrainedTokenizerFast:
+    """A Llama 3 tokenizer (Idefics3, Mllama): its pre-tokenisation, the learned vocabulary, then
+    the ``trailing`` special tokens; the post-processor prepends <|begin_of_text|>. ``kwargs`` go
+    to PreTrainedTokenizerFast."""
+    return byte_level_tokenizer(
+        [],
+        trailing,
+        regex_byte_level(_LLAMA3_PRETOKENIZE_REGEX),
+        bos_token="<|begin_of_text|>",
+        add_bos_token=True,
+        add_eos_token=False,
+        **kwargs,
+    )
+
+
+def _build_llava(out: pathlib.Path, seed: int) -> None:
+    tokenizer = llava_tokenizer(padding_side="right", chat_template=_LLAVA_CHAT_TEMPLATE)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=_LLAVA_CHAT_TEMPLATE,
+    )
+    special_ids = llava_special_ids(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            **vision_sizes(image_size=_LLAVA_IMAGE_SIZE, patch_size=_LLAVA_PATCH, projection_dim=32)
+        ),
+        text_config=LlamaConfig(**text_sizes(vocab_size=len(tokenizer), **special_ids)),
+        image_token_index=token_id(tokenizer, _LLAVA_SPECIALS["image"]),
+        image_seq_length=(_LLAVA_IMAGE_SIZE // _LLAVA_PATCH) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    save_model(LlavaForConditionalGeneration, config, out, seed, **special_ids)
+    processor.save_pretrained(out)
+
+
+def qwen_tokenizer(
     added: tuple[str, ...] = _QWEN_SPECIALS,
     *,
     not_special: frozenset[str] = frozenset(),
     chat_template: str = _QWEN_CHAT_TEMPLATE,
     **kwargs: Any,
 ) -> Qwen2Tokenizer:
-    """A Qwen2 byte-level BPE whose `added` tokens follow the vocabulary in the order given.
+    """A Qwen2 byte-level BPE whose `added` tokens follow the vocabulary in the order given (the
+    real checkpoint's, <|endoftext|> first).
 
     Every added token is special except those in `not_special` (single tokens that decoding
     keeps, like Qwen2.5's ``<tool_call>``); `kwargs` go to `Qwen2Tokenizer`.
     """
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend = _train_bpe(pre_tokenizer, [], _TARGET_VOCAB - len(added))
-    model = json.loads(backend.to_str())["model"]
-    # Added tokens follow the vocabulary in the real checkpoint's order (<|endoftext|> first), so
-    # their ids do not depend on the order in which the tokenizer class registers them.
-    vocab = dict(model["vocab"])
-    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(added)})
+    vocab, merges = bpe_vocab(regex_byte_level(_QWEN_PRETOKENIZE_REGEX), trailing=added)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
-        merges=[tuple(merge) for merge in model["merges"]],
+        merges=merges,
         unk_token=None,
         eos_token="<|im_end|>",  # as in Qwen2-VL-*-Instruct
         pad_token="<|endoftext|>",
@@ -335,83 +538,35 @@ def _qwen_tokenizer(
     return tokenizer
 
 
-def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
-    token_id = tokenizer.get_vocab().get(token)
-    if token_id is None:
-        raise RuntimeError(f"tokenizer has no id for special token {token!r}")
-    return token_id
+def qwen_ids(tokenizer: Qwen2Tokenizer) -> tuple[int, int]:
+    """The ids of <|endoftext|> (BOS and padding of the Qwen text models) and <|im_end|> (their
+    EOS, as in the Instruct checkpoints)."""
+    return token_id(tokenizer, "<|endoftext|>"), token_id(tokenizer, "<|im_end|>")
 
 
-def _build_llava(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _llava_tokenizer()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=_LLAVA_PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=_LLAVA_CHAT_TEMPLATE,
-    )
-    ids = {name: _token_id(tokenizer, token) for name, token in _LLAVA_SPECIALS.items()}
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_LLAVA_IMAGE_SIZE,
-            patch_size=_LLAVA_PATCH,
-            projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=_TEXT_HIDDEN,
-            intermediate_size=_TEXT_INTERMEDIATE,
-            num_hidden_layers=_TEXT_LAYERS,
-            num_attention_heads=_TEXT_HEADS,
-            num_key_value_heads=_TEXT_KV_HEADS,
-            max_position_embeddings=_MAX_POSITIONS,
-            initializer_range=_TEXT_INIT_STD,
-            bos_token_id=ids["bos"],
-            eos_token_id=ids["eos"],
-            pad_token_id=ids["pad"],
-        ),
-        image_token_index=ids["image"],
-        image_seq_length=(_LLAVA_IMAGE_SIZE // _LLAVA_PATCH) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    generation_config = GenerationConfig(
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
-    )
-    _save_model(LlavaForConditionalGeneration, config, generation_config, out, seed)
-    processor.save_pretrained(out)
+def qwen_generation(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
+    """The generation config of the Qwen-VL checkpoints (and LLaVA-OneVision's): stop at
+    <|im_end|> or <|endoftext|>."""
+    end_of_text, im_end = qwen_ids(tokenizer)
+    return {"bos_token_id": end_of_text, "eos_token_id": [im_end, end_of_text], "pad_token_id": end_of_text}
 
 
 def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _qwen_tokenizer()
-    _build_qwen_vl(
+    tokenizer = qwen_tokenizer()
+    build_qwen_vl(
         out,
         seed,
         Qwen2VLForConditionalGeneration,
         Qwen2VLConfig,
         tokenizer,
-        _qwen_image_processor(),
-        text_config=_qwen_text_config(
-            tokenizer,
-            max_window_layers=_TEXT_LAYERS,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
-        ),
+        qwen_image_processor(),
+        text_config=qwen2_vl_text_config(tokenizer),
         vision_config={
-            "depth": 2,
-            "embed_dim": 32,
+            "depth": _VISION_LAYERS,
+            "embed_dim": _VISION_HIDDEN,
             "hidden_size": _TEXT_HIDDEN,  # the merger projects straight into the text model
-            "mlp_ratio": 2,
-            "num_heads": 2,
+            "mlp_ratio": _VISION_INTERMEDIATE // _VISION_HIDDEN,
+            "num_heads": _VISION_HEADS,
             "patch_size": _QWEN_PATCH,
             "spatial_merge_size": _QWEN_MERGE,
             "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
@@ -419,7 +574,7 @@ def _build_qwen2_vl(out: pathlib.Path, seed: int) -> None:
     )
 
 
-def _qwen_image_processor(**kwargs: Any) -> Qwen2VLImageProcessorPil:
+def qwen_image_processor(**kwargs: Any) -> Qwen2VLImageProcessorPil:
     """Qwen2-VL's image processor at ~16 image tokens per image (`kwargs` override)."""
     settings = {
         "min_pixels": _QWEN_PIXELS,
@@ -431,26 +586,39 @@ def _qwen_image_processor(**kwargs: Any) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil(**{**settings, **kwargs})
 
 
-def _qwen_text_config(tokenizer: Qwen2Tokenizer, **kwargs: Any) -> dict[str, Any]:
+def qwen_text_config(tokenizer: Qwen2Tokenizer, **kwargs: Any) -> dict[str, Any]:
     """The tiny text model of the Qwen families (`kwargs` add or override keys)."""
-    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
+    end_of_text, im_end = qwen_ids(tokenizer)
+    ids = {"bos_token_id": end_of_text, "eos_token_id": im_end, "pad_token_id": end_of_text}
+    return {**text_sizes(vocab_size=len(tokenizer), **ids), **kwargs}
+
+
+def qwen2_vl_text_config(tokenizer: Qwen2Tokenizer) -> dict[str, Any]:
+    """The text model of Qwen2-VL, which Qwen2.5-VL kept: every layer full attention, mRoPE."""
+    return qwen_text_config(
+        tokenizer,
+        max_window_layers=_TEXT_LAYERS,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
+    )
+
+
+def qwen_vision_config(patch_size: int, **kwargs: Any) -> dict[str, Any]:
+    """The tiny vision tower of Qwen2.5-VL and Qwen3-VL with ``patch_size``-pixel patches, 2x2
+    merged (`kwargs` add the family's own keys)."""
     return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": _TEXT_HIDDEN,
-        "intermediate_size": _TEXT_INTERMEDIATE,
-        "num_hidden_layers": _TEXT_LAYERS,
-        "num_attention_heads": _TEXT_HEADS,
-        "num_key_value_heads": _TEXT_KV_HEADS,
-        "max_position_embeddings": _MAX_POSITIONS,
-        "initializer_range": _TEXT_INIT_STD,
-        "bos_token_id": end_of_text,
-        "eos_token_id": im_end,
-        "pad_token_id": end_of_text,
+        "depth": _VISION_LAYERS,
+        "hidden_size": _VISION_HIDDEN,
+        "intermediate_size": _VISION_INTERMEDIATE,
+        "num_heads": _VISION_HEADS,
+        "out_hidden_size": _TEXT_HIDDEN,  # the merger(s) project straight into the text model
+        "patch_size": patch_size,
+        "spatial_merge_size": _QWEN_MERGE,
+        "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
         **kwargs,
     }
 
 
-def _build_qwen_vl(
+def build_qwen_vl(
     out: pathlib.Path,
     seed: int,
     model_class: type[PreTrainedModel],
@@ -461,37 +629,19 @@ def _build_qwen_vl(
 ) -> None:
     """Save a Qwen-VL family checkpoint (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): `config_kwargs` hold
     at least `text_config` and `vision_config`; the vision token ids come from `tokenizer`."""
-    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
     config = config_class(
-        image_token_id=_token_id(tokenizer, "<|image_pad|>"),
-        video_token_id=_token_id(tokenizer, "<|video_pad|>"),
-        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
-        vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+        image_token_id=token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=token_id(tokenizer, "<|vision_end|>"),
         **config_kwargs,
     )
-    generation_config = GenerationConfig(
-        bos_token_id=end_of_text, eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text
-    )
-    _save_model(model_class, config, generation_config, out, seed)
-    # Saved part by part, the layout of Qwen/Qwen2-VL-2B-Instruct (preprocessor_config.json plus
-    # tokenizer files): building a Qwen2VLProcessor needs its video processor, which needs
-    # torchvision. AutoProcessor rebuilds the processor from these files, and the video
-    # processor from preprocessor_config.json, where torchvision is installed.
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-
-
-def _save_model(
-    model_class: type[PreTrainedModel],
-    config: PreTrainedConfig,
-    generation_config: GenerationConfig,
-    out: pathlib.Path,
-    seed: int,
-) -> None:
-    torch.manual_seed(seed)
-    model = model_class(config).to(torch.float32)
-    model.generation_config = generation_config
-    model.save_pretrained(out)  # safetensors
+    save_model(model_class, config, out, seed, **qwen_generation(tokenizer))
+    # The layout of Qwen/Qwen2-VL-2B-Instruct (preprocessor_config.json plus tokenizer files):
+    # building a Qwen2VLProcessor needs its video processor, which needs torchvision.
+    # AutoProcessor rebuilds the processor from these files, and the video processor from
+    # preprocessor_config.json, where torchvision is installed.
+    save_processor_parts(out, tokenizer, image_processor)
 
 
 _BUILDERS = {"llava": _build_llava, "qwen2_vl": _build_qwen2_vl}

@@ -1,7 +1,7 @@
 """Tiny Gemma 3: mimics google/gemma-3-4b-it (Gemma 3 text model, SigLIP tower, average-pooled projector).
 
 Also the home of what PaliGemma (``paligemma.py``) shares with it: the Gemma tokenizer and the
-SigLIP vision tower.
+Gemma text-model settings.
 
 Every image is resized to one square (896 pixels in the real model, 32 here) and always gives
 ``mm_tokens_per_image`` tokens: SigLIP's (32 / 4)^2 = 64 patches are average-pooled 2x2 into 16
@@ -14,7 +14,6 @@ which the model turns into bidirectional attention within each image.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -25,22 +24,18 @@ from transformers import (
     Gemma3ImageProcessorPil,
     Gemma3Processor,
     GemmaTokenizer,
-    GenerationConfig,
 )
 from transformers.image_utils import PILImageResampling
 
 from mmpeft.models.tiny import (
     _MAX_POSITIONS,
-    _TARGET_VOCAB,
     _TEXT_HEADS,
     _TEXT_HIDDEN,
-    _TEXT_INIT_STD,
-    _TEXT_INTERMEDIATE,
-    _TEXT_KV_HEADS,
-    _TEXT_LAYERS,
-    _save_model,
-    _token_id,
-    _train_bpe,
+    bpe_vocab,
+    save_model,
+    siglip_vision_config,
+    text_sizes,
+    token_ids,
 )
 
 # 32-pixel images cut into 8x8 patches of 4 pixels, pooled to 4x4 = 16 image tokens.
@@ -106,22 +101,19 @@ _CHAT_TEMPLATE = """{{ bos_token }}
 
 def gemma_tokenizer(trailing: int, **kwargs: Any) -> GemmaTokenizer:
     """A ``GemmaTokenizer`` (BPE with byte fallback, spaces written as "▁", no prefix space) of
-    about ``_TARGET_VOCAB`` tokens, ``trailing`` of which the caller adds after the learned pieces.
+    about 1000 tokens, ``trailing`` of which the caller adds after the learned pieces.
 
     ``GemmaTokenizer`` rebuilds its pipeline from the vocabulary and merges on load, so the pieces
     are learned on the same "▁"-joined words it produces.
     """
-    leading = [*GEMMA_SPECIALS, *GEMMA_TURN_TOKENS, *_BYTE_TOKENS]
-    backend = _train_bpe(
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"), [], _TARGET_VOCAB - len(leading) - trailing
+    vocab, merges = bpe_vocab(
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        [*GEMMA_SPECIALS, *GEMMA_TURN_TOKENS, *_BYTE_TOKENS],
+        added_later=trailing,
     )
-    model = json.loads(backend.to_str())["model"]
-    vocab = {token: i for i, token in enumerate(leading)}
-    for piece in sorted(model["vocab"], key=model["vocab"].get):
-        vocab.setdefault(piece, len(vocab))
     tokenizer = GemmaTokenizer(
         vocab=vocab,
-        merges=[tuple(merge) for merge in model["merges"]],
+        merges=merges,
         add_bos_token=True,
         add_eos_token=False,
         model_max_length=_MAX_POSITIONS,
@@ -131,37 +123,16 @@ def gemma_tokenizer(trailing: int, **kwargs: Any) -> GemmaTokenizer:
     return tokenizer
 
 
-def siglip_vision_config(image_size: int, patch: int) -> dict[str, Any]:
-    """A tiny SigLIP tower (the real one: hidden 1152, 27 layers, 14-pixel patches)."""
-    return {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": image_size,
-        "patch_size": patch,
-        "vision_use_head": False,
-    }
-
-
 def gemma_text_config(vocab_size: int, sliding_window: int) -> dict[str, Any]:
     """Text-model settings common to Gemma 2 and Gemma 3: query scaling by head_dim, sliding-window
     layers alternating with global ones, <pad>/<eos>/<bos> at ids 0/1/2, tied embeddings."""
     head_dim = _TEXT_HIDDEN // _TEXT_HEADS
     return {
-        "vocab_size": vocab_size,
-        "hidden_size": _TEXT_HIDDEN,
-        "intermediate_size": _TEXT_INTERMEDIATE,
-        "num_hidden_layers": _TEXT_LAYERS,
-        "num_attention_heads": _TEXT_HEADS,
-        "num_key_value_heads": _TEXT_KV_HEADS,
+        **text_sizes(vocab_size=vocab_size),
         "head_dim": head_dim,
         "query_pre_attn_scalar": head_dim,  # 256 = head_dim in the real 2B/4B models
         "sliding_window": sliding_window,
         "layer_types": ["sliding_attention", "full_attention"],
-        "max_position_embeddings": _MAX_POSITIONS,
-        "initializer_range": _TEXT_INIT_STD,
         "pad_token_id": 0,
         "eos_token_id": 1,
         "bos_token_id": 2,
@@ -186,7 +157,7 @@ def build(out: pathlib.Path, seed: int) -> None:
         chat_template=_CHAT_TEMPLATE,
         image_seq_length=_MM_TOKENS,
     )
-    ids = {token: _token_id(tokenizer, token) for token in (_BOI, _EOI, _IMAGE_SOFT, "<end_of_turn>")}
+    ids = token_ids(tokenizer, (_BOI, _EOI, _IMAGE_SOFT, "<end_of_turn>"))
     config = Gemma3Config(
         text_config={
             **gemma_text_config(len(tokenizer), _SLIDING_WINDOW),
@@ -202,6 +173,13 @@ def build(out: pathlib.Path, seed: int) -> None:
         image_token_index=ids[_IMAGE_SOFT],
     )
     # The real generation config also samples (do_sample, top_k=64, top_p=0.95); only the ids here.
-    generation_config = GenerationConfig(bos_token_id=2, eos_token_id=[1, ids["<end_of_turn>"]], pad_token_id=0)
-    _save_model(Gemma3ForConditionalGeneration, config, generation_config, out, seed)
+    save_model(
+        Gemma3ForConditionalGeneration,
+        config,
+        out,
+        seed,
+        bos_token_id=2,
+        eos_token_id=[1, ids["<end_of_turn>"]],
+        pad_token_id=0,
+    )
     processor.save_pretrained(out)

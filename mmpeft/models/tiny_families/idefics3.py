@@ -18,9 +18,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-from tokenizers import Regex, pre_tokenizers
 from transformers import (
-    GenerationConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessorPil,
@@ -29,19 +27,7 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from mmpeft.models.tiny import (
-    _MAX_POSITIONS,
-    _TARGET_VOCAB,
-    _TEXT_HEADS,
-    _TEXT_HIDDEN,
-    _TEXT_INIT_STD,
-    _TEXT_INTERMEDIATE,
-    _TEXT_KV_HEADS,
-    _TEXT_LAYERS,
-    _save_model,
-    _token_id,
-    _train_bpe,
-)
+from mmpeft.models.tiny import llama3_tokenizer, save_model, text_sizes, token_ids, vision_sizes
 
 # Idefics3: 16-pixel tiles of 4x4 patches, pixel shuffle by 2 -> (16 / 4)^2 / 2^2 = 4 image tokens a tile.
 _TILE = 16
@@ -51,10 +37,6 @@ _SCALE = 2
 # Idefics3, 2048 = 4 x 512 in SmolVLM): up to 4 x 4 tiles plus the global one.
 _TILES_PER_EDGE = 4
 
-# Llama 3's pre-tokenisation (digits in groups of up to three), then byte-level.
-_LLAMA3_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 _BOS, _EOS, _PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
 _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 
@@ -95,28 +77,14 @@ def image_processor_kwargs(tile: int) -> dict[str, Any]:
 
 def vision_config(tile: int, patch: int) -> dict[str, Any]:
     """A tiny SigLIP-style vision tower seeing one ``tile`` at a time."""
-    return {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": tile,
-        "patch_size": patch,
-    }
+    return vision_sizes(image_size=tile, patch_size=patch)
 
 
 def llama_text_config(vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int, rope_theta: float) -> dict[str, Any]:
     """The tiny Llama text model of Idefics3 (Llama 3) and SmolVLM (SmolLM2)."""
     return {
         "model_type": "llama",
-        "vocab_size": vocab_size,
-        "hidden_size": _TEXT_HIDDEN,
-        "intermediate_size": _TEXT_INTERMEDIATE,
-        "num_hidden_layers": _TEXT_LAYERS,
-        "num_attention_heads": _TEXT_HEADS,
-        "num_key_value_heads": _TEXT_KV_HEADS,
-        "max_position_embeddings": _MAX_POSITIONS,
-        "initializer_range": _TEXT_INIT_STD,
+        **text_sizes(vocab_size=vocab_size),
         "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "pad_token_id": pad_token_id,
@@ -129,25 +97,12 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     # Llama 3 layout: the BPE vocabulary, then <|begin_of_text|>, <|end_of_text|>,
     # <|reserved_special_token_0|> (128000-128002), then Idefics3's three tokens (128256-128258).
     # <row_r_col_c> and <global-img> are not tokens in Idefics3: they are tokenized as text.
-    added = [_BOS, _EOS, _PAD, _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE]
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend = _train_bpe(pre_tokenizer, [], _TARGET_VOCAB - len(added))
-    backend.add_special_tokens(added)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=_BOS,
+    return llama3_tokenizer(
+        [_BOS, _EOS, _PAD, _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE],
         eos_token=_END_OF_UTTERANCE,
         pad_token=_PAD,
         extra_special_tokens=[_FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE],
-        add_bos_token=True,  # Llama 3's post-processor prepends <|begin_of_text|>
-        add_eos_token=False,
         padding_side="left",
-        model_max_length=_MAX_POSITIONS,
     )
 
 
@@ -160,7 +115,7 @@ def build(out: pathlib.Path, seed: int) -> None:
         image_seq_len=seq_len,
         chat_template=chat_template(_BOS),
     )
-    ids = {token: _token_id(tokenizer, token) for token in (_BOS, _EOS, _PAD, _IMAGE, _END_OF_UTTERANCE)}
+    ids = token_ids(tokenizer, (_BOS, _EOS, _PAD, _IMAGE, _END_OF_UTTERANCE))
     config = Idefics3Config(
         vision_config=vision_config(_TILE, _PATCH),
         text_config=llama_text_config(len(tokenizer), ids[_PAD], ids[_BOS], ids[_EOS], rope_theta=500_000.0),
@@ -168,8 +123,13 @@ def build(out: pathlib.Path, seed: int) -> None:
         scale_factor=_SCALE,
         pad_token_id=ids[_PAD],
     )
-    generation_config = GenerationConfig(
-        bos_token_id=ids[_BOS], eos_token_id=[ids[_EOS], ids[_END_OF_UTTERANCE]], pad_token_id=ids[_PAD]
+    save_model(
+        Idefics3ForConditionalGeneration,
+        config,
+        out,
+        seed,
+        bos_token_id=ids[_BOS],
+        eos_token_id=[ids[_EOS], ids[_END_OF_UTTERANCE]],
+        pad_token_id=ids[_PAD],
     )
-    _save_model(Idefics3ForConditionalGeneration, config, generation_config, out, seed)
     processor.save_pretrained(out)

@@ -10,11 +10,9 @@ several, so the tile count follows the aspect ratio, not the size.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 from transformers import (
-    GenerationConfig,
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -22,7 +20,15 @@ from transformers import (
     InternVLVisionConfig,
 )
 
-from mmpeft.models.tiny import _TEXT_HIDDEN, _save_model, _token_id, _qwen_text_config, _qwen_tokenizer
+from mmpeft.models.tiny import (
+    qwen_ids,
+    qwen_text_config,
+    qwen_tokenizer,
+    save_model,
+    save_processor_parts,
+    token_id,
+    vision_sizes,
+)
 from mmpeft.models.tiny_families.qwen2_5_vl import QWEN2_5_ADDED_TOKENS, QWEN2_5_NOT_SPECIAL
 
 # Appended to the Qwen2.5 tokenizer (151665-151673 in the real one), all special.
@@ -71,7 +77,7 @@ _CHAT_TEMPLATE = (
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _qwen_tokenizer(
+    tokenizer = qwen_tokenizer(
         QWEN2_5_ADDED_TOKENS + _INTERNVL_TOKENS,
         not_special=QWEN2_5_NOT_SPECIAL,
         chat_template=_CHAT_TEMPLATE,
@@ -83,33 +89,34 @@ def build(out: pathlib.Path, seed: int) -> None:
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],
     )
-    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
     config = InternVLConfig(
-        vision_config=InternVLVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_TILE,
-            patch_size=_PATCH,
-            attention_bias=True,
-        ),
+        vision_config=InternVLVisionConfig(**vision_sizes(image_size=_TILE, patch_size=_PATCH, attention_bias=True)),
         text_config={
             "model_type": "qwen2",
-            **_qwen_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
+            **qwen_text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
         },
-        image_token_id=_token_id(tokenizer, "<IMG_CONTEXT>"),
+        image_token_id=token_id(tokenizer, "<IMG_CONTEXT>"),
         image_seq_length=_IMAGE_SEQ_LENGTH,
         downsample_ratio=_DOWNSAMPLE,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    generation_config = GenerationConfig(bos_token_id=end_of_text, eos_token_id=im_end, pad_token_id=end_of_text)
-    _save_model(InternVLForConditionalGeneration, config, generation_config, out, seed)
-    # Saved part by part, the layout of OpenGVLab/InternVL3-1B-hf: an InternVLProcessor cannot be
-    # built without its video processor, which needs torchvision (the real checkpoint also has a
+    end_of_text, im_end = qwen_ids(tokenizer)
+    save_model(
+        InternVLForConditionalGeneration,
+        config,
+        out,
+        seed,
+        bos_token_id=end_of_text,
+        eos_token_id=im_end,
+        pad_token_id=end_of_text,
+    )
+    # The layout of OpenGVLab/InternVL3-1B-hf: an InternVLProcessor cannot be built without its
+    # video processor, which needs torchvision (the real checkpoint also has a
     # video_preprocessor_config.json). The chat template goes with the tokenizer (chat_template.jinja).
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    processor_config = {"image_seq_length": _IMAGE_SEQ_LENGTH, "processor_class": InternVLProcessor.__name__}
-    (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
+    save_processor_parts(
+        out,
+        tokenizer,
+        image_processor,
+        {"image_seq_length": _IMAGE_SEQ_LENGTH, "processor_class": InternVLProcessor.__name__},
+    )

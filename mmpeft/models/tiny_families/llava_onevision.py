@@ -14,16 +14,19 @@ from __future__ import annotations
 import itertools
 import pathlib
 
-from transformers import (
-    GenerationConfig,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessorPil,
-    SiglipVisionConfig,
-)
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
 
-from mmpeft.models.tiny import _TEXT_LAYERS, _qwen_text_config, _qwen_tokenizer, _save_model, _token_id
-from mmpeft.models.tiny_families.llava_next import pinpoints, save_processor_parts
+from mmpeft.models.tiny import (
+    _TEXT_LAYERS,
+    pinpoints,
+    qwen_generation,
+    qwen_text_config,
+    qwen_tokenizer,
+    save_model,
+    save_processor_parts,
+    siglip_vision_config,
+    token_id,
+)
 
 # A 16x16 view cut into 8x8 SigLIP patches: 2x2 = 4 features per view (real: 384 / 14 = 27x27 = 729).
 _IMAGE_SIZE = 16
@@ -66,50 +69,39 @@ _CHAT_TEMPLATE = (
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _qwen_tokenizer(_ADDED_TOKENS)
+    tokenizer = qwen_tokenizer(_ADDED_TOKENS, chat_template=_CHAT_TEMPLATE)
     grid_pinpoints = pinpoints(_IMAGE_SIZE, _GRIDS)
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}, image_grid_pinpoints=grid_pinpoints
     )
-    end_of_text, im_end = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_IMAGE_SIZE,
-            patch_size=_PATCH,
-            vision_use_head=False,
-        ),
-        text_config=_qwen_text_config(
+        vision_config=siglip_vision_config(_IMAGE_SIZE, _PATCH),
+        text_config=qwen_text_config(
             tokenizer,
             model_type="qwen2",
             max_window_layers=_TEXT_LAYERS,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
             tie_word_embeddings=True,  # as Qwen2-0.5B's
         ),
-        image_token_index=_token_id(tokenizer, _IMAGE_TOKEN),
-        video_token_index=_token_id(tokenizer, _VIDEO_TOKEN),
+        image_token_index=token_id(tokenizer, _IMAGE_TOKEN),
+        video_token_index=token_id(tokenizer, _VIDEO_TOKEN),
         image_grid_pinpoints=grid_pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         vision_aspect_ratio=_VISION_ASPECT_RATIO,
     )
-    generation_config = GenerationConfig(
-        bos_token_id=end_of_text, eos_token_id=[im_end, end_of_text], pad_token_id=end_of_text
-    )
-    _save_model(LlavaOnevisionForConditionalGeneration, config, generation_config, out, seed)
+    save_model(LlavaOnevisionForConditionalGeneration, config, out, seed, **qwen_generation(tokenizer))
     # LlavaOnevisionProcessor cannot be built without its video processor, which needs torchvision.
     save_processor_parts(
         out,
-        "LlavaOnevisionProcessor",
         tokenizer,
         image_processor,
-        _CHAT_TEMPLATE,
-        num_image_tokens=_NUM_IMAGE_TOKENS,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio=_VISION_ASPECT_RATIO,
-        image_token=_IMAGE_TOKEN,
-        video_token=_VIDEO_TOKEN,
+        {
+            "processor_class": "LlavaOnevisionProcessor",
+            "num_image_tokens": _NUM_IMAGE_TOKENS,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": _VISION_ASPECT_RATIO,
+            "image_token": _IMAGE_TOKEN,
+            "video_token": _VIDEO_TOKEN,
+        },
     )

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import pathlib
 
-from tokenizers import Regex, pre_tokenizers
 from transformers import (
-    GenerationConfig,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
     MistralConfig,
@@ -24,8 +22,15 @@ from transformers import (
     PixtralVisionConfig,
 )
 
-from mmpeft.models.tiny import _save_model, _token_id
-from mmpeft.models.tiny_families.llava_next import byte_level_tokenizer, save_processor_parts, text_sizes
+from mmpeft.models.tiny import (
+    byte_level_tokenizer,
+    regex_byte_level,
+    save_model,
+    save_processor_parts,
+    text_sizes,
+    token_ids,
+    vision_sizes,
+)
 
 # 8x8 patches merged 2x2: one image token per 16x16 pixels, images fitted into 64x64, so at most
 # 4x4 [IMG] tokens (real: 14x14 patches, merged 2x2, longest edge 1540: 55x55).
@@ -107,47 +112,30 @@ _CHAT_TEMPLATE = """{%- set today = strftime_now("%Y-%m-%d") %}
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
     tokenizer = byte_level_tokenizer(
-        list(_SPECIALS),
+        _SPECIALS,
         [],
-        pre_tokenizer,
+        regex_byte_level(_PRETOKENIZE_REGEX),
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
         add_bos_token=True,
         add_eos_token=False,
+        chat_template=_CHAT_TEMPLATE,
     )
     image_processor = PixtralImageProcessorPil(
         size={"longest_edge": _LONGEST_EDGE}, patch_size={"height": _PATCH, "width": _PATCH}
     )
-    ids = {token: _token_id(tokenizer, token) for token in _SPECIALS}
-    bos, eos, pad = ids["<s>"], ids["</s>"], ids["<pad>"]
+    ids = token_ids(tokenizer, _SPECIALS)
+    special_ids = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"]}
     config = Mistral3Config(
-        vision_config=PixtralVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            head_dim=16,
-            image_size=_LONGEST_EDGE,
-            patch_size=_PATCH,
-        ),
+        vision_config=PixtralVisionConfig(**vision_sizes(head_dim=16, image_size=_LONGEST_EDGE, patch_size=_PATCH)),
         text_config=MistralConfig(
-            **text_sizes(),
-            vocab_size=len(tokenizer),
+            **text_sizes(vocab_size=len(tokenizer), **special_ids),
             sliding_window=None,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000_000.0},
             tie_word_embeddings=False,
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=pad,
         ),
         image_token_index=ids["[IMG]"],
         spatial_merge_size=_MERGE,
@@ -155,15 +143,10 @@ def build(out: pathlib.Path, seed: int) -> None:
         multimodal_projector_bias=False,
         tie_word_embeddings=False,
     )
-    generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    _save_model(Mistral3ForConditionalGeneration, config, generation_config, out, seed)
+    save_model(Mistral3ForConditionalGeneration, config, out, seed, **special_ids)
     save_processor_parts(
         out,
-        "PixtralProcessor",
         tokenizer,
         image_processor,
-        _CHAT_TEMPLATE,
-        patch_size=_PATCH,
-        spatial_merge_size=_MERGE,
-        **_IMAGE_TOKENS,
+        {"processor_class": "PixtralProcessor", "patch_size": _PATCH, "spatial_merge_size": _MERGE, **_IMAGE_TOKENS},
     )

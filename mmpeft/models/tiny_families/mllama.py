@@ -13,28 +13,32 @@ from __future__ import annotations
 import math
 import pathlib
 
-import torch
-from safetensors.torch import load_file, save_file
-from tokenizers import Regex, pre_tokenizers
 from transformers import (
-    GenerationConfig,
     MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaImageProcessorPil,
     MllamaProcessor,
     MllamaTextConfig,
     MllamaVisionConfig,
+    PreTrainedModel,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from mmpeft.models.tiny import _save_model, _token_id
-from mmpeft.models.tiny_families.llava_next import byte_level_tokenizer, text_sizes
+from mmpeft.models.tiny import (
+    _VISION_HEADS,
+    _VISION_HIDDEN,
+    _VISION_INTERMEDIATE,
+    _VISION_LAYERS,
+    llama3_tokenizer,
+    save_model,
+    text_sizes,
+    token_ids,
+)
 
 # Tiles of 32x32 pixels cut into 8x8 patches: 16 patches + CLS per tile (real: 560 / 14 = 40x40 + 1).
 _TILE = 32
 _PATCH = 8
 _MAX_TILES = 4
-_VISION_HIDDEN = 32
 # Local-encoder layers whose outputs join the last hidden state (real: [3, 7, 15, 23, 30] of 32).
 _INTERMEDIATE_LAYERS = [0, 1]
 # Two self-attention layers (the shared text size) with a cross-attention layer between them
@@ -66,11 +70,6 @@ _SPECIALS = (
     "<|python_tag|>",
     "<|image|>",
 )
-# Llama 3's pre-tokenisation (tiktoken's cl100k pattern: digits in groups of up to three).
-_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
 # meta-llama/Llama-3.2-11B-Vision-Instruct's chat template, as is. Its quirks: it writes
 # <|begin_of_text|> itself (and the tokenizer adds another one unless add_special_tokens=False);
 # a chat without images gets a system block with "Cutting Knowledge Date" and today's date
@@ -203,22 +202,8 @@ _CHAT_TEMPLATE = """{{- bos_token }}
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tokenizer = byte_level_tokenizer(
-        [],
-        list(_SPECIALS),
-        pre_tokenizer,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
-        add_bos_token=True,  # Llama 3's post-processor prepends <|begin_of_text|>
-        add_eos_token=False,
-        chat_template=_CHAT_TEMPLATE,
+    tokenizer = llama3_tokenizer(
+        _SPECIALS, eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>", chat_template=_CHAT_TEMPLATE
     )
     image_processor = MllamaImageProcessorPil(
         size={"height": _TILE, "width": _TILE},
@@ -227,16 +212,16 @@ def build(out: pathlib.Path, seed: int) -> None:
         image_std=OPENAI_CLIP_STD,
     )
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_CHAT_TEMPLATE)
-    ids = {token: _token_id(tokenizer, token) for token in _SPECIALS}
+    ids = token_ids(tokenizer, _SPECIALS)
     bos, pad, image = ids["<|begin_of_text|>"], ids["<|finetune_right_pad_id|>"], ids["<|image|>"]
     stop = [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]
     config = MllamaConfig(
         vision_config=MllamaVisionConfig(
             hidden_size=_VISION_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
+            intermediate_size=_VISION_INTERMEDIATE,
+            num_hidden_layers=_VISION_LAYERS,
             num_global_layers=1,
-            attention_heads=2,
+            attention_heads=_VISION_HEADS,
             image_size=_TILE,
             patch_size=_PATCH,
             max_num_tiles=_MAX_TILES,
@@ -264,17 +249,23 @@ def build(out: pathlib.Path, seed: int) -> None:
         image_token_index=image,
     )
     # The real generation_config.json samples by default.
-    generation_config = GenerationConfig(
-        bos_token_id=bos, eos_token_id=stop, pad_token_id=pad, do_sample=True, temperature=0.6, top_p=0.9
+    save_model(
+        MllamaForConditionalGeneration,
+        config,
+        out,
+        seed,
+        adjust=_open_gates,
+        bos_token_id=bos,
+        eos_token_id=stop,
+        pad_token_id=pad,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
     )
-    _save_model(MllamaForConditionalGeneration, config, generation_config, out, seed)
-    _open_gates(out / "model.safetensors")
     processor.save_pretrained(out)
 
 
-def _open_gates(weights: pathlib.Path) -> None:
-    tensors = load_file(weights)
-    for name, tensor in tensors.items():
+def _open_gates(model: PreTrainedModel) -> None:
+    for name, parameter in model.named_parameters():
         if name.endswith(_GATE_SUFFIXES):
-            tensors[name] = torch.full_like(tensor, _GATE_VALUE)
-    save_file(tensors, weights, metadata={"format": "pt"})
+            parameter.fill_(_GATE_VALUE)

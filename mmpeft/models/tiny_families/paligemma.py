@@ -17,7 +17,6 @@ from __future__ import annotations
 import pathlib
 
 from transformers import (
-    GenerationConfig,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
@@ -26,13 +25,8 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
 
-from mmpeft.models.tiny import _TEXT_HIDDEN, _save_model, _token_id
-from mmpeft.models.tiny_families.gemma3 import (
-    GEMMA_TURN_TOKENS,
-    gemma_text_config,
-    gemma_tokenizer,
-    siglip_vision_config,
-)
+from mmpeft.models.tiny import _TEXT_HIDDEN, save_model, siglip_vision_config, token_id
+from mmpeft.models.tiny_families.gemma3 import GEMMA_TURN_TOKENS, gemma_text_config, gemma_tokenizer
 
 # 32-pixel images cut into 4x4 patches of 8 pixels: 16 image tokens.
 _IMAGE_SIZE = 32
@@ -64,11 +58,10 @@ def build(out: pathlib.Path, seed: int) -> None:
             "attn_logit_softcapping": 50.0,
             "final_logit_softcapping": 30.0,
         },
-        image_token_index=_token_id(tokenizer, _IMAGE),
+        image_token_index=token_id(tokenizer, _IMAGE),
         vocab_size=len(tokenizer),
         projection_dim=_TEXT_HIDDEN,
         hidden_size=_TEXT_HIDDEN,
     )
-    generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    _save_model(PaliGemmaForConditionalGeneration, config, generation_config, out, seed)
+    save_model(PaliGemmaForConditionalGeneration, config, out, seed, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     processor.save_pretrained(out)

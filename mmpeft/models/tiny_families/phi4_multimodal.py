@@ -21,12 +21,9 @@ processors nested), with the tokenizer (and the chat template) saved beside them
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-from tokenizers import pre_tokenizers
 from transformers import (
-    GenerationConfig,
     GPT2Tokenizer,
     Phi4MultimodalAudioConfig,
     Phi4MultimodalConfig,
@@ -38,16 +35,12 @@ from transformers import (
 
 from mmpeft.models.tiny import (
     _MAX_POSITIONS,
-    _TARGET_VOCAB,
-    _TEXT_HEADS,
-    _TEXT_HIDDEN,
-    _TEXT_INIT_STD,
-    _TEXT_INTERMEDIATE,
-    _TEXT_KV_HEADS,
-    _TEXT_LAYERS,
-    _save_model,
-    _token_id,
-    _train_bpe,
+    bpe_vocab,
+    save_model,
+    save_processor_parts,
+    text_sizes,
+    token_ids,
+    vision_sizes,
 )
 
 # After the vocabulary, in the real order (199999 <|endoftext|>, 200010 <|image|>, 200011 <|audio|>,
@@ -89,14 +82,11 @@ _CHAT_TEMPLATE = (
 
 
 def _tokenizer() -> GPT2Tokenizer:
-    # GPT2Tokenizer rebuilds a GPT-2 byte-level pre-tokenizer on load: train with the same.
-    backend = _train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False), [], _TARGET_VOCAB - len(_SPECIALS))
-    model = json.loads(backend.to_str())["model"]
-    vocab = dict(model["vocab"])
-    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(_SPECIALS)})
+    # GPT2Tokenizer rebuilds a GPT-2 byte-level pre-tokenizer on load: bpe_vocab trains with the same.
+    vocab, merges = bpe_vocab(trailing=_SPECIALS)
     tokenizer = GPT2Tokenizer(
         vocab=vocab,
-        merges=[tuple(merge) for merge in model["merges"]],
+        merges=merges,
         unk_token="<|endoftext|>",
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
@@ -112,19 +102,11 @@ def _tokenizer() -> GPT2Tokenizer:
 
 def build(out: pathlib.Path, seed: int) -> None:
     tokenizer = _tokenizer()
-    ids = {token: _token_id(tokenizer, token) for token in _SPECIALS}
+    ids = token_ids(tokenizer, _SPECIALS)
     end_of_text, end = ids["<|endoftext|>"], ids["<|end|>"]
     feature_extractor = Phi4MultimodalFeatureExtractor()  # the real settings: 80 mel bins, 8x compression
     config = Phi4MultimodalConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=_TEXT_INTERMEDIATE,
-        num_hidden_layers=_TEXT_LAYERS,
-        num_attention_heads=_TEXT_HEADS,
-        num_key_value_heads=_TEXT_KV_HEADS,
-        max_position_embeddings=_MAX_POSITIONS,
-        original_max_position_embeddings=_MAX_POSITIONS,
-        initializer_range=_TEXT_INIT_STD,
+        **text_sizes(vocab_size=len(tokenizer), original_max_position_embeddings=_MAX_POSITIONS),
         rope_parameters={
             "rope_type": "longrope",
             "rope_theta": 10_000.0,
@@ -137,13 +119,8 @@ def build(out: pathlib.Path, seed: int) -> None:
         eos_token_id=end_of_text,
         pad_token_id=end_of_text,
         vision_config=Phi4MultimodalVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=_CROP,
+            **vision_sizes(image_size=_CROP, patch_size=_PATCH),
             crop_size=_CROP,
-            patch_size=_PATCH,
             image_token_id=ids["<|image|>"],
             feature_layer=-2,
         ),
@@ -162,11 +139,15 @@ def build(out: pathlib.Path, seed: int) -> None:
             audio_token_id=ids["<|audio|>"],
         ),
     )
-    generation_config = GenerationConfig(
-        bos_token_id=end_of_text, eos_token_id=[end, end_of_text], pad_token_id=end_of_text
+    save_model(
+        Phi4MultimodalForCausalLM,
+        config,
+        out,
+        seed,
+        bos_token_id=end_of_text,
+        eos_token_id=[end, end_of_text],
+        pad_token_id=end_of_text,
     )
-    _save_model(Phi4MultimodalForCausalLM, config, generation_config, out, seed)
-    tokenizer.save_pretrained(out)
     image_processor = {
         "image_processor_type": "Phi4MultimodalImageProcessor",
         "size": {"height": _CROP, "width": _CROP},
@@ -180,9 +161,13 @@ def build(out: pathlib.Path, seed: int) -> None:
         "rescale_factor": 1 / 255,
         "resample": 3,
     }
-    processor_config = {
-        "audio_processor": feature_extractor.to_dict(),
-        "image_processor": image_processor,
-        "processor_class": Phi4MultimodalProcessor.__name__,
-    }
-    (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n")
+    # No image processor to save: its settings go into processor_config.json.
+    save_processor_parts(
+        out,
+        tokenizer,
+        processor_config={
+            "audio_processor": feature_extractor.to_dict(),
+            "image_processor": image_processor,
+            "processor_class": Phi4MultimodalProcessor.__name__,
+        },
+    )

@@ -14,15 +14,12 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmpeft.models.tiny import (
     _QWEN_MERGE,
-    _QWEN_MROPE_SECTION,
     _QWEN_PATCH,
-    _QWEN_TEMPORAL_PATCH,
-    _TEXT_HIDDEN,
-    _TEXT_LAYERS,
-    _build_qwen_vl,
-    _qwen_image_processor,
-    _qwen_text_config,
-    _qwen_tokenizer,
+    build_qwen_vl,
+    qwen2_vl_text_config,
+    qwen_image_processor,
+    qwen_tokenizer,
+    qwen_vision_config,
 )
 
 # The added tokens of the Qwen2.5 tokenizer (Qwen2.5-VL, and InternVL3 and Qwen3-VL, which extend
@@ -44,31 +41,20 @@ _WINDOW_SIZE = 2 * _QWEN_MERGE * _QWEN_PATCH
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _qwen_tokenizer(QWEN2_5_ADDED_TOKENS, not_special=QWEN2_5_NOT_SPECIAL)
-    _build_qwen_vl(
+    tokenizer = qwen_tokenizer(QWEN2_5_ADDED_TOKENS, not_special=QWEN2_5_NOT_SPECIAL)
+    build_qwen_vl(
         out,
         seed,
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLConfig,
         tokenizer,
-        _qwen_image_processor(),
-        text_config=_qwen_text_config(
-            tokenizer,
-            max_window_layers=_TEXT_LAYERS,
-            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": _QWEN_MROPE_SECTION},
+        qwen_image_processor(),
+        text_config=qwen2_vl_text_config(tokenizer),
+        vision_config=qwen_vision_config(
+            _QWEN_PATCH,
+            window_size=_WINDOW_SIZE,
+            fullatt_block_indexes=[1],  # real: [7, 15, 23, 31] of 32, the last block full too
+            tokens_per_second=2,
         ),
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _TEXT_HIDDEN,  # the merger projects straight into the text model
-            "patch_size": _QWEN_PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
-            "window_size": _WINDOW_SIZE,
-            "fullatt_block_indexes": [1],  # real: [7, 15, 23, 31] of 32, the last block full too
-            "tokens_per_second": 2,
-        },
         tie_word_embeddings=True,
     )

@@ -15,14 +15,13 @@ import pathlib
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmpeft.models.tiny import (
-    _QWEN_MERGE,
-    _QWEN_TEMPORAL_PATCH,
     _TEXT_HEADS,
     _TEXT_HIDDEN,
-    _build_qwen_vl,
-    _qwen_image_processor,
-    _qwen_text_config,
-    _qwen_tokenizer,
+    build_qwen_vl,
+    qwen_image_processor,
+    qwen_text_config,
+    qwen_tokenizer,
+    qwen_vision_config,
 )
 from mmpeft.models.tiny_families.qwen2_5_vl import QWEN2_5_ADDED_TOKENS, QWEN2_5_NOT_SPECIAL
 
@@ -40,11 +39,10 @@ _POSITION_EMBEDDINGS = (128 // _PATCH) ** 2
 # 2, 5 (mrope_section[d] * 3 bounds each), T the rest: as the real [24, 20, 20] does for 64.
 _MROPE_SECTION = [4, 2, 2]
 
-# Qwen/Qwen3-VL-2B-Instruct's template (same in every Qwen3-VL Instruct checkpoint).
-_CHAT_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}
-        {%- if messages[0].content is string %}
+# Qwen/Qwen3-VL-2B-Instruct's template (same in every Qwen3-VL Instruct checkpoint). It writes the
+# system message's text the same way with and without tools, and a tool message's content as a
+# user message's (text, plus a vision block per image or video): each fragment is written once here.
+_SYSTEM_TEXT = r"""        {%- if messages[0].content is string %}
             {{- messages[0].content }}
         {%- else %}
             {%- for content in messages[0].content %}
@@ -53,35 +51,8 @@ _CHAT_TEMPLATE = r"""{%- if tools %}
                 {%- endif %}
             {%- endfor %}
         {%- endif %}
-        {{- '\n\n' }}
-    {%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\n' }}
-        {%- if messages[0].content is string %}
-            {{- messages[0].content }}
-        {%- else %}
-            {%- for content in messages[0].content %}
-                {%- if 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\n' }}
-    {%- endif %}
-{%- endif %}
-{%- set image_count = namespace(value=0) %}
-{%- set video_count = namespace(value=0) %}
-{%- for message in messages %}
-    {%- if message.role == "user" %}
-        {{- '<|im_start|>' + message.role + '\n' }}
-        {%- if message.content is string %}
+"""
+_CONTENT = r"""        {%- if message.content is string %}
             {{- message.content }}
         {%- else %}
             {%- for content in message.content %}
@@ -98,7 +69,37 @@ _CHAT_TEMPLATE = r"""{%- if tools %}
                 {%- endif %}
             {%- endfor %}
         {%- endif %}
-        {{- '<|im_end|>\n' }}
+"""
+_CHAT_TEMPLATE = (
+    r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+"""
+    + _SYSTEM_TEXT
+    + r"""        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+"""
+    + _SYSTEM_TEXT
+    + r"""        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+"""
+    + _CONTENT
+    + r"""        {{- '<|im_end|>\n' }}
     {%- elif message.role == "assistant" %}
         {{- '<|im_start|>' + message.role + '\n' }}
         {%- if message.content is string %}
@@ -135,24 +136,9 @@ _CHAT_TEMPLATE = r"""{%- if tools %}
             {{- '<|im_start|>user' }}
         {%- endif %}
         {{- '\n<tool_response>\n' }}
-        {%- if message.content is string %}
-            {{- message.content }}
-        {%- else %}
-            {%- for content in message.content %}
-                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
-                    {%- set image_count.value = image_count.value + 1 %}
-                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
-                    <|vision_start|><|image_pad|><|vision_end|>
-                {%- elif content.type == 'video' or 'video' in content %}
-                    {%- set video_count.value = video_count.value + 1 %}
-                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
-                    <|vision_start|><|video_pad|><|vision_end|>
-                {%- elif 'text' in content %}
-                    {{- content.text }}
-                {%- endif %}
-            {%- endfor %}
-        {%- endif %}
-        {{- '\n</tool_response>' }}
+"""
+    + _CONTENT
+    + r"""        {{- '\n</tool_response>' }}
         {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
             {{- '<|im_end|>\n' }}
         {%- endif %}
@@ -162,25 +148,26 @@ _CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+)
 
 
 def build(out: pathlib.Path, seed: int) -> None:
-    tokenizer = _qwen_tokenizer(
+    tokenizer = qwen_tokenizer(
         QWEN2_5_ADDED_TOKENS + _QWEN3_EXTRA_TOKENS,
         not_special=QWEN2_5_NOT_SPECIAL | frozenset(_QWEN3_EXTRA_TOKENS),
         chat_template=_CHAT_TEMPLATE,
     )
-    image_processor = _qwen_image_processor(
+    image_processor = qwen_image_processor(
         patch_size=_PATCH, min_pixels=_PIXELS, max_pixels=_PIXELS, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
-    _build_qwen_vl(
+    build_qwen_vl(
         out,
         seed,
         Qwen3VLForConditionalGeneration,
         Qwen3VLConfig,
         tokenizer,
         image_processor,
-        text_config=_qwen_text_config(
+        text_config=qwen_text_config(
             tokenizer,
             head_dim=_TEXT_HIDDEN // _TEXT_HEADS,
             rope_parameters={
@@ -191,18 +178,11 @@ def build(out: pathlib.Path, seed: int) -> None:
             },
             tie_word_embeddings=True,
         ),
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": _TEXT_HIDDEN,  # the mergers project straight into the text model
-            "patch_size": _PATCH,
-            "spatial_merge_size": _QWEN_MERGE,
-            "temporal_patch_size": _QWEN_TEMPORAL_PATCH,
-            "num_position_embeddings": _POSITION_EMBEDDINGS,
+        vision_config=qwen_vision_config(
+            _PATCH,
+            num_position_embeddings=_POSITION_EMBEDDINGS,
             # real: [5, 11, 17] of 24 blocks; here block 0's output feeds the first text layer
-            "deepstack_visual_indexes": [0],
-        },
+            deepstack_visual_indexes=[0],
+        ),
         tie_word_embeddings=True,
     )

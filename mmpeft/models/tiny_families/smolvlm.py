@@ -21,16 +21,9 @@ from __future__ import annotations
 import json
 import pathlib
 
-from tokenizers import pre_tokenizers
-from transformers import (
-    GenerationConfig,
-    GPT2Tokenizer,
-    SmolVLMConfig,
-    SmolVLMForConditionalGeneration,
-    SmolVLMImageProcessorPil,
-)
+from transformers import GPT2Tokenizer, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
 
-from mmpeft.models.tiny import _MAX_POSITIONS, _TARGET_VOCAB, _save_model, _token_id, _train_bpe
+from mmpeft.models.tiny import _MAX_POSITIONS, bpe_vocab, save_model, save_processor_parts, token_ids, write_json
 from mmpeft.models.tiny_families.idefics3 import (
     chat_template,
     image_processor_kwargs,
@@ -62,16 +55,10 @@ _CHAT_TEMPLATE = chat_template("<|im_start|>", "{% elif line['type'] == 'video' 
 
 
 def _tokenizer() -> GPT2Tokenizer:
-    leading = [_ENDOFTEXT, _IM_START, _IM_END]
-    backend = _train_bpe(
-        pre_tokenizers.ByteLevel(add_prefix_space=False), leading, _TARGET_VOCAB - len(_IMAGE_TOKENS)
-    )
-    model = json.loads(backend.to_str())["model"]
-    vocab = dict(model["vocab"])
-    vocab.update({token: len(model["vocab"]) + i for i, token in enumerate(_IMAGE_TOKENS)})
+    vocab, merges = bpe_vocab(leading=(_ENDOFTEXT, _IM_START, _IM_END), trailing=_IMAGE_TOKENS)
     tokenizer = GPT2Tokenizer(
         vocab=vocab,
-        merges=[tuple(merge) for merge in model["merges"]],
+        merges=merges,
         unk_token=_ENDOFTEXT,
         bos_token=_IM_START,
         eos_token=_END_OF_UTTERANCE,
@@ -85,7 +72,7 @@ def _tokenizer() -> GPT2Tokenizer:
 
 def build(out: pathlib.Path, seed: int) -> None:
     tokenizer = _tokenizer()
-    ids = {token: _token_id(tokenizer, token) for token in (_IM_START, _IM_END, _IMAGE, _END_OF_UTTERANCE)}
+    ids = token_ids(tokenizer, (_IM_START, _IM_END, _IMAGE, _END_OF_UTTERANCE))
     config = SmolVLMConfig(
         vision_config=vision_config(_TILE, _PATCH),
         text_config=llama_text_config(
@@ -95,22 +82,24 @@ def build(out: pathlib.Path, seed: int) -> None:
         scale_factor=_SCALE,
         pad_token_id=ids[_IM_END],
     )
-    generation_config = GenerationConfig(
-        bos_token_id=ids[_IM_START], eos_token_id=ids[_END_OF_UTTERANCE], pad_token_id=ids[_IM_END]
+    save_model(
+        SmolVLMForConditionalGeneration,
+        config,
+        out,
+        seed,
+        bos_token_id=ids[_IM_START],
+        eos_token_id=ids[_END_OF_UTTERANCE],
+        pad_token_id=ids[_IM_END],
     )
-    _save_model(SmolVLMForConditionalGeneration, config, generation_config, out, seed)
-    # The layout of the real checkpoint, part by part (see the module docstring).
-    tokenizer.save_pretrained(out)
-    SmolVLMImageProcessorPil(**image_processor_kwargs(_TILE)).save_pretrained(out)
-    _update_json(out / "preprocessor_config.json", {"processor_class": "SmolVLMProcessor", "video_sampling": _VIDEO_SAMPLING})
-    _update_json(
-        out / "processor_config.json",
+    # The layout of the real checkpoint, part by part (see the module docstring): the video
+    # settings join the image processor's, the chat template goes to chat_template.json.
+    save_processor_parts(
+        out,
+        tokenizer,
+        SmolVLMImageProcessorPil(**image_processor_kwargs(_TILE)),
         {"image_seq_len": image_seq_len(_TILE, _PATCH, _SCALE), "processor_class": "SmolVLMProcessor"},
     )
-    _update_json(out / "chat_template.json", {"chat_template": _CHAT_TEMPLATE})
-
-
-def _update_json(path: pathlib.Path, values: dict) -> None:
-    settings = json.loads(path.read_text()) if path.exists() else {}
-    settings.update(values)
-    path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    image_settings = out / "preprocessor_config.json"
+    video = {"processor_class": "SmolVLMProcessor", "video_sampling": _VIDEO_SAMPLING}
+    write_json(image_settings, {**json.loads(image_settings.read_text()), **video})
+    write_json(out / "chat_template.json", {"chat_template": _CHAT_TEMPLATE})
