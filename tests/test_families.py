@@ -42,6 +42,7 @@ from mmpeft.models.backbone import Backbone, language_model, load_backbone, load
 from mmpeft.models.tiny import FAMILIES
 from mmpeft.module import lm_losses
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, save_adapter, trainable_tensors
+from test_encode import assistant, target_runs, user
 
 CPU = torch.device("cpu")
 REFUSED = {
@@ -80,14 +81,6 @@ END_OF_TURN = {
 PREFIX_LM = {"paligemma"}
 
 
-def user(text: str, images: int = 0) -> dict:
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
-
-
 def picture(size: tuple[int, int], colour=(200, 30, 30)) -> Image.Image:
     image = Image.new("RGB", size, (255, 255, 255))
     image.paste(colour, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
@@ -114,19 +107,6 @@ def sample(key: str, task: str, messages: list, sizes: list) -> Sample:
 
 def record(family: str, check: str, outcome: str = "ok") -> None:
     RESULTS.setdefault(family, {})[check] = outcome
-
-
-def target_runs(labels: torch.Tensor) -> list[torch.Tensor]:
-    """The contiguous stretches of trained tokens."""
-    on = (labels != IGNORE_INDEX).tolist()
-    runs, start = [], None
-    for i, flag in enumerate(on + [False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            runs.append(labels[start:i])
-            start = None
-    return runs
 
 
 def image_chats(family: str) -> list:
