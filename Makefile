@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel of torch that lies on this disk; installed first so pip never pulls a CUDA build.
+# Installed first, pinned. Its build is pip's choice: a CPU wheel where pip is pointed at one (find-links,
+# PyTorch's CPU index), else PyPI's, the CUDA build. TORCH=<wheel file or requirement> installs another.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 

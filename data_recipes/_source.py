@@ -24,6 +24,8 @@ the wrong type), ``bad_task``, ``no_assistant_turn``, ``image_count_mismatch``,
 it, raised when the recipe first reads its files (:meth:`SourceRecipe.build` does so before it
 touches the output folder), not when it is constructed: ``data.prepare`` constructs the recipe
 on every run to see whether its shards are built, which must work once the sources are gone.
+A source none of whose records becomes a sample (a one-line JSON object that is not a record,
+say) is an error too, naming the file and the reasons.
 """
 
 from __future__ import annotations
@@ -243,9 +245,18 @@ class SourceRecipe(ShardRecipe):
             self._entries = _read_records(Path(self.src))
         return self._entries
 
-    def build(self, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    def build(self, out_dir: str | os.PathLike, progress: bool = True, **options: Any) -> dict[str, Any]:
         self._source()  # a malformed source file fails here, before the output folder is touched
-        return super().build(out_dir, progress)
+        return super().build(out_dir, progress, **options)
+
+    def describe_source(self) -> str:
+        return f"src {self.src}"
+
+    def no_sample_hint(self) -> str:
+        entries = self._source()
+        if len(entries) == 1 and isinstance(entries[0].value, dict) and Path(self.src).suffix.lower() != ".jsonl":
+            return "; the file holds one JSON object, read as JSONL with one record: expected a JSON list of records, or JSONL (one record per line)"
+        return ""
 
     def __len__(self) -> int:
         return len(self._source())

@@ -4,8 +4,8 @@ The output loads with ``peft.PeftModel.from_pretrained(base, out)`` on the base 
 transformers: ``adapter_config.json`` is a ``peft.LoraConfig`` (saved by PEFT itself) and
 ``adapter_model.safetensors`` holds ``lora_A``/``lora_B`` under PEFT's key names.
 
-- ``target_modules`` lists the exact paths of the adapted language-model layers, so the vision
-  tower's layers of the same name (``q_proj``, ...) are not targeted;
+- ``target_modules`` lists the exact paths of the adapted language-model layers, sorted, so the
+  vision tower's layers of the same name (``q_proj``, ...) are not targeted;
 - ``r`` and ``lora_alpha`` are those of most layers, with ``lora_alpha / r`` equal to mmpeft's
   scaling; layers that differ (another group, a LoRA-MoE collapsed to rank ``N * r``) get
   ``rank_pattern``/``alpha_pattern`` entries;
@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmpeft.errors import ConfigError
-from mmpeft.files import staged_dir, write_json
+from mmpeft.files import read_json, staged_dir, write_json
 from mmpeft.merge import Factors, Options, _stderr, batch_summary, load_and_measure, lora_factors, plan
 
 PEFT_PREFIX = "base_model.model."
@@ -76,15 +76,26 @@ def peft_tensors(factors: dict[str, Factors], extra: dict[str, torch.Tensor]) ->
     return tensors
 
 
+def write_sorted_targets(path: Path) -> None:
+    """Rewrite PEFT's ``adapter_config.json`` with ``target_modules`` sorted: PEFT holds them in a set, which it
+    saves in an order that changes from run to run; it reads any order back into a set."""
+    config = read_json(path)
+    if isinstance(config, dict) and isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        write_json(path, config)
+
+
 def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[str], None] = _stderr, **options: Any) -> dict[str, Any]:
     """Write the adapter directory ``adapter`` as a PEFT LoRA to ``out`` (complete or not at all); returns the report.
+
+    ``out`` must not be, contain or lie inside the adapter, the base or the data (ConfigError).
 
     ``options`` are the fields of :class:`~mmpeft.merge.Options`. A mixture is collapsed for
     ``task`` with the gates measured on ``data`` by the adapted model, its base loaded as in
     training (``quantization``); the report gives the collapse's largest logit error on a batch.
     """
     out = Path(out)
-    p = plan(adapter, "lora", Options(**options))
+    p = plan(adapter, "lora", Options(**options), out)
     report: dict[str, Any] = {"adapter": p.adapter, "base_model": p.pretrained, "format": "peft", "task": p.options.task, "collapse": None}
     gates: dict[str, torch.Tensor] = {}
     if p.routed:  # a mixture: measure the task's gates on the adapted model, as trained
@@ -97,6 +108,7 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress:
     config = peft_config(factors, p.pretrained, [p.projector] if p.projector else None)
     with staged_dir(out) as staging:
         config.save_pretrained(str(staging))
+        write_sorted_targets(staging / "adapter_config.json")
         save_file(peft_tensors(factors, extra), str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         write_json(staging / REPORT_NAME, report)
     ranks = sorted({a.shape[0] for a, _, _ in factors.values()})
@@ -105,6 +117,7 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress:
 
 
 def cmd_export(argv: list[str]) -> int:
+    from mmpeft.flags import parse
     from mmpeft.merge import options_of, tool_parser
 
     parser = tool_parser(
@@ -115,7 +128,7 @@ def cmd_export(argv: list[str]) -> int:
         "written to OUT/export_report.json); MixLoRA cannot be exported.",
     )
     parser.add_argument("--format", choices=["peft"], required=True, help="output format")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)  # --batch-size or --batch_size
     report = export_peft(args.adapter, args.out, **options_of(args))
     print(json.dumps({"out": args.out, "collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
     return 0

@@ -4,7 +4,11 @@ A file is written under a temporary name in its own folder, flushed to disk, the
 over the target (``os.replace`` is atomic within one file system); a folder is built as a
 temporary sibling and renamed into place. Readers therefore see the old version or the new
 one, never half of either. Used by the shard builder, the tiny-model builder, adapter
-directories and training checkpoints.
+directories and training checkpoints. Everything written gets the mode the user's umask gives
+(0644 under the usual 022), however its writer created it.
+
+An output must never be, contain or lie inside one of the command's inputs
+(:func:`refuse_output_over_inputs`): replacing a folder would otherwise delete the input.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from mmpeft.errors import ConfigError
 
 
 def _umask() -> int:
@@ -29,6 +35,18 @@ def _usual_mode(path: str | os.PathLike, directory: bool = False) -> None:
     # mkstemp and mkdtemp create private (0600 / 0700) entries; what they become is a normal file
     # or folder, readable as the user's umask says, like one made with open() or mkdir().
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _usual_modes(folder: Path) -> None:
+    # Writers that go through a temporary file of their own (safetensors' save_file, and so
+    # transformers' save_pretrained) leave it 0600: everything in a finished folder gets the usual mode.
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            _usual_mode(Path(root) / name, directory=True)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                _usual_mode(path, directory=bool(path.stat().st_mode & 0o100))  # an executable keeps its x bits
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -119,6 +137,41 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     _usual_mode(staging, directory=True)
     try:
         yield staging
+        _usual_modes(staging)
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+InputPaths = Mapping[str, "str | os.PathLike | Iterable[str | os.PathLike] | None"]
+
+
+def refuse_output_over_inputs(out: str | os.PathLike, inputs: InputPaths, what: str = "--out") -> None:
+    """Raise :class:`~mmpeft.errors.ConfigError` when the output ``out`` is, contains or lies inside one of ``inputs``.
+
+    ``inputs`` maps how the user named each input (``"--adapter"``, ``"--base"``) to its path, a
+    list of paths, or ``None`` (no such input). Paths are compared absolute, symbolic links
+    followed; an input that does not exist on disk (a hub id, say) is skipped: there is nothing
+    of it to lose. Call it before reading anything, so a refused command writes nothing::
+
+        refuse_output_over_inputs(args.out, {"--src": args.src, "--images": args.images})
+    """
+    target = Path(os.path.abspath(Path(out).expanduser())).resolve()
+    for name, value in inputs.items():
+        paths = [value] if value is None or isinstance(value, (str, os.PathLike)) else list(value)
+        for path in paths:
+            if path is None or not Path(path).expanduser().exists():
+                continue
+            source = Path(path).expanduser().resolve()
+            if source == target:
+                relation = "is"
+            elif source.is_relative_to(target):
+                relation = "contains"
+            elif target.is_relative_to(source):
+                relation = "lies inside"
+            else:
+                continue
+            raise ConfigError(
+                f"{what} {str(out)!r} {relation} the input {name} {str(path)!r}: writing there would change or replace it; "
+                "give a path outside the inputs"
+            )

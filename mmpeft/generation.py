@@ -8,8 +8,9 @@ writes one JSON object per sample as the batches come. See docs/predict.md.
 from __future__ import annotations
 
 import json
-import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -18,8 +19,6 @@ import lightning as L
 
 from mmpeft.errors import ConfigError
 from mmpeft.files import _fsync_dir
-
-log = logging.getLogger("mmpeft")
 
 DEFAULT_OUTPUT = "predictions.jsonl"
 """The prediction file's name in ``trainer.default_root_dir`` when ``predictions.output`` is not set."""
@@ -72,8 +71,8 @@ class JsonlWriter(L.Callback):
     """Writes ``predict``'s answers as JSON lines, one object per sample, in the order they are generated.
 
     Lines go to ``<output>.partial``, flushed after every batch, and the file is renamed to
-    ``output`` when prediction ends: a crash leaves what was generated so far in the ``.partial``
-    file, never a shorter file under the final name. With several ranks, rank ``r`` writes
+    ``output`` when prediction ends (and its path printed): a crash leaves what was generated so far
+    in the ``.partial`` file, never a shorter file under the final name. With several ranks, rank ``r`` writes
     ``<stem>.rank<r><suffix>`` (each rank predicts its own share of the data; concatenate them).
 
     A plain callback rather than Lightning's ``BasePredictionWriter``, whose batch indices exist
@@ -89,6 +88,8 @@ class JsonlWriter(L.Callback):
         self.output = output
         self.path: Path | None = None
         """Where this rank's file goes, set when prediction starts."""
+        self.rows = 0
+        """Answers written so far."""
         self._stream: IO[str] | None = None
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -97,6 +98,7 @@ class JsonlWriter(L.Callback):
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.rows = 0
         self._stream = open(self._partial, "w", encoding="utf-8")
 
     @property
@@ -104,20 +106,36 @@ class JsonlWriter(L.Callback):
         return self.path.with_name(self.path.name + ".partial")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: list[dict[str, Any]], batch, batch_idx, dataloader_idx=0) -> None:
-        for row in outputs:
-            self._stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._stream.flush()
+        with self._naming_the_file():
+            for row in outputs:
+                self._stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._stream.flush()
+        self.rows += len(outputs)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with self._naming_the_file():
+            self._stream.flush()
+            os.fsync(self._stream.fileno())
         stream, self._stream = self._stream, None
-        stream.flush()
-        os.fsync(stream.fileno())
         stream.close()
         os.replace(self._partial, self.path)
         _fsync_dir(self.path.parent)
-        log.info("predictions written to %s", self.path)
+        print(f"predictions: {self.path.resolve()} ({self.rows} answers)", flush=True)
+
+    @contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        # A failed write (a full disk) says which file: the stream's own error does not.
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self._partial)) from exc
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._stream is not None:  # what was written stays in the .partial file
-            self._stream.close()
-            self._stream = None
+        stream, self._stream = self._stream, None
+        if stream is not None:  # what was written stays in the .partial file
+            try:
+                stream.close()
+            except OSError:  # its last lines could not be written either (the error being handled)
+                pass

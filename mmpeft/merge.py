@@ -49,7 +49,8 @@ from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.adapters.quant import dequantized_weight, keep_standard_layout, quantization_of
 from mmpeft.adapters.routing import GateMeans, Router, RoutingContext
 from mmpeft.errors import ConfigError, DataError, MergeError
-from mmpeft.files import staged_dir, write_json
+from mmpeft.files import refuse_output_over_inputs, staged_dir, write_json
+from mmpeft.flags import parse
 from mmpeft.models.backbone import (
     LANGUAGE_MODEL_PATHS,
     PROJECTOR_PATHS,
@@ -61,7 +62,7 @@ from mmpeft.models.backbone import (
     load_processor,
     quantization_config,
 )
-from mmpeft.saving import AdapterError, AdapterSpec, apply_adapter, read_spec, read_tensors
+from mmpeft.saving import AdapterError, AdapterSpec, apply_adapter, check_recorded_base, read_spec, read_tensors
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
 """One LoRA: ``A`` ``(r, d_in)``, ``B`` ``(d_out, r)`` and the scaling of ``B @ A``."""
@@ -142,16 +143,33 @@ def check_mergeable(spec: AdapterSpec, need: Literal["lora", "weight"]) -> None:
             )
 
 
-def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options) -> Plan:
+def data_paths(data: str | None) -> list[str]:
+    """The local shards of ``--data`` and the folders holding them (nothing for remote URLs or no match)."""
+    if data is None:
+        return []
+    from mmpeft.data.datamodule import resolve_shards
+
+    try:
+        shards = resolve_shards(data, "--data")
+    except ConfigError:  # reported where the shards are read
+        return [data]
+    return [data, *shards, *dict.fromkeys(str(Path(s).parent) for s in shards)]
+
+
+def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options, out: str | os.PathLike | None = None) -> Plan:
     """Read and check everything that can be checked without loading weights.
 
     Raises :class:`~mmpeft.saving.AdapterError` for a missing or damaged directory,
-    :class:`~mmpeft.errors.ConfigError` for an unknown plugin or task, and
+    :class:`~mmpeft.errors.ConfigError` for an unknown plugin or task, or for an output ``out``
+    that is, contains or lies inside the adapter, the base or the data, and
     :class:`~mmpeft.errors.MergeError` for an adapter that cannot be merged, or a mixture
     given no task to collapse for.
     """
     adapter, task = str(adapter), o.task
-    spec = read_spec(adapter).resolved()  # an unknown plugin or hyperparameter fails here
+    spec = read_spec(adapter)
+    if out is not None:  # before anything is loaded: writing there would destroy an input
+        refuse_output_over_inputs(out, {"--adapter": adapter, "--base": o.base or spec.base_model, "--data": data_paths(o.data)})
+    spec = spec.resolved()  # an unknown plugin or hyperparameter fails here
     if o.quantization is None:
         o.quantization = spec.quantization or "nf4"
     if o.double_quant is None:
@@ -162,12 +180,21 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
         raise ConfigError(f"--task {task!r} is not in the adapter's task vocabulary: {', '.join(spec.tasks)}")
     if task is not None and o.data is None:
         raise ConfigError(f"--task {task!r} needs --data: the shards whose samples of that task measure the router gates")
+    if o.base is None:
+        check_recorded_base(spec, adapter, "--base")  # says which folder was tried, and why
     pretrained = o.base or spec.base_model
     check_checkpoint(pretrained, "--base")
     try:
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=o.trust_remote_code)
     except OSError as exc:
-        raise ConfigError(f"--base: cannot load the config of {pretrained!r}: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        if o.base is None:
+            raise AdapterError(
+                f"{Path(adapter) / 'adapter_config.json'} names the base model {pretrained!r}, which is no checkpoint folder here "
+                f"(tried {os.path.abspath(Path(pretrained).expanduser())}; an older adapter's relative path is relative to the folder "
+                f"training ran in) and does not load as a hub id ({detail}): give the checkpoint with --base"
+            ) from exc
+        raise ConfigError(f"--base: cannot load the config of {pretrained!r}: {detail}") from exc
     spec.check_base(config, f"adapter {adapter!r}")
 
     # The model without weights (meta device): its module paths, the adapters rebuilt on it, their tensors assigned.
@@ -204,6 +231,7 @@ def task_batches(
 
     from mmpeft.data.datamodule import resolve_source
     from mmpeft.data.encode import ChatEncoder
+    from mmpeft.data.stream import shard_problem
 
     source, index_tasks = resolve_source(data, "--data")
     vocab = list(tasks or index_tasks or ([task] if task else []))
@@ -212,7 +240,7 @@ def task_batches(
     encoder = ChatEncoder(processor, vocab, max_length)
 
     def unreadable(exc: Exception) -> bool:
-        raise DataError(f"--data {data!r}: cannot read a shard: {exc}") from exc
+        raise DataError(f"--data {data!r}: cannot read a shard: {shard_problem(exc)}") from exc
 
     items = []
     for raw in wds.tarfile_samples(({"url": s.url} for s in source.shards), handler=unreadable):
@@ -501,12 +529,13 @@ def merge(
 
     ``options`` are the fields of :class:`Options` (the base as trained, the task and data).
     ``dtype`` is the output's dtype, or that of its unquantized parts with ``quantize``. Returns
-    the report also written to ``out/merge_report.json``. ``out`` appears complete or not at all.
+    the report also written to ``out/merge_report.json``. ``out`` appears complete or not at all;
+    it must not be, contain or lie inside the adapter, the base or the data (ConfigError).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
-    p = plan(adapter, "weight", Options(**options))
+    p = plan(adapter, "weight", Options(**options), out)
     o = p.options
     m = load_and_measure(p, progress)
     progress(f"merging into the {merge_into} base weights; output {quantize or dtype}")
@@ -564,7 +593,9 @@ def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and ``--out``."""
     parser = argparse.ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
     parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors), e.g. runs/NAME/version_N/adapter")
-    parser.add_argument("--out", required=True, help="output folder, written completely or not at all (an existing one is replaced)")
+    parser.add_argument("--out", required=True,
+                        help="output folder, written completely or not at all (an existing one is replaced); it must not be, contain "
+                        "or lie inside the adapter, the base or the data")  # fmt: skip
     parser.add_argument("--base", help="the base checkpoint (hub id or folder); default: the one named in adapter_config.json")
     parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default=None,
                         help="how the base was loaded in training, so the adapted model is measured as trained (default: as adapter_config.json records it, else nf4)")  # fmt: skip
@@ -598,7 +629,7 @@ def cmd_merge(argv: list[str]) -> int:
     parser.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
                         help="add the update to the dequantized 4-bit weights the adapter was trained against (default; reproduces the "
                         "trained model) or to the checkpoint's original weights")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)  # --batch-size or --batch_size
     report = merge(args.adapter, args.out, dtype=args.dtype, quantize=args.quantize, merge_into=args.merge_into, **options_of(args))
     print(json.dumps({k: report[k] for k in ("max_logit_diff", "adapted_layers", "batch")} | {"collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
     return 0

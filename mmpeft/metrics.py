@@ -249,18 +249,26 @@ class Results:
     """Each score's mean over the tasks that report it (``samples``: their total)."""
 
     def scalars(self, stage: str) -> dict[str, float]:
-        """Logged names: ``<stage>/<metric>`` (mean over tasks) and ``<stage>/<task>/<metric>``; sample counts left out."""
+        """Logged names: ``<stage>/<metric>`` (mean over tasks) and ``<stage>/<task>/<metric>``; sample counts left out.
+
+        The task name goes in as it is: metric names hold no ``/``, so the task is everything between
+        ``<stage>/`` and the last ``/`` (how ``python -m mmpeft report`` reads it back).
+        """
         out = {f"{stage}/{name}": value for name, value in self.mean.items() if name != "samples"}
         for task, row in self.tasks.items():
             out.update({f"{stage}/{task}/{name}": value for name, value in row.items() if name != "samples"})
         return out
 
     def table(self, title: str) -> Any:
-        """A rich table: a row per task and a ``mean`` row, a column per score, ``-`` where a task has no such score."""
+        """A rich table: a row per task and a ``mean`` row, a column per score, ``-`` where a task has no such score.
+
+        Task names and the title are plain text, not rich markup: ``[b]x`` shows as it is.
+        """
         from rich.table import Table
+        from rich.text import Text
 
         names = [n for n in (*FORCED, *METRICS) if n in self.mean]
-        table = Table(title=title)
+        table = Table(title=Text(title))
         table.add_column("task")
         for name in names:
             table.add_column(name, justify="right", no_wrap=True)
@@ -269,7 +277,7 @@ class Results:
             return [("-" if n not in row else f"{row[n]:.0f}" if n == "samples" else f"{row[n]:.4f}") for n in names]
 
         for task, row in self.tasks.items():
-            table.add_row(task, *cells(row))
+            table.add_row(Text(task), *cells(row))
         table.add_section()
         table.add_row("mean", *cells(self.mean))
         return table

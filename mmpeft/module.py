@@ -187,8 +187,10 @@ class MMPeftModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if self.init_spec is not None and self.init_spec.tasks and hasattr(datamodule, "load_state_dict"):
-            datamodule.load_state_dict({"tasks": self.init_spec.tasks})  # the adapter's task ids, checked against the data
+        if stage == "fit" and self.init_spec is not None and self.init_spec.tasks and hasattr(datamodule, "load_state_dict"):
+            # Training on keeps the adapter's task ids (checked against the data); evaluation and
+            # prediction take the data's tasks, whichever the adapter saw (docs/evaluation.md).
+            datamodule.load_state_dict({"tasks": self.init_spec.tasks, "from": f"model.init_adapter {self.hparams.init_adapter!r}"})
         tasks = getattr(datamodule, "tasks", None)
         if tasks:
             self.routing_context.num_tasks = len(tasks)
@@ -316,14 +318,15 @@ class MMPeftModule(L.LightningModule):
             print_table(results.table(title))
 
     def generate_answers(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> list[str]:
-        """The decoded new text of each left-padded prompt of ``inputs``, generated with ``kwargs`` in the routing context.
+        """The decoded new text of each left-padded prompt of ``inputs`` (leading whitespace stripped), generated with ``kwargs`` in the routing context.
 
         Instance routing (MixLoRA, per-sequence AsymLoRA) is computed once on each prompt and
         reused at every new token, through the KV cache.
         """
         prompt_len = inputs["input_ids"].shape[1]
         tokens = self.routing_context.generate(self.model, **inputs, **kwargs, use_cache=True)  # (batch, prompt_len + new)
-        return self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+        # The first new token usually starts a word, which BPE and SentencePiece tokenizers decode with its leading space.
+        return [text.lstrip() for text in self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample (see :meth:`generate_answers`)."""

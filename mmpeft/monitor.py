@@ -3,9 +3,11 @@
 - :class:`Monitor` logs to TensorBoard the loss of each task, samples and tokens per second,
   peak memory, and for every mixture adapter the expert load, the router entropy and, at
   every validation, a task x expert heatmap of the mean gate;
-- :class:`TokensProgressBar` is Lightning's rich progress bar with the tokens per second;
-- :class:`RunSummary` prints, at the end of ``fit``, the steps, the time, the best validation
-  values and where the adapter, the checkpoints and the logs are.
+- :class:`TokensProgressBar` is Lightning's rich progress bar counting steps of ``max_steps``,
+  with the tokens per second, or plain lines where the output is not a terminal;
+- :class:`RunSummary` prints, at the end of ``fit``, the steps this invocation ran, the time,
+  the skipped samples, the best validation values and where the adapter, the checkpoints and
+  the logs are; it keeps the run's folder in each checkpoint, for a resumed run to log there.
 
 ``python -m mmpeft fit`` adds each of them unless the config lists one (:func:`default_callbacks`).
 Every tag is described in docs/monitoring.md.
@@ -13,11 +15,14 @@ Every tag is described in docs/monitoring.md.
 
 from __future__ import annotations
 
+import html
 import math
+import re
 import resource
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +66,21 @@ def _log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
             logger.log_metrics(metrics, step=_log_step(trainer))
 
 
+def markdown_text(text: str) -> str:
+    """``text`` as literal Markdown table-cell text: HTML characters as entities, Markdown's punctuation and ``|`` escaped."""
+    text = html.escape(" ".join(text.splitlines()), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|])", r"\\\1", text)
+
+
 def task_expert_table(matrix: torch.Tensor, tasks: list[str]) -> str:
-    """A ``(tasks, experts)`` matrix as a Markdown table (TensorBoard's Text tab shows it), ``n/a`` for a task not seen."""
+    """A ``(tasks, experts)`` matrix as a Markdown table (TensorBoard's Text tab shows it), ``n/a`` for a task not seen.
+
+    Task names are escaped (:func:`markdown_text`): each shows as it is, in its own cell.
+    """
     experts = matrix.shape[1]
     lines = ["| task | " + " | ".join(f"expert {e}" for e in range(experts)) + " |", "|---" * (experts + 1) + "|"]
     for task, row in zip(tasks, matrix.tolist()):
-        lines.append(f"| {task} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.4f}" for v in row) + " |")
+        lines.append(f"| {markdown_text(task)} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.4f}" for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -208,15 +222,205 @@ class Monitor(Callback):
                 writer.add_text(f"routing/{group}/task_expert", table, step)
 
 
-class TokensProgressBar(RichProgressBar):
-    """Lightning's rich progress bar, with the :class:`Monitor`'s tokens per second as a whole number."""
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``, like the bar's time column."""
+    return str(timedelta(seconds=max(0, int(seconds))))
 
+
+class TokensProgressBar(RichProgressBar):
+    """Lightning's rich progress bar counting optimizer steps of ``trainer.max_steps``, with the tokens per second;
+    plain lines instead where the output is not a terminal (a log file, a pipe).
+
+    In a terminal the training bar shows the steps done and ``max_steps``, the elapsed time and
+    the time left, the steps per second, ``train/loss``, the :class:`Monitor`'s tokens per second
+    (a whole number) and the last ``val/loss`` (Lightning's ``v_num``, the logger's version, is
+    left out). Elsewhere a live display would only ever show its final frame, so the bar prints a
+    line every ``every_n_steps`` steps and at the last one::
+
+        step 50/150  loss 2.310  1,234 tokens/s  elapsed 0:00:20  eta 0:00:40
+
+    one after each validation (``validation at step 50/150  val/loss 2.104  (0:00:03)``), and in
+    ``validate``, ``test`` and ``predict`` one every ``every_n_steps`` batches and one at the end.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        interactive: bool | None = None,
+        refresh_rate: int = 100,
+        leave: bool = False,
+        console_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: Steps (batches outside ``fit``) between two plain lines. Default: ``trainer.log_every_n_steps``.
+            interactive: Draw the live bar (``True``) or print plain lines (``False``). Default: the bar when the output is a terminal.
+            refresh_rate: The live bar's refreshes per second (0: none).
+            leave: Leave each finished bar on the screen.
+            console_kwargs: Arguments of the ``rich.console.Console`` the live bar draws on.
+        """
+        super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
+        self.every_n_steps = every_n_steps
+        self.interactive = interactive
+        self._plain = False
+        self._plain_enabled = True
+        self._start = time.monotonic()
+        self._start_step = 0
+        self._eval_start = time.monotonic()
+        self._eval_batches = 0
+
+    # -- which kind -------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        interactive = self.interactive
+        if interactive is None:
+            from rich.console import Console
+
+            console = Console(**self._console_kwargs)
+            interactive = console.is_terminal or console.is_jupyter
+        self._plain = not interactive
+        if self._plain:
+            self._enabled = False  # the rich machinery stays idle
+        super().setup(trainer, pl_module, stage)
+
+    def disable(self) -> None:
+        super().disable()
+        self._plain_enabled = False
+
+    def enable(self) -> None:
+        self._plain_enabled = True
+        if not self._plain:
+            super().enable()
+
+    @property
+    def _printing(self) -> bool:
+        return self._plain and self._plain_enabled
+
+    def _every(self, trainer: L.Trainer) -> int:
+        return max(1, self.every_n_steps or trainer.log_every_n_steps or 1)
+
+    @staticmethod
+    def _max_steps(trainer: L.Trainer) -> int | None:
+        return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+
+    # -- what it shows ----------------------------------------------------------------------
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: the folder the summary names
         rate = metrics.get(TOKENS_PER_SEC)
         if isinstance(rate, float):
             metrics[TOKENS_PER_SEC] = f"{rate:,.0f}"
         return metrics
+
+    def _add_train_task(self, trainer: L.Trainer) -> None:
+        # Steps of max_steps, from the step the run starts at (a resumed run included).
+        description = f"{self.train_description:{len(self.validation_description)}}"
+        self.train_progress_bar_id = self.progress.add_task(description, total=self._max_steps(trainer), completed=trainer.global_step)
+
+    # -- training ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._start_step = time.monotonic(), trainer.global_step
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._max_steps(trainer) is None:  # a run of epochs: Lightning's bar of each epoch's batches
+            return super().on_train_epoch_start(trainer, pl_module)
+        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._add_train_task(trainer)
+            self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._printing:
+            self._print_step(trainer)
+            return
+        if self._max_steps(trainer) is None:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._add_train_task(trainer)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def _print_step(self, trainer: L.Trainer) -> None:
+        step, total = trainer.global_step, self._max_steps(trainer)
+        if trainer.fit_loop._should_accumulate() or (step % self._every(trainer) and step != total):
+            return
+        metrics = trainer.progress_bar_metrics
+        elapsed = time.monotonic() - self._start
+        parts = [f"step {step}/{total}" if total else f"step {step}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.3f}")
+        if TOKENS_PER_SEC in metrics:
+            parts.append(f"{float(metrics[TOKENS_PER_SEC]):,.0f} tokens/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        done = step - self._start_step
+        if total and done > 0:
+            parts.append(f"eta {_clock(elapsed / done * (total - step))}")
+        print("  ".join(parts), flush=True)
+
+    # -- validation, test, predict ----------------------------------------------------------
+    def _start_eval(self) -> None:
+        self._eval_start, self._eval_batches = time.monotonic(), 0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_eval()
+        super().on_validation_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_eval()
+        super().on_test_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_eval()
+        super().on_predict_start(trainer, pl_module)
+
+    def _print_eval_batch(self, trainer: L.Trainer, name: str, batch_idx: int, dataloader_idx: int) -> None:
+        if not self._printing or trainer.state.fn == TrainerFn.FITTING or (batch_idx + 1) % self._every(trainer):
+            return
+        total = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches, "predict": trainer.num_predict_batches}[name]
+        total = total[dataloader_idx] if isinstance(total, list) and dataloader_idx < len(total) else total
+        of = f"/{int(total)}" if isinstance(total, (int, float)) and math.isfinite(total) else ""
+        print(f"{name} batch {batch_idx + 1}{of}  elapsed {_clock(time.monotonic() - self._eval_start)}", flush=True)
+
+    def _print_eval_end(self, trainer: L.Trainer, name: str, batches: int) -> None:
+        if self._printing and trainer.state.fn != TrainerFn.FITTING:
+            print(f"{name}: {batches} batches in {_clock(time.monotonic() - self._eval_start)}", flush=True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._print_eval_batch(trainer, "validate", batch_idx, dataloader_idx)
+        self._eval_batches = batch_idx + 1
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._print_eval_batch(trainer, "test", batch_idx, dataloader_idx)
+        self._eval_batches = batch_idx + 1
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._print_eval_batch(trainer, "predict", batch_idx, dataloader_idx)
+        self._eval_batches = batch_idx + 1
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._printing or trainer.sanity_checking:
+            return
+        if trainer.state.fn != TrainerFn.FITTING:
+            return self._print_eval_end(trainer, "validate", self._eval_batches)
+        total = self._max_steps(trainer)
+        loss = trainer.callback_metrics.get("val/loss")
+        parts = [f"validation at step {trainer.global_step}" + (f"/{total}" if total else "")]
+        if loss is not None:
+            parts.append(f"val/loss {float(loss):.3f}")
+        parts.append(f"({_clock(time.monotonic() - self._eval_start)})")
+        print("  ".join(parts), flush=True)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_test_end(trainer, pl_module)
+        self._print_eval_end(trainer, "test", self._eval_batches)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_predict_end(trainer, pl_module)
+        self._print_eval_end(trainer, "predict", self._eval_batches)
 
 
 def _duration(seconds: float) -> str:
@@ -225,20 +429,74 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
 
 
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda rn: (-rn[1], rn[0])))
+
+
+def _sum_over_ranks(trainer: L.Trainer, counts: Counter[str]) -> Counter[str]:
+    """``counts`` summed over the processes (a collective); reasons are strings, so each rank's dict is gathered."""
+    import torch.distributed as dist
+
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return counts
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    total: Counter[str] = Counter()
+    for part in gathered:
+        total.update(part or {})
+    return total
+
+
 class RunSummary(Callback):
-    """At the end of ``fit``, on rank zero: steps and time, the best of every ``val/*`` value, and where the outputs are."""
+    """At the end of ``fit``, on rank zero: the steps this invocation ran and its time, the skipped samples,
+    the best of every ``val/*`` value, and where the outputs are.
+
+    Its state, saved in every checkpoint, holds the run's log folder and validation history: a run
+    resumed from the checkpoint (``--ckpt_path``) logs into the same folder (``python -m mmpeft``
+    sets the logger's version from it) and its summary's table covers the whole run.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.history: dict[str, list[tuple[int, float]]] = {}
         """Every validation's ``val/*`` values: ``tag -> [(step, value), ...]``."""
+        self.skipped: dict[str, Counter[str]] = {"training": Counter(), "validation": Counter()}
+        """Samples skipped in this invocation, by reason, of the training and the validation batches."""
+        self.log_dir: str | None = None
+        """The run's log folder (absolute), saved with each checkpoint."""
+        self.version: int | str | None = None
+        """The logger's version of that folder."""
         self._start = time.monotonic()
+        self._start_step = 0
         self._outputs: dict[str, Path] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before a checkpoint's state is loaded (load_state_dict), which then restores the run's history.
+        self.history = {}
+        self.skipped = {"training": Counter(), "validation": Counter()}
+        self._outputs = None
+        self._start_step = 0
+        self.log_dir = str(Path(trainer.log_dir).resolve()) if trainer.logger is not None and trainer.log_dir else None
+        self.version = trainer.logger.version if trainer.logger is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {tag: [list(p) for p in points] for tag, points in self.history.items()}, "log_dir": self.log_dir, "version": self.version}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {tag: [(int(s), float(v)) for s, v in points] for tag, points in state_dict.get("history", {}).items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
-        self.history = {}
-        self._outputs = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_step = trainer.global_step  # a resumed run starts at its checkpoint's step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.skipped["training"].update(batch.get("skipped", {}) if isinstance(batch, dict) else {})
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and isinstance(batch, dict):
+            self.skipped["validation"].update(batch.get("skipped", {}))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -257,6 +515,18 @@ class RunSummary(Callback):
         if trainer.logger is not None and trainer.log_dir:
             outputs["logs"] = Path(trainer.log_dir)
         self._outputs = outputs
+        self.skipped = {split: _sum_over_ranks(trainer, counts) for split, counts in self.skipped.items()}  # collectives too
+
+    def title(self, trainer: L.Trainer, seconds: float) -> str:
+        """``fit: 12 steps in 0m 19s``; a resumed run: ``fit: 4 steps (resumed at step 12, now at step 16) in 0m 05s``."""
+        steps = trainer.global_step - self._start_step
+        resumed = f" (resumed at step {self._start_step}, now at step {trainer.global_step})" if self._start_step else ""
+        return f"fit: {steps} steps{resumed} in {_duration(seconds)}"
+
+    def skipped_line(self) -> str:
+        """``2 training samples (bad_json 1, image_count_mismatch 1)``, and the validation's, or ``none``."""
+        parts = [f"{sum(c.values())} {split} samples ({_counts(c)})" for split, c in self.skipped.items() if sum(c.values())]
+        return "; ".join(parts) or "none"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After the module's on_fit_end has written the adapter; teardown runs only when fit succeeded.
@@ -264,19 +534,21 @@ class RunSummary(Callback):
             return
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         console = Console(highlight=False)
-        table = Table(title=f"fit: {trainer.global_step} steps in {_duration(time.monotonic() - self._start)}", title_justify="left")
+        title = self.title(trainer, time.monotonic() - self._start)
+        table = Table()
         for column in ("validation", "best", "at step", "last"):
             table.add_column(column, justify="left" if column == "validation" else "right")
         for tag in sorted(self.history, key=lambda t: (t.count("/"), t)):
             points = self.history[tag]
             step, value = best_point(tag, points)
-            table.add_row(tag, f"{value:.4g}", str(step), f"{points[-1][1]:.4g}")
+            table.add_row(Text(tag), f"{value:.4g}", str(step), f"{points[-1][1]:.4g}")
+        console.print(title + ("" if self.history else " (no validation)"), soft_wrap=True, markup=False)
         if self.history:
             console.print(table)
-        else:
-            console.print(table.title + " (no validation)")
+        console.print(f"{'skipped:':13}{self.skipped_line()}", soft_wrap=True, markup=False)
         for name, path in self._outputs.items():
             console.print(f"{name + ':':13}{path.resolve()}", soft_wrap=True, markup=False)
         if "logs" in self._outputs:

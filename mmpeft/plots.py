@@ -2,14 +2,16 @@
 
 Every figure is drawn at a fixed size in inches and ``DPI`` dots per inch and rendered without
 cropping, so an image's pixel size follows from what it shows (see :func:`heatmap_size`).
+Text is drawn as it is (:data:`PLAIN_TEXT`): a task named ``a$_$b`` is not mathtext.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +25,22 @@ DPI = 100
 ANNOTATE_MAX_CELLS = 160
 """A heatmap writes each cell's value in it up to this many cells (e.g. 10 tasks x 16 experts)."""
 
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+"""The matplotlib settings every figure is built and rendered under: labels are task and group
+names, drawn as they are, never parsed as mathtext (``$...$``) or TeX, whatever the user's matplotlibrc says."""
+
+
+def _plain_text(function: Callable) -> Callable:
+    # Text objects read these settings when they are made: the figure's when it is built, tick labels when it is drawn.
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return function(*args, **kwargs)
+
+    return wrapper
+
 
 def heatmap_size(rows: Sequence[str], columns: int) -> tuple[int, int]:
     """``(width, height)`` in pixels of the heatmap of ``len(rows)`` named rows and ``columns`` columns.
@@ -35,6 +53,7 @@ def heatmap_size(rows: Sequence[str], columns: int) -> tuple[int, int]:
     return round(DPI * (2.6 + 0.075 * min(label, 40) + cells)), round(DPI * (1.5 + 0.4 * len(rows)))
 
 
+@_plain_text
 def heatmap(matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str = "expert", value: str = "mean gate") -> Figure:
     """A ``(rows, columns)`` matrix as coloured cells: row names on the y axis, column numbers on the x axis, a colour bar.
 
@@ -67,6 +86,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str 
     return fig
 
 
+@_plain_text
 def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, ylabel: str) -> Figure:
     """One line per ``name: (steps, values)``, against the step."""
     from matplotlib.figure import Figure
@@ -84,6 +104,7 @@ def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], title
     return fig
 
 
+@_plain_text
 def png(fig: Figure) -> bytes:
     """The figure as PNG bytes, ``figsize * DPI`` pixels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -93,6 +114,7 @@ def png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+@_plain_text
 def rgb(fig: Figure) -> np.ndarray:
     """The figure as a ``(height, width, 3)`` uint8 array, ``figsize * DPI`` pixels (what TensorBoard's ``add_image`` takes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

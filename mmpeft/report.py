@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpeft.errors import ConfigError
-from mmpeft.files import atomic_file
+from mmpeft.files import atomic_file, refuse_output_over_inputs
 
 EVENTS = "events.out.tfevents.*"
 LOWER_IS_BETTER = frozenset({"loss", "error", "err", "perplexity", "ppl", "wer", "cer", "ter", "mae", "mse", "rmse"})
@@ -111,16 +111,28 @@ def _matching(run: Run, pattern: str) -> list[str]:
 
 
 ALL = "all tasks"
+TASK_LOSS = "train/loss/"
+"""The prefix of each task's training loss, ``train/loss/<task>``: the task is the rest of the tag."""
+TASK_METRIC = re.compile(r"val/(?P<task>.+)/(?P<metric>[^/]+)", re.DOTALL)
+"""``val/<task>/<metric>``: metric names hold no ``/``, so the task is everything between ``val/`` and the last ``/``, slashes and all."""
+
+
+def _task_losses(run: Run) -> list[str]:
+    return sorted(tag for tag in run.scalars if tag.startswith(TASK_LOSS) and len(tag) > len(TASK_LOSS))
 
 
 def task_table(run: Run) -> tuple[list[str], list[str], dict[tuple[str, str], list[tuple[int, float]]]]:
-    """Rows (tasks, then ``all tasks`` for the ``val/<metric>`` values), columns (``train loss`` and each validation metric), and each cell's points."""
+    """Rows (tasks, then ``all tasks`` for the ``val/<metric>`` values), columns (``train loss`` and each validation metric), and each cell's points.
+
+    A task's name is read from its tags as it was written, whatever it holds (``/`` too, see :data:`TASK_METRIC`).
+    """
     cells: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for tag in _matching(run, r"train/loss/[^/]+"):
-        cells[(tag.split("/")[2], "train loss")] = run.scalars[tag]
-    for tag in _matching(run, r"val/[^/]+/[^/]+"):
-        _, task, metric = tag.split("/")
-        cells[(task, metric)] = run.scalars[tag]
+    for tag in _task_losses(run):
+        cells[(tag.removeprefix(TASK_LOSS), "train loss")] = run.scalars[tag]
+    for tag in sorted(run.scalars):
+        match = TASK_METRIC.fullmatch(tag)
+        if match:
+            cells[(match["task"], match["metric"])] = run.scalars[tag]
     for tag in _matching(run, r"val/[^/]+"):
         cells[(ALL, tag.split("/")[1])] = run.scalars[tag]
     tasks = sorted({task for task, _ in cells if task != ALL}) + ([ALL] if any(t == ALL for t, _ in cells) else [])
@@ -190,7 +202,7 @@ def render(run: Run) -> str:
         _overview(run),
         "<h2>Losses</h2>",
         _chart(run, ["train/loss", "val/loss"], "loss", "cross-entropy"),
-        _chart(run, _matching(run, r"train/loss/[^/]+"), "training loss per task", "cross-entropy", strip="train/loss/"),
+        _chart(run, _task_losses(run), "training loss per task", "cross-entropy", strip=TASK_LOSS),
         _chart(run, aux, "auxiliary routing losses (unweighted)", "loss", strip="train/aux/"),
         "<h2>Tasks</h2>",
         _task_table_html(run),
@@ -206,15 +218,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the page of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), atomically; returns its path."""
     run = read_run(run_dir)
     path = Path(out) if out is not None else run.path / "report.html"
+    # What the page is read from: the event files and config.yaml (a page beside them is fine).
+    refuse_output_over_inputs(path, {"event file of RUN_DIR": sorted(run.path.glob(EVENTS)), "config of RUN_DIR": run.path / "config.yaml"})
+    if path.is_dir():
+        raise ConfigError(f"--out {str(path)!r} is a folder; give the HTML file to write, e.g. {str(path / 'report.html')!r}")
     with atomic_file(path, "w", encoding="utf-8") as stream:
         stream.write(render(run))
     return path
 
 
 def cmd_report(argv: list[str]) -> int:
+    from mmpeft.flags import parse
+
     parser = argparse.ArgumentParser(prog="mmpeft report", description="Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) from its TensorBoard event files.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's log directory, e.g. runs/demo/version_0 (where its events.out.tfevents.* and config.yaml are)")
-    parser.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html); never one of the run's own files")
+    args = parse(parser, argv)
     print(write_report(args.run_dir, args.out))
     return 0

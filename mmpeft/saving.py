@@ -74,7 +74,7 @@ class AdapterSpec:
     """Which adapter plugin goes on which layers, with every hyperparameter spelled out."""
 
     base_model: str
-    """``backbone.pretrained`` of the run that trained the adapter."""
+    """``backbone.pretrained`` of the run that trained the adapter (written absolute when it is a local folder)."""
 
     base: dict[str, Any]
     """:func:`base_summary` of that model."""
@@ -99,7 +99,7 @@ class AdapterSpec:
             "format_version": FORMAT_VERSION,
             "mmpeft_version": self.mmpeft_version,
             "adapters": [dataclasses.asdict(g) for g in self.groups],
-            "base_model": {"name_or_path": self.base_model, "fingerprint": fingerprint(self.base), **self.base},
+            "base_model": {"name_or_path": stored_base(self.base_model), "fingerprint": fingerprint(self.base), **self.base},
             "tasks": list(self.tasks),
             "train_projector": self.train_projector,
             "base_loading": {"quantization": self.quantization, "double_quant": self.double_quant},
@@ -136,6 +136,33 @@ class AdapterSpec:
         differ = [f"{k}: adapter {self.base.get(k)!r}, model {actual.get(k)!r}" for k in sorted(set(self.base) | set(actual)) if self.base.get(k) != actual.get(k)]
         if differ:
             raise AdapterError(f"{where} was trained on {self.base_model!r}, a different model than this one: " + "; ".join(differ))
+
+
+def stored_base(pretrained: str) -> str:
+    """How ``adapter_config.json`` names the base ``pretrained``: a local folder by its absolute path, so the
+    adapter finds it from any working directory; a hub id as it is."""
+    path = Path(pretrained).expanduser()
+    return os.path.abspath(path) if path.is_dir() else pretrained
+
+
+def check_recorded_base(spec: AdapterSpec, adapter: str | os.PathLike, override: str) -> None:
+    """Fail, saying which folder was tried, when the base that the adapter directory ``adapter`` names is a missing local folder.
+
+    Older adapter directories recorded a relative ``model.backbone.pretrained`` as it was given,
+    relative to the folder training ran in. ``override`` is the option that gives the base instead.
+    """
+    name = spec.base_model
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return
+    config = Path(adapter) / CONFIG_NAME
+    if path.is_absolute():
+        raise AdapterError(f"{config} names the base model {name!r}, but there is no checkpoint there (missing config.json); if it has moved, give it with {override}")
+    if name.startswith((".", "~")) or path.exists() or name.count("/") > 1:  # a folder, not a hub id
+        raise AdapterError(
+            f"{config} names the base model {name!r}, a path relative to the folder training ran in; from here it is "
+            f"{os.path.abspath(path)}, which holds no checkpoint (missing config.json): run from the training folder or give {override}"
+        )
 
 
 def trainable_tensors(model: nn.Module, projector_prefix: str | None = None) -> dict[str, torch.Tensor]:
@@ -249,6 +276,8 @@ def load_adapted(
     from mmpeft.models.backbone import Backbone, load_backbone, load_processor
 
     spec = read_spec(path)
+    if pretrained is None:
+        check_recorded_base(spec, path, "load_adapted(path, pretrained)")
     if spec.quantization is not None:  # as in training, unless the caller says otherwise
         backbone.setdefault("quantization", spec.quantization)
         backbone.setdefault("double_quant", spec.double_quant)

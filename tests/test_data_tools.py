@@ -84,7 +84,8 @@ def test_temporary_files_of_an_interrupted_build_are_removed(tmp_path):
     leftovers = [".train-000001.tar.k2j_x9.tmp", ".dataset.json.partial.rrzmrf9y.tmp", ".dataset.json.a1b2.tmp", "train-000007.tar.tmp"]
     for name in leftovers + ["notes.txt", "val-000000.tar"]:
         (out / name).write_bytes(b"x")  # as a kill in the middle of writing each would leave them
-    SyntheticRecipe(samples=20, samples_per_shard=10, seed=1).build(out, progress=False)
+    # val-000000.tar is no file of this build's: without overwrite the folder is refused (tests/test_issue14_data.py).
+    SyntheticRecipe(samples=20, samples_per_shard=10, seed=1).build(out, progress=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "notes.txt", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
 
 
@@ -92,7 +93,8 @@ def test_a_build_with_other_arguments_starts_over(tmp_path):
     out = tmp_path / "s"
     SyntheticRecipe(samples=40, samples_per_shard=10, seed=1).build(out, progress=False)
     (out / "dataset.json").rename(out / "dataset.json.partial")  # as if interrupted after the last shard
-    index = SyntheticRecipe(samples=20, samples_per_shard=10, seed=2).build(out, progress=False)
+    # Only when asked (tests/test_issue14_data.py: refused otherwise).
+    index = SyntheticRecipe(samples=20, samples_per_shard=10, seed=2).build(out, progress=False, overwrite=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert index["args"]["seed"] == 2
     assert index == SyntheticRecipe(samples=20, samples_per_shard=10, seed=2).build(tmp_path / "fresh", progress=False)

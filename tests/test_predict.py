@@ -81,7 +81,8 @@ def data(tiny_model_dirs, spec: str, family: str = "llava", **kwargs) -> ShardDa
 
 
 def decode(processor, tokens: torch.Tensor, prompt_len: int) -> list[str]:
-    return processor.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)
+    """The new tokens' text as mmpeft gives it: decoded, without the leading space of the first word."""
+    return [text.lstrip() for text in processor.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)]
 
 
 # -- the command line -----------------------------------------------------------------------

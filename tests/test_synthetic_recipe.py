@@ -283,6 +283,7 @@ def test_rebuild_removes_stale_shards(tmp_path: Path) -> None:
     SyntheticRecipe(samples=40, samples_per_shard=10).build(tmp_path, progress=False)
     (tmp_path / "train-000009.tar.tmp").write_bytes(b"left over from a crash")
     (tmp_path / "notes.txt").write_text("not ours")
-    manifest = SyntheticRecipe(samples=40, samples_per_shard=20).build(tmp_path, progress=False)
+    # Another build's data set is replaced only when asked (tests/test_issue14_data.py: refused otherwise).
+    manifest = SyntheticRecipe(samples=40, samples_per_shard=20).build(tmp_path, progress=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "notes.txt", "train-000000.tar", "train-000001.tar"]
     assert len(read_shards(tmp_path, 2)) == manifest["samples"] == 40

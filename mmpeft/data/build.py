@@ -8,10 +8,16 @@ A recipe (registered under the ``mmpeft.data_recipes`` entry-point group) subcla
   whatever happened before and a build can resume shard by shard;
 - each shard is written under a temporary name, fsynced, then renamed: an interrupted build never
   leaves a truncated shard under a final name. Finished shards are listed in
-  ``dataset.json.partial`` (replaced atomically after each shard); re-running the same build
-  keeps them and continues, a build with other arguments starts over;
+  ``dataset.json.partial`` (written before the first shard, replaced atomically after each one);
+  re-running the same build keeps them and continues;
+- a folder that holds anything else a build would replace (another recipe's or other arguments'
+  ``dataset.json`` or unfinished build, or ``*.tar`` files this recipe and these arguments did not
+  write) is refused with :class:`OutputInUse`, naming what is there, unless ``overwrite`` is given
+  (which replaces the index and the shards named like this build's; other files stay);
 - a bad source record (missing or corrupt image, malformed fields) raises :class:`BadRecord`:
-  it is reported with its id, counted by reason in the index, and the build goes on;
+  it is reported with its id, counted by reason in the index, and the build goes on; a build in
+  which no record became a sample is an error (:class:`~mmpeft.errors.DataError`) naming the
+  source and the reasons, and leaves no shard and no index behind;
 - ``dataset.json`` (the index) is written last: shard list with samples, bytes and samples per
   task, the sorted task vocabulary (task id = position), the recipe and its arguments, and the
   generation metrics of each task when the recipe chooses them (:attr:`ShardRecipe.metrics`).
@@ -35,6 +41,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mmpeft.errors import ConfigError, DataError
 from mmpeft.files import atomic_file, read_json, write_json
 
 FORMAT = "mmpeft-shards/1"
@@ -49,6 +56,14 @@ KEEP_IN_INDEX = 100
 log = logging.getLogger("mmpeft.data")
 
 _KEY = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+class OutputInUse(ConfigError):
+    """The output folder of a build holds another data set (or files the build would replace)."""
+
+    def __init__(self, out: Path, found: str, hint: str = "pass --overwrite to replace them") -> None:
+        super().__init__(f"{out} already holds {found}; use another output folder, or {hint}")
+        self.out, self.found = out, found
 
 
 class BadRecord(Exception):
@@ -175,11 +190,89 @@ class ShardRecipe:
                     bar.advance(bar_task)
         return {"name": name, "samples": sum(counts.values()), "bytes": (out / name).stat().st_size, "tasks": dict(sorted(counts.items()))}
 
-    def build(self, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
-        """Write the shards and ``dataset.json`` into ``out_dir`` (resuming an interrupted build); return the index."""
+    def describe_source(self) -> str:
+        """How errors about the whole source name it (a source recipe: its file)."""
+        return f"recipe {self.name}"
+
+    def no_sample_hint(self) -> str:
+        """Said after "none of its records became a sample" (a source recipe: what may be wrong with its file)."""
+        return ""
+
+    def _is_shard_name(self, name: str) -> bool:
+        return re.fullmatch(rf"{re.escape(self.prefix)}-\d{{6}}\.tar", name) is not None
+
+    def _check_out(self, out: Path, identity: dict[str, Any], replace_own_recipe: bool) -> None:
+        """Raise :class:`OutputInUse` when ``out`` holds something this build would replace that it did not write.
+
+        Its own earlier work is this recipe with these arguments (with ``replace_own_recipe``: with any
+        arguments): a finished build (``dataset.json``) or an unfinished one (``dataset.json.partial``),
+        the shards these list, and the shards named like its own. Anything else is another data set's:
+        a ``dataset.json`` or unfinished build of another recipe (or other arguments), and every other
+        ``*.tar`` file.
+        """
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{out} is not a folder")
+        if not out.is_dir():
+            return
+        found: list[str] = []
+        listed: set[str] = set()
+        own = False
+        for name, what in ((INDEX, "a data set"), (PARTIAL, "an unfinished build")):
+            if not (out / name).exists():
+                continue
+            value = read_json(out / name)
+            if not isinstance(value, dict) or value.get("format") != FORMAT:
+                found.append(f"a {name} that is not an mmpeft shard index")
+                continue
+            shards = [s.get("name") for s in value.get("shards") or [] if isinstance(s, dict)]
+            listed.update(shards)
+            same_recipe = value.get("recipe") == self.name
+            if {k: value.get(k) for k in identity} == identity or (same_recipe and replace_own_recipe):
+                own = True
+            else:
+                other = " with other arguments" if same_recipe else ""
+                found.append(f"{what} of the {value.get('recipe')!r} recipe{other} ({name}, {len(shards)} shard(s))")
+        tars = sorted(p.name for p in out.glob("*.tar") if p.name not in listed and not (own and self._is_shard_name(p.name)))
+        if tars:
+            more = f" and {len(tars) - 5} more" if len(tars) > 5 else ""
+            found.append(f"{len(tars)} tar file(s) this build did not write ({', '.join(tars[:5])}{more})")
+        if found:
+            raise OutputInUse(out, " and ".join(found))
+
+    def _remove_own(self, out: Path, names: list[str], created: bool) -> None:
+        """Delete the files this build wrote (and ``out`` itself when the build created it and it is empty)."""
+        for name in names:
+            (out / name).unlink(missing_ok=True)
+        if created:
+            try:
+                out.rmdir()
+            except OSError:  # not empty: something else was put there meanwhile
+                pass
+
+    def _no_sample_error(self, total: int, bad: list[dict[str, str]]) -> DataError:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(b["reason"] for b in bad).items(), key=lambda rn: (-rn[1], rn[0])))
+        example = f" (e.g. {bad[0]['id']}: {bad[0]['detail']:.300})" if bad else ""
+        return DataError(
+            f"{self.describe_source()}: none of its {total} record(s) became a sample: {reasons or 'no reason recorded'}{example}"
+            + self.no_sample_hint()
+        )
+
+    def build(self, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False, replace_own_recipe: bool = False) -> dict[str, Any]:
+        """Write the shards and ``dataset.json`` into ``out_dir`` (resuming an interrupted build); return the index.
+
+        Raises :class:`OutputInUse` when ``out_dir`` holds another data set, unless ``overwrite``.
+        ``replace_own_recipe``: a data set (or unfinished build) of this recipe with other arguments
+        is not another's (``data.prepare``, whose config names the folder as this recipe's output).
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         identity = self._identity()
+        if not overwrite:
+            self._check_out(out, identity, replace_own_recipe)
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(f"{out} is not a folder") from exc
         # From here on the directory is not a finished build until the new index is written.
         (out / INDEX).unlink(missing_ok=True)
         partial = read_json(out / PARTIAL)
@@ -197,6 +290,8 @@ class ShardRecipe:
         total = len(self)
         n_shards = max(1, -(-total // self.samples_per_shard))
         columns = (TextColumn(f"[bold]{self.name}[/bold] {{task.description}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        # Listed before the first shard is written, so that a build killed at any moment finds its own files again.
+        write_json(out / PARTIAL, {**identity, "shards": done, "bad": bad})
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             bar_task = bar.add_task(str(out), total=total, completed=min(total, len(done) * self.samples_per_shard))
             for shard in range(len(done), n_shards):
@@ -204,6 +299,9 @@ class ShardRecipe:
                 done.append(self._write_shard(out, shard, new_bad, bar, bar_task))
                 bad += [dict(b, shard=shard) for b in new_bad]
                 write_json(out / PARTIAL, {**identity, "shards": done, "bad": bad})
+        if total and not any(s["samples"] for s in done):
+            self._remove_own(out, [s["name"] for s in done] + [PARTIAL], created)
+            raise self._no_sample_error(total, bad)
 
         written = {s["name"] for s in done}
         # Shards of an earlier, larger build (a glob must see only this one) and temporary files of an interrupted one.

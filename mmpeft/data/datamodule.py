@@ -18,14 +18,15 @@ from typing import Any
 import lightning as L
 import torch
 from braceexpand import braceexpand
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from mmpeft import registry
-from mmpeft.data.build import INDEX, is_built
+from mmpeft.data.build import INDEX, OutputInUse, is_built
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.predict import PromptStream, is_prompt_file, open_prompt_file
 from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, StreamPosition, plan_mixture
-from mmpeft.errors import ConfigError
+from mmpeft.errors import ConfigError, DataError
 from mmpeft.models.backbone import load_processor
 
 log = logging.getLogger("mmpeft.data")
@@ -39,16 +40,25 @@ class RecipeRun:
     """Name under the ``mmpeft.data_recipes`` entry-point group (e.g. ``synthetic``)."""
 
     out: str
-    """Output directory; skipped when its index says it was built with the same arguments."""
+    """Output directory; skipped when its index says it was built with the same arguments, rebuilt when with others."""
 
     args: dict[str, Any] = field(default_factory=dict)
     """The recipe's own settings (its dataclass fields)."""
+
+    overwrite: bool = False
+    """Replace another data set in ``out`` (another recipe's index, ``*.tar`` files the build did not write); without it such a folder is an error. An earlier build of the same recipe with other arguments is rebuilt either way."""
 
     def run(self) -> None:
         cls = registry.load(registry.DATA_RECIPES, self.recipe)
         recipe = registry.build_config(cls, self.args, f"data.prepare ({self.recipe}).args")
         if not is_built(self.out, recipe):
-            recipe.build(self.out)
+            try:
+                recipe.build(self.out, overwrite=self.overwrite, replace_own_recipe=True)
+            except OutputInUse as exc:
+                raise ConfigError(
+                    f"data.prepare ({self.recipe}): {exc.out} already holds {exc.found}; "
+                    "use another out folder, or set overwrite: true in this data.prepare entry to replace them"
+                ) from exc
 
 
 def _is_remote(spec: str) -> bool:
@@ -104,11 +114,27 @@ def _index_metrics(directory: Path, index: dict) -> dict[str, tuple[str, ...]]:
     return {task: tuple(check_metric_names(names, f"{directory / INDEX}: metrics[{task!r}]")) for task, names in metrics.items()}
 
 
-def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
-    """The shards of ``spec`` with their sample counts and their index's metrics, and the task vocabulary of the index beside them."""
+def _size_problem(url: str, entry: dict) -> str | None:
+    """How a local shard's file size differs from the one its index entry records (``None``: it does not, or none is recorded)."""
+    recorded = entry.get("bytes")
+    if not isinstance(recorded, int) or isinstance(recorded, bool):
+        return None
+    size = Path(url).stat().st_size
+    if size == recorded:
+        return None
+    return f"shard {url} is {size} bytes, but {Path(url).parent / INDEX} records {recorded} bytes"
+
+
+def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[Source, list[str] | None]:
+    """The shards of ``spec`` with their sample counts and their index's metrics, and the task vocabulary of the index beside them.
+
+    A local shard whose size differs from the one its index records (cut short by an interrupted
+    copy, or changed since it was built) is a :class:`DataError` naming it and both sizes; with
+    ``allow_damaged`` it is kept, marked :attr:`Shard.damaged`.
+    """
     urls = resolve_shards(spec, what)
     cache: dict[Path, dict | None] = {}
-    shards, tasks, metrics, read = [], None, {}, set()
+    shards, tasks, metrics, read, damaged = [], None, {}, set(), []
     for url in urls:
         entry, index = None, None
         if not _is_remote(url):
@@ -122,8 +148,20 @@ def resolve_source(spec: str, what: str) -> tuple[Source, list[str] | None]:
         if entry is None:
             shards.append(Shard(url))
         else:
-            shards.append(Shard(url, int(entry["samples"]), tuple(sorted(entry.get("tasks", {}).items()))))
+            problem = _size_problem(url, entry)
+            if problem is not None:
+                damaged.append(problem)
+            shards.append(Shard(url, int(entry["samples"]), tuple(sorted(entry.get("tasks", {}).items())), problem))
+    if damaged and not allow_damaged:
+        more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
+        allow = "; to read what is left, set data.allow_damaged_shards: true (the lost samples are counted as skipped)" if what.startswith("data.") else ""
+        raise DataError(f"{what}: {damaged[0]}{more}: cut short by an interrupted copy, or changed since it was built; copy or build it again{allow}")
     return Source(spec, tuple(shards), tuple(sorted(metrics.items()))), (list(tasks) if tasks else None)
+
+
+def _warn_damaged(sources: list[Source], what: str) -> None:
+    for shard in (shard for source in sources for shard in source.shards if shard.damaged is not None):
+        log.warning("%s: %s; reading what is left (data.allow_damaged_shards), the lost samples are counted as skipped (damaged_shard)", what, shard.damaged)
 
 
 # Which splits each Lightning stage reads; the first is required.
@@ -154,6 +192,7 @@ class ShardDataModule(L.LightningDataModule):
         group_by_length: int = 0,
         prepare: list[RecipeRun] | None = None,
         trust_remote_code: bool = False,
+        allow_damaged_shards: bool = False,
     ) -> None:
         """Stream shards for training and evaluation.
 
@@ -175,6 +214,7 @@ class ShardDataModule(L.LightningDataModule):
             group_by_length: Training only: with k >= 2, each dataloader worker sorts pools of k batches' worth of samples by token length and yields them as k batches of neighbours, in a random order, so less of each batch is padding; 0 or 1: off. The pass's samples and batch counts stay the same; batches become correlated with length (and so with task, see docs/data.md).
             prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic data.
             trust_remote_code: Allow processor code from the checkpoint's repository.
+            allow_damaged_shards: Read a shard whose file size differs from the one its ``dataset.json`` records (cut short by an interrupted copy, say) instead of stopping with an error naming it; a warning names it, and the samples it lacks are counted as skipped (``damaged_shard``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -219,18 +259,21 @@ class ShardDataModule(L.LightningDataModule):
         for split in STAGE_SPLITS[stage]:
             spec = getattr(hp, split)
             if spec is None and split == required:
-                raise ConfigError(f"data.{split} is not set; `{stage}` needs it")
+                raise ConfigError(f"data.{split} is not set; `{getattr(stage, 'value', stage)}` needs it")  # `fit`, not `TrainerFn.FITTING`
             if spec is not None and split not in self.sources:
                 specs = [spec] if isinstance(spec, str) else list(spec)
                 if not specs:
                     raise ConfigError(f"data.{split} is an empty list")
                 what = [f"data.{split}" + (f"[{i}]" if len(specs) > 1 else "") for i in range(len(specs))]
+                allow = hp.get("allow_damaged_shards", False)
                 if split == "predict":
-                    self.prompt_inputs = [open_prompt_file(s, w) if is_prompt_file(s) else resolve_source(s, w)[0] for s, w in zip(specs, what)]
+                    self.prompt_inputs = [open_prompt_file(s, w) if is_prompt_file(s) else resolve_source(s, w, allow)[0] for s, w in zip(specs, what)]
                     self.sources[split] = [source for source in self.prompt_inputs if isinstance(source, Source)]
+                    _warn_damaged(self.sources[split], f"data.{split}")
                     continue
-                resolved = [resolve_source(s, w) for s, w in zip(specs, what)]
+                resolved = [resolve_source(s, w, allow) for s, w in zip(specs, what)]
                 self.sources[split] = [source for source, _ in resolved]
+                _warn_damaged(self.sources[split], f"data.{split}")
                 self.index_tasks = sorted(set(self.index_tasks).union(*(t or () for _, t in resolved)))
                 for source, _ in resolved:
                     self.index_metrics = {**{task: list(names) for task, names in source.metrics}, **self.index_metrics}
@@ -259,6 +302,14 @@ class ShardDataModule(L.LightningDataModule):
         return {"tasks": list(self.tasks or []), "stream": positions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's data state: where the training stream was, and, when training on, the task vocabulary.
+
+        ``state["tasks"]`` is the vocabulary the checkpoint was trained with (``state["from"]`` says
+        where it comes from: the module passes ``model.init_adapter``'s). Training keeps its task
+        ids (:meth:`keep_task_ids`); ``validate``, ``test`` and ``predict`` score and answer the
+        data's own tasks, whichever the adapter saw: task ids only label samples for the per-task
+        scores and the routing losses of training (docs/evaluation.md).
+        """
         positions = state.get("stream") or []
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if positions:
@@ -267,18 +318,36 @@ class ShardDataModule(L.LightningDataModule):
             else:
                 self._resume = StreamPosition.from_dict(positions[rank])
         saved = list(state.get("tasks") or [])
+        source = state.get("from") or "the checkpoint (--ckpt_path)"
         if not saved or saved == self.tasks:
             return
-        new = sorted(set(self.index_tasks) - set(saved))
-        if new:
-            raise ConfigError(
-                f"the checkpoint's task vocabulary {saved} lacks task(s) {new} of the data; "
-                "task ids must not change on resume (start a new run, or set data.tasks)"
-            )
-        log.info("task vocabulary from the checkpoint: %s", saved)
-        self.tasks = saved
+        if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
+            log.info("%s was trained on tasks %s; this %s uses the data's: %s", source, saved, self.trainer.state.fn.value, self.tasks)
+            return
+        self.keep_task_ids(saved, source)
+
+    def keep_task_ids(self, saved: list[str], source: str) -> None:
+        """Take the vocabulary ``saved`` of ``source`` so that training on keeps its task ids, or :class:`ConfigError` with a ``data.tasks`` that does.
+
+        - Every task of the data (``data.tasks``, else the indexes') is in ``saved``: ``saved`` is the vocabulary.
+        - ``data.tasks`` lists ``saved`` first, in its order, then new tasks: ``data.tasks`` is (the old ids stay, the new follow).
+        - Otherwise an error whose suggested ``data.tasks`` (``saved``, then the data's new tasks) does the second.
+        """
+        wanted = list(self.hparams.tasks or [])
+        new = [task for task in (wanted or self.index_tasks) if task not in saved]
+        if not new:
+            vocabulary = saved
+        elif wanted[: len(saved)] == saved:
+            vocabulary = wanted
+        else:
+            advice = f"set data.tasks to {json.dumps(saved + new, ensure_ascii=False)} (its tasks first, in its order, then the new ones), or start a new run without {source}"
+            if wanted:
+                raise ConfigError(f"data.tasks {wanted} changes the task ids of {source}, trained on the task vocabulary {saved}; task ids must not change when training goes on: {advice}")
+            raise ConfigError(f"{source} was trained on the task vocabulary {saved}, which lacks task(s) {new} of the data; task ids must not change when training goes on: {advice}")
+        log.info("task vocabulary from %s: %s", source, vocabulary)
+        self.tasks = vocabulary
         if self.encoder is not None:
-            self.encoder.set_tasks(saved)
+            self.encoder.set_tasks(vocabulary)
 
     # -- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, train: bool) -> DataLoader:

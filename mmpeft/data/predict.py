@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from mmpeft.data.build import BadRecord
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample, SampleError, parse_sample
-from mmpeft.data.stream import Source, _rank_world
+from mmpeft.data.stream import Source, _rank_world, shard_problem
 from mmpeft.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class PromptStream(IterableDataset):
             except StopIteration:
                 return
             except Exception as exc:  # tar and I/O errors of many types
-                raise DataError(f"shard {unit.shard} cannot be read: {exc}") from exc
+                raise DataError(f"shard {unit.shard} cannot be read: {shard_problem(exc, with_shard=False)}") from exc
             where = f"sample {raw.get('__key__')!r} in shard {unit.shard}"
             try:
                 yield parse_sample(raw, assistant_required=False), where

@@ -27,6 +27,8 @@ import logging
 import math
 import os
 import random
+import re
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ class Shard:
     """From the index; ``None`` when the shard has no ``dataset.json`` entry."""
     tasks: tuple[tuple[str, int], ...] = ()
     """Samples per task, from the index."""
+    damaged: str | None = None
+    """Why the file does not match its index entry (its size differs: cut short by an interrupted copy, or
+    changed), when the user allowed reading it anyway (``data.allow_damaged_shards``): the samples it lacks
+    are counted as skipped (``damaged_shard``)."""
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,68 @@ class StreamPosition:
         )  # fmt: skip
 
 
+_AT_STREAM = re.compile(r" @ <[^>]*>$")
+
+
+def shard_problem(exc: BaseException, with_shard: bool = True) -> str:
+    """A shard webdataset could not read, as one line: ``<shard>: <what is wrong>`` (without ``with_shard``: what is wrong).
+
+    webdataset appends the open stream and the shard's URL to the exception's ``args`` (and the
+    stream's repr to its message), which ``str(exc)`` would show as a Python tuple.
+    """
+    args = exc.args if isinstance(exc.args, tuple) else ()
+    url = next((a for a in reversed(args[1:]) if isinstance(a, str)), None)
+    if isinstance(exc, OSError) and exc.strerror:
+        what = exc.strerror
+    else:
+        what = _AT_STREAM.sub("", str(args[0])) if args else ""
+        if isinstance(exc, tarfile.TarError):
+            what = f"not a tar file, or a damaged one ({what or type(exc).__name__})"
+        elif not what or not isinstance(exc, ValueError):
+            what = f"{type(exc).__name__}: {what}" if what else type(exc).__name__
+    return f"{url}: {what}" if url and with_shard else what
+
+
+class _LossCount:
+    """Counts the samples read from each shard and, once a damaged one is done, counts the ones it lacks as skipped."""
+
+    def __init__(self, stream: ShardStream, shards: Sequence[Shard]) -> None:
+        self.stream = stream
+        self.expected = {s.url: s.samples for s in shards if s.damaged is not None and s.samples is not None}
+        self.read: Counter[str] = Counter()
+
+    def opened(self, urls: Iterator[str]) -> Iterator[dict[str, str]]:
+        # webdataset asks for the next shard only once every sample of the previous one was taken.
+        previous = None
+        for url in urls:
+            self.done(previous)
+            previous = url
+            self.read[url] = 0
+            yield {"url": url}
+        self.done(previous)
+
+    def samples(self, urls: Iterator[str]) -> Iterator[dict[str, Any]]:
+        for raw in wds.tarfile_samples(self.opened(urls), handler=self.stream._bad_shard):
+            self.read[str(raw.get("__url__"))] += 1
+            yield raw
+
+    def done(self, url: str | None) -> None:
+        lost = self.expected.get(url, 0) - self.read[url] if url is not None else 0
+        if lost <= 0:
+            return
+        encoder = self.stream.encoder
+        for counter in (encoder.skipped, encoder.skipped_total):
+            counter["damaged_shard"] += lost
+        encoder.skipped_by_shard[url] += lost
+        encoder.seen_by_shard[url] += lost
+        encoder.seen += lost
+        log.warning(
+            "damaged shard %s: %d of the %d samples its index records could not be read, counted as skipped (damaged_shard)",
+            url, lost, self.expected[url],
+        )  # fmt: skip
+        encoder.check_skip_limit()
+
+
 def _rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -297,10 +365,12 @@ class ShardStream(IterableDataset):
     def _bad_shard(self, exc: Exception) -> bool:
         """webdataset's exception handler: a shard that cannot be read is counted and skipped."""
         self.encoder.skipped["bad_shard"] += 1
-        log.warning("skipped the rest of a shard that could not be read: %s", exc)
+        log.warning("skipped the rest of a shard that could not be read: %s", shard_problem(exc))
         return True
 
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        if any(s.damaged is not None for s in self.shards):
+            return _LossCount(self, self.shards).samples(iter(urls))
         return wds.tarfile_samples(({"url": u} for u in urls), handler=self._bad_shard)
 
     def _batch(
@@ -447,18 +517,18 @@ class ShardStream(IterableDataset):
         plan = self.plan
         streams: dict[int, Iterator[dict[str, Any]]] = {}
 
-        def draw_shards(i: int) -> Iterator[dict[str, str]]:
+        def draw_shards(i: int) -> Iterator[str]:
             shards = self.sources[i].shards
             weights = [s.samples or 1 for s in shards]
             while True:
-                yield {"url": rng.choices(shards, weights)[0].url}
+                yield rng.choices(shards, weights)[0].url
 
         live = [i for i, p in enumerate(plan.source_probs) if p > 0]
         probs = [plan.source_probs[i] for i in live]
         while True:
             i = rng.choices(live, probs)[0]
             if i not in streams:
-                streams[i] = iter(wds.tarfile_samples(draw_shards(i), handler=self._bad_shard))
+                streams[i] = iter(_LossCount(self, self.sources[i].shards).samples(draw_shards(i)))
             for raw in streams[i]:
                 try:
                     task = json.loads(raw["json"])["task"]

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mmpeft import registry
-from mmpeft.errors import ConfigError
+from mmpeft.errors import ConfigError, DataError
+from mmpeft.flags import parse
 
 log = logging.getLogger("mmpeft.data")
 EXAMPLES = 3
@@ -41,14 +42,15 @@ def cmd_build(argv: list[str]) -> int:
     cls = registry.load(registry.DATA_RECIPES, name)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=f"python -m mmpeft data build {name}", description=(cls.__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory (an interrupted build there is resumed)")
+    parser.add_argument("--out", required=True, help="output directory (an interrupted build there is resumed; a folder holding another data set is refused)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out (its index and its shards named like this build's; other files stay)")
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     parser.add_class_arguments(cls, nested_key=None, as_group=False)
-    args = parser.parse_args(rest).as_dict()
-    out, progress = args.pop("out"), args.pop("progress")
+    args = parse(parser, rest).as_dict()  # --samples-per-shard or --samples_per_shard
+    out, progress, overwrite = args.pop("out"), args.pop("progress"), args.pop("overwrite")
     args.pop("__path__", None)
     recipe = registry.build_config(cls, args, f"data build {name}")
-    index = recipe.build(out, progress=progress)
+    index = recipe.build(out, progress=progress, overwrite=overwrite)
     bad = index.get("bad_records", {})
     print(
         f"{out}: {len(index['shards'])} shard(s), {index['samples']} samples, {index.get('bytes', 0) / 2**20:.1f} MiB, "
@@ -76,8 +78,9 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
     from mmpeft.data.datamodule import resolve_source
     from mmpeft.data.encode import ChatEncoder
     from mmpeft.data.sample import SampleError, parse_sample
+    from mmpeft.data.stream import shard_problem
 
-    source, tasks = resolve_source(spec, "data inspect")
+    source, tasks = resolve_source(spec, "data inspect", allow_damaged=True)
     encoder = None
     if processor:
         from mmpeft.models.backbone import load_processor
@@ -92,9 +95,10 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
     lengths: dict[str, list[int]] = defaultdict(list)
     truncated = read = usable = 0
     bad_shards: list[str] = []
+    read_from: Counter[str] = Counter()
 
     def bad_shard(exc: Exception) -> bool:
-        bad_shards.append(str(exc))
+        bad_shards.append(shard_problem(exc))
         return True
 
     def skip(reason: str, raw: dict[str, Any]) -> None:
@@ -110,6 +114,7 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
         for raw in wds.tarfile_samples(({"url": s.url} for s in source.shards), handler=bad_shard):
             bar.advance(bar_task)
             read += 1
+            read_from[str(raw.get("__url__"))] += 1
             try:
                 sample = parse_sample(raw)
             except SampleError as exc:
@@ -130,6 +135,12 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
                     lengths[sample.task].append(exc.length)
                 continue
             usable += 1
+    for shard in source.shards:  # what a damaged shard lacks would be dropped too (training counts it so)
+        lost = (shard.samples or 0) - read_from[shard.url] if shard.damaged is not None else 0
+        if lost > 0:
+            skipped["damaged_shard"] += lost
+            if len(examples["damaged_shard"]) < EXAMPLES:
+                examples["damaged_shard"].append(f"{Path(shard.url).name} ({lost} missing)")
     index_counts = Counter()
     for shard in source.shards:
         index_counts.update(dict(shard.tasks))
@@ -152,6 +163,7 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": dict(sorted(examples.items())),
         "unreadable_shards": bad_shards,
+        "damaged_shards": [shard.damaged for shard in source.shards if shard.damaged is not None],
         "tokens": None if encoder is None else {
             "max_length": max_length,
             "truncated": truncated,
@@ -186,23 +198,29 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(table)
     else:
         console.print("no sample would be dropped" + ("" if tokens else " (without --processor, token lengths are not checked)"))
+    for problem in report["damaged_shards"]:
+        console.print(f"[red]damaged shard[/red]: {problem}", soft_wrap=True, highlight=False)
     for problem in report["unreadable_shards"]:
-        console.print(f"[red]unreadable shard[/red]: {problem}")
+        console.print(f"[red]unreadable shard[/red]: {problem}", soft_wrap=True, highlight=False)
 
 
 def cmd_inspect(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmpeft data inspect", description="Describe shards: samples per task, images per sample, token lengths, what training would drop and why.")
     parser.add_argument("source", help="shard directory (with dataset.json), brace pattern or glob")
     parser.add_argument("--processor", help="checkpoint (local folder or hub name) whose processor measures token lengths")
-    parser.add_argument("--max_length", "--max-length", type=int, default=1024, help="data.max_length to check against (default 1024)")
-    parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--max-length", type=int, default=1024, help="data.max_length to check against (default 1024)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the processor's repository")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)  # --max-length or --max_length
     report = inspect_shards(args.source, args.processor, args.max_length, args.trust_remote_code, args.progress)
     print_report(report, Console())
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    problems = report["damaged_shards"] + report["unreadable_shards"]
+    if problems:
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        raise DataError(f"data inspect {args.source}: {len(problems)} damaged or unreadable shard(s): {problems[0]}{more}")
     return 0
 
 
