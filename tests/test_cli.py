@@ -110,15 +110,22 @@ def test_tiny_model_tool_builds_a_loadable_checkpoint(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in (tmp_path / "tq").iterdir()}
 
 
-def run_main(capsys, *args: str) -> tuple[int, str]:
-    """``python -m mmpeft ARGS`` in this process (the same ``main``; faster than a subprocess)."""
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m mmpeft ARGS`` in this process (the same ``main``; faster than a subprocess): exit code, stdout, stderr."""
     from mmpeft.cli import main
 
     try:
         code = main(list(args))
     except SystemExit as exc:  # argument errors exit from inside LightningCLI's parser
         code = exc.code
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    """:func:`run_cli`'s exit code and stderr."""
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_cli import ROOT, demo_config, mmpeft, run_main  # test_cli imports lightning before any capture
+from test_cli import ROOT, demo_config, mmpeft, run_cli, run_main  # test_cli imports lightning before any capture
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft import plots
@@ -48,17 +48,6 @@ from mmpeft.saving import AdapterSpec, base_summary, save_adapter, trainable_ten
 # Data: builds that would replace another data set, damaged shards, empty sources, broken shards in words
 # ----------------------------------------------------------------------------------------------
 
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """``python -m mmpeft ARGS`` in this process: exit code, stdout and stderr."""
-    from mmpeft.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def last_line(err: str) -> str:
@@ -535,16 +524,6 @@ def test_export_writes_target_modules_sorted(capsys, tmp_path, workspace):
 # -- 5. one spelling of every flag in --help, both accepted ---------------------------------------
 
 
-def stdout_of(capsys, *args: str) -> tuple[int, str, str]:
-    from mmpeft.cli import main
-
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 @pytest.mark.parametrize("spelling", ["--batch-size", "--batch_size"])
 @pytest.mark.parametrize("tool", ["merge", "export"])
@@ -567,7 +546,7 @@ def test_merge_and_export_take_both_spellings(capsys, tmp_path, tool, spelling):
     ],
 )
 def test_help_shows_each_flag_with_dashes_only(capsys, command, shown, hidden):
-    code, out, err = stdout_of(capsys, *command, "--help")
+    code, out, err = run_cli(capsys, *command, "--help")
     assert code == 0, err
     assert all(flag in out for flag in shown), out
     assert not [flag for flag in hidden if flag in out], out
@@ -581,7 +560,7 @@ def test_data_build_and_inspect_take_both_spellings(capsys, tmp_path, spelling):
     index = json.loads((out / "dataset.json").read_text())
     assert len(index["shards"]) == 2 and index["args"]["samples_per_shard"] == 4 and index["args"]["image_size"] == 24
     for flags in (["--max-length", "64", "--trust-remote-code"], ["--max_length", "64", "--trust_remote_code"]):
-        code, out_text, err = stdout_of(capsys, "data", "inspect", str(out), *flags, "--no-progress")
+        code, out_text, err = run_cli(capsys, "data", "inspect", str(out), *flags, "--no-progress")
         assert code == 0, err[-2000:]
         assert "8 samples read" in " ".join(out_text.split())
 

@@ -81,8 +81,6 @@ class ChatEncoder:
                 f"the processor {type(processor).__name__} of {getattr(processor, 'name_or_path', None) or self.tokenizer.name_or_path!r} "
                 "has no chat template; give the checkpoint one (chat_template.jinja) or use a processor that has one"
             )
-        self._kept: torch.Tensor | None = None
-        """For the sample being encoded: which of the processor's tokens come from the text itself (not inserted by it)."""
         self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
         """Every token id the processor uses for images (placeholders, soft tokens, wrappers)."""
         # Longest first, so that an end-of-turn token is never taken for a shorter one it starts with.
@@ -236,14 +234,10 @@ class ChatEncoder:
     def encode(self, sample: Sample) -> dict[str, Any]:
         if sample.task not in self.task_ids:
             raise SampleError("unknown_task", f"task {sample.task!r} is not in the task vocabulary")
-        if self.prefix_lm:
-            text, enc, target = self._encode_prefix_lm(sample)
-        else:
-            text, enc, target = self._encode_chat(sample)
+        text, enc, target, from_text = (self._encode_prefix_lm if self.prefix_lm else self._encode_chat)(sample)
         ids = enc["input_ids"][0]
         # Image tokens: what the processor inserted (expansions, wrappers) and the placeholders themselves.
-        is_image = ~self._kept if self._kept is not None else torch.zeros_like(target)
-        is_image |= torch.isin(ids, self.image_token_ids)
+        is_image = ~from_text | torch.isin(ids, self.image_token_ids)
 
         length = ids.numel()
         exc = None
@@ -269,8 +263,9 @@ class ChatEncoder:
             "length": ids.numel(),  # before truncation (data inspect reports these)
         }
 
-    def _encode_chat(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor]:
-        """A chat through its template: the text, the processor's encoding and the ``(L,)`` mask of assistant tokens."""
+    def _encode_chat(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor, torch.Tensor]:
+        """A chat through its template: the text, the processor's encoding, the ``(L,)`` mask of assistant tokens
+        and the ``(L,)`` mask of tokens that come from the text itself (not inserted by the processor)."""
         text, spans = self.render(sample.messages)
         enc, add_special = self._process(text, sample.images)
         ids = enc["input_ids"][0]  # (L,) as the processor made it: images expanded
@@ -283,23 +278,23 @@ class ChatEncoder:
             if not hits or (where < 0).any():
                 raise SampleError("tokenization_mismatch", f"the processor's tokens of assistant turn {turn} differ from the tokenizer's")
             target[where] = True
-        self._kept = torch.zeros_like(target)
-        self._kept[position[position >= 0]] = True  # tokens of the text itself, not inserted by the processor
-        return text, enc, target
+        from_text = torch.zeros_like(target)
+        from_text[position[position >= 0]] = True
+        return text, enc, target, from_text
 
-    def _encode_prefix_lm(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor]:
+    def _encode_prefix_lm(self, sample: Sample) -> tuple[str, dict[str, Any], torch.Tensor, torch.Tensor]:
         """A processor without a chat template that takes the answer as ``suffix`` (PaliGemma).
 
         The prompt (:meth:`prefix`) is the model's bidirectional prefix and the chat's last answer
         its suffix; the processor marks the suffix in ``token_type_ids`` (its causal part) and
-        returns its labels, which are the targets: the answer and the EOS it appends.
+        returns its labels, which are the targets: the answer and the EOS it appends. Its image
+        tokens are told apart by their ids alone.
         """
         messages, answer = split_reference(sample.messages)
         prefix = self.prefix(messages)
         enc = self._call_processor(text=[prefix], images=[sample.images] if sample.images else None, suffix=[answer or ""], return_tensors="pt")
         labels = enc.pop("labels")[0]
-        self._kept = None
-        return prefix, enc, labels != IGNORE_INDEX
+        return prefix, enc, labels != IGNORE_INDEX, torch.ones_like(labels, dtype=torch.bool)
 
     def prefix(self, messages: list[dict[str, Any]]) -> str:
         """The prompt of a prefix-LM processor: an image placeholder per image, then the text of every turn, a line each."""
