@@ -28,6 +28,8 @@ demo: $(STAMP)
 	$(BIN)/python -m mmpeft fit --config configs/demo.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -193,7 +193,11 @@ class Variant:
     """For a loop reference: the vectorised variant it is compared with."""
 
 
-REFERENCES: dict[str, type[nn.Module]] = {"LoopAsymLoRA": LoopAsymLoRA, "LoopMoELoRA": LoopMoELoRA, "DenseMixLoRA": DenseMixLoRA}
+REFERENCES: dict[str, type[nn.Module]] = {
+    "LoopAsymLoRA": LoopAsymLoRA,
+    "LoopMoELoRA": LoopMoELoRA,
+    "DenseMixLoRA": DenseMixLoRA,
+}
 VECTORISED: dict[str, tuple[type[nn.Module], type]] = {
     "LoopAsymLoRA": (AsymLoRA, AsymLoRAConfig),
     "LoopMoELoRA": (MoELoRA, MoELoRAConfig),
@@ -293,7 +297,9 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0, voca
         text.intermediate_size = round(hidden * 8960 / 1536 / 16) * 16
         text.num_key_value_heads = next(k for k in range(max(1, heads // 6), 0, -1) if heads % k == 0)
         text.max_window_layers = layers
-        unit = head_dim // 16  # mrope sections split head_dim / 2 in Qwen2-VL's 2:3:3 proportions ([16, 24, 24] for 128)
+        unit = (
+            head_dim // 16
+        )  # mrope sections split head_dim / 2 in Qwen2-VL's 2:3:3 proportions ([16, 24, 24] for 128)
         text.rope_parameters = {**text.rope_parameters, "mrope_section": [2 * unit, 3 * unit, 3 * unit]}
         config.vision_config.hidden_size = hidden  # the merger projects straight into the text model
     torch.manual_seed(seed)
@@ -303,7 +309,9 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0, voca
     for name in os.listdir(tiny):  # tokenizer and processor files of the tiny build
         if name not in ("config.json", "model.safetensors", "generation_config.json") and not name.startswith("."):
             (out / name).write_bytes((Path(tiny) / name).read_bytes())
-    (out / "bench.json").write_text(json.dumps({"family": family, "hidden": hidden, "layers": layers, "seed": seed, "vocab": vocab}) + "\n")
+    (out / "bench.json").write_text(
+        json.dumps({"family": family, "hidden": hidden, "layers": layers, "seed": seed, "vocab": vocab}) + "\n"
+    )
     return out
 
 
@@ -368,7 +376,9 @@ class Runner:
     """The ``model.speed`` levers the model was loaded and injected with."""
 
 
-def build_runner(v: Variant, model_dir: Path, device: torch.device, checkpointing: bool, seed: int, speed: Speed | None = None) -> Runner:
+def build_runner(
+    v: Variant, model_dir: Path, device: torch.device, checkpointing: bool, seed: int, speed: Speed | None = None
+) -> Runner:
     """One model with ``v``'s adapter on every linear layer of its language model, loaded as ``MMPeftModule`` loads it (``speed``: its levers)."""
     speed = speed or Speed()
     model = load_backbone(Backbone(pretrained=str(model_dir), gradient_checkpointing=checkpointing), device, speed)
@@ -408,7 +418,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses, device: torch.device, step=train_step) -> float:
+def timed_step(
+    runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses, device: torch.device, step=train_step
+) -> float:
     """Seconds of one ``step(runner, batch, coefficients)``; on CUDA its peak allocation above the start goes to ``runner.peak_bytes``."""
     sync(device)
     if device.type == "cuda":
@@ -540,7 +552,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def start_run(device_arg: str, threads_arg: int | None, command: str) -> tuple[torch.device, dict[str, Any], float]:
     """The device (``auto``: CUDA when present), torch's CPU threads (default 1 on a CPU), the printed command and environment; the start time."""
-    device = torch.device("cuda" if device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     threads = threads_arg if threads_arg is not None else (1 if device.type == "cpu" else 0)
     if threads:
         torch.set_num_threads(threads)
@@ -596,7 +610,9 @@ def schedule(runners: list[Runner], round_index: int) -> list[Runner]:
     return sequence
 
 
-def summarise(rounds: list[list[tuple[str, float]]], runners: list[Runner], macs: dict[str, float]) -> list[dict[str, Any]]:
+def summarise(
+    rounds: list[list[tuple[str, float]]], runners: list[Runner], macs: dict[str, float]
+) -> list[dict[str, Any]]:
     """Per-variant statistics from the rounds' ``(variant, mean step seconds)`` sequences."""
     x_lora: dict[str, list[float]] = {}
     speedups: dict[str, list[float]] = {}
@@ -641,7 +657,9 @@ def summarise(rounds: list[list[tuple[str, float]]], runners: list[Runner], macs
 
 
 def table(rows: list[dict[str, Any]], device: torch.device) -> str:
-    mem_head = "peak step memory MiB" if device.type == "cuda" else "params+grads+AdamW MiB | saved activations MiB (no ckpt)"
+    mem_head = (
+        "peak step memory MiB" if device.type == "cuda" else "params+grads+AdamW MiB | saved activations MiB (no ckpt)"
+    )
     head = (
         "| variant | adapter | trainable params | adapter MACs / base MACs | step s median (min) | x LoRA median [95% CI] "
         f"| x LoRA, fastest steps | speed-up over loop median [95% CI] | {mem_head} |"
@@ -681,26 +699,32 @@ def verdicts(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             continue
         row = by_name[name]
         low, high = row["x_lora_ci95"]
-        results.append({
-            "target": f"{name} <= {limit:.2f}x LoRA",
-            "median": row["x_lora_median"],
-            "ci95": [low, high],
-            "met": verdict(low, high, limit, at_most=True),
-            "fastest_steps": row["x_lora_best_steps"],
-        })
+        results.append(
+            {
+                "target": f"{name} <= {limit:.2f}x LoRA",
+                "median": row["x_lora_median"],
+                "ci95": [low, high],
+                "met": verdict(low, high, limit, at_most=True),
+                "fastest_steps": row["x_lora_best_steps"],
+            }
+        )
         if "speedup_over_loop_median" in row:
             low, high = row["speedup_over_loop_ci95"]
             loop = next(r for r in rows if r["variant"] == f"{name}-loop")
-            results.append({
-                "target": f"{name} >= {MIN_SPEEDUP_OVER_LOOP:.1f}x faster than its loop",
-                "median": row["speedup_over_loop_median"],
-                "ci95": [low, high],
-                "met": verdict(low, high, MIN_SPEEDUP_OVER_LOOP, at_most=False),
-                "fastest_steps": loop["step_s_min"] / row["step_s_min"],
-            })
+            results.append(
+                {
+                    "target": f"{name} >= {MIN_SPEEDUP_OVER_LOOP:.1f}x faster than its loop",
+                    "median": row["speedup_over_loop_median"],
+                    "ci95": [low, high],
+                    "met": verdict(low, high, MIN_SPEEDUP_OVER_LOOP, at_most=False),
+                    "fastest_steps": loop["step_s_min"] / row["step_s_min"],
+                }
+            )
     for res in results:
         low, high = res["ci95"]
-        lines.append(f"| {res['target']} | {res['median']:.3f}x [{low:.3f}-{high:.3f}] | {res['met']} | {res['fastest_steps']:.3f}x |")
+        lines.append(
+            f"| {res['target']} | {res['median']:.3f}x [{low:.3f}-{high:.3f}] | {res['met']} | {res['fastest_steps']:.3f}x |"
+        )
     return "\n".join(lines), results
 
 
@@ -724,7 +748,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--answer", type=int, default=64, help="trained (labelled) tokens at the end of each sample")
-    p.add_argument("--rank", type=int, default=8, help="r of LoRA, of each AsymLoRA head, of each LoRA-MoE expert, of MixLoRA's update")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=8,
+        help="r of LoRA, of each AsymLoRA head, of each LoRA-MoE expert, of MixLoRA's update",
+    )
     p.add_argument("--heads", type=int, default=4, help="AsymLoRA's N")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -742,7 +771,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "sibling make steps several times slower and far noisier; 0 keeps torch's default)",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
-    p.add_argument("--profile", default=None, metavar="VARIANT", help="after timing, print a torch.profiler table of one step of VARIANT")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="VARIANT",
+        help="after timing, print a torch.profiler table of one step of VARIANT",
+    )
     p.add_argument("--check", action="store_true", help="only check the loop references against the adapters")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
@@ -751,7 +785,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/adapter_overhead.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/adapter_overhead.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     factors = args.factors or 4 * args.rank
     cases = variants(args.rank, 2.0 * args.rank, args.dropout, args.heads, args.experts, args.top_k, factors)
     if args.variants:
@@ -807,7 +843,10 @@ def main(argv: list[str] | None = None) -> None:
             runner.times.append([timed_step(runner, batch, coefficients, device) for _ in range(args.steps)])
             sequence.append((runner.variant.name, statistics.fmean(runner.times[-1])))
         rounds.append(sequence)
-        print(f"round {round_index + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})", flush=True)
+        print(
+            f"round {round_index + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})",
+            flush=True,
+        )
 
     rows = summarise(rounds, runners, macs)
     for row, runner in zip(rows, runners):
@@ -831,7 +870,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nprofile of one {args.profile} step:\n{profile_step(runner, batch, coefficients)}")
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"command": command, "environment": env, "setup": setup, "rows": rows, "targets": results, "rounds": rounds}, indent=2) + "\n"
+            json.dumps(
+                {
+                    "command": command,
+                    "environment": env,
+                    "setup": setup,
+                    "rows": rows,
+                    "targets": results,
+                    "rounds": rounds,
+                },
+                indent=2,
+            )
+            + "\n"
         )
         print(f"wrote {args.out}")
 

@@ -170,7 +170,9 @@ def build_data(root: Path, recipe: JpegSynthetic) -> tuple[Path, Path]:
                 rel = f"images/{key}_{k}.jpg"
                 (folder / rel).write_bytes(raw[f"img{k}.jpg"])
                 images.append(rel)
-            records.append({"id": meta.get("id", key), "task": meta["task"], "messages": meta["messages"], "images": images})
+            records.append(
+                {"id": meta.get("id", key), "task": meta["task"], "messages": meta["messages"], "images": images}
+            )
         tmp = folder / (ANNOTATIONS + ".tmp")
         tmp.write_text(json.dumps(records, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, folder / ANNOTATIONS)  # written last: its presence means the folder is complete
@@ -197,7 +199,9 @@ class FolderDataset(Dataset):
         for rel in record["images"]:
             with Image.open(self.root / rel) as image:
                 images.append(image.convert("RGB"))  # decodes the file
-        return self.encoder.encode(Sample(key=record["id"], task=record["task"], messages=record["messages"], images=images))
+        return self.encoder.encode(
+            Sample(key=record["id"], task=record["task"], messages=record["messages"], images=images)
+        )
 
 
 def folder_loader(dataset: FolderDataset, batch: int, workers: int, seed: int) -> DataLoader:
@@ -290,14 +294,23 @@ def measure_loader(make: Callable[[], DataLoader], skip: int, batches: int) -> d
                 break
         seconds = time.perf_counter() - start
     except StopIteration:
-        raise SystemExit("a loader ran out of samples inside a measurement: raise --samples or lower --batches") from None
+        raise SystemExit(
+            "a loader ran out of samples inside a measurement: raise --samples or lower --batches"
+        ) from None
     finally:
         close(iterator)
     if timed < batches:
         raise SystemExit(f"a loader ended after {timed} of {batches} timed batches: raise --samples or lower --batches")
     total += samples
     cpu_s = time.process_time() - cpu + children_cpu() - child
-    return {"samples": samples, "batches": timed, "seconds": seconds, "first_batch_s": first, "cpu_s": cpu_s, "cpu_samples": total}
+    return {
+        "samples": samples,
+        "batches": timed,
+        "seconds": seconds,
+        "first_batch_s": first,
+        "cpu_s": cpu_s,
+        "cpu_samples": total,
+    }
 
 
 # -- the demo's training step -----------------------------------------------------------------
@@ -307,7 +320,9 @@ def step_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return {"inputs": batch["inputs"], "labels": batch["labels"], "task_ids": batch["task_ids"]}
 
 
-def measure_cached(runner: Any, batches: list[dict[str, Any]], steps: int, coefficients: RoutingLosses) -> dict[str, float]:
+def measure_cached(
+    runner: Any, batches: list[dict[str, Any]], steps: int, coefficients: RoutingLosses
+) -> dict[str, float]:
     gc.collect()
     cpu, start = time.process_time(), time.perf_counter()
     for i in range(steps):
@@ -315,7 +330,9 @@ def measure_cached(runner: Any, batches: list[dict[str, Any]], steps: int, coeff
     return {"steps": steps, "seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu, "wait_s": 0.0}
 
 
-def measure_fed(runner: Any, make: Callable[[], DataLoader], warmup: int, steps: int, coefficients: RoutingLosses) -> dict[str, float]:
+def measure_fed(
+    runner: Any, make: Callable[[], DataLoader], warmup: int, steps: int, coefficients: RoutingLosses
+) -> dict[str, float]:
     """``steps`` timed steps, each pulling its batch from a fresh loader, after ``warmup`` untimed ones."""
     gc.collect()
     loader = make()
@@ -357,7 +374,9 @@ def check_same_batches(pipes: Pipelines) -> int:
                 raise AssertionError(f"batch {batch['keys']}: {name} differ between the shard and folder pipelines")
         seen += batch["keys"]
     if sorted(seen) != sorted(by_key):
-        raise AssertionError(f"the shard pipeline yielded {len(seen)} samples ({len(set(seen))} distinct), the folder holds {len(by_key)}")
+        raise AssertionError(
+            f"the shard pipeline yielded {len(seen)} samples ({len(set(seen))} distinct), the folder holds {len(by_key)}"
+        )
     return len(seen)
 
 
@@ -417,14 +436,28 @@ def breakdown(pipes: Pipelines, limit: int, repeats: int = 3) -> list[dict[str, 
     ms = {name: 1000 * best[name] / limit for name in names}
     rows = [{"stage": name, "cpu_ms_per_sample": value} for name, value in ms.items()]
     rest = ms["ChatEncoder.encode, all"] - ms["chat template alone (ChatEncoder.render)"] - ms["image processor alone"]
-    rows.insert(names.index("ChatEncoder.encode, all") + 1, {
-        "stage": "ChatEncoder.encode minus the two above (processor text and image tokens, tokenizer offsets, label mask)",
-        "cpu_ms_per_sample": rest,
-    })
+    rows.insert(
+        names.index("ChatEncoder.encode, all") + 1,
+        {
+            "stage": "ChatEncoder.encode minus the two above (processor text and image tokens, tokenizer offsets, label mask)",
+            "cpu_ms_per_sample": rest,
+        },
+    )
     common = ms["ChatEncoder.encode, all"] + ms["collate (per sample)"]
-    rows.append({"stage": "sum for the shard pipeline (read, parse_sample, encode, collate)",
-                 "cpu_ms_per_sample": ms["shards: read the tars (webdataset, no decode)"] + ms["shards: parse JSON + decode JPEG (parse_sample)"] + common})
-    rows.append({"stage": "sum for the folder baseline (open + decode, encode, collate)", "cpu_ms_per_sample": ms["folder: open + decode the JPEG files"] + common})
+    rows.append(
+        {
+            "stage": "sum for the shard pipeline (read, parse_sample, encode, collate)",
+            "cpu_ms_per_sample": ms["shards: read the tars (webdataset, no decode)"]
+            + ms["shards: parse JSON + decode JPEG (parse_sample)"]
+            + common,
+        }
+    )
+    rows.append(
+        {
+            "stage": "sum for the folder baseline (open + decode, encode, collate)",
+            "cpu_ms_per_sample": ms["folder: open + decode the JPEG files"] + common,
+        }
+    )
     return rows
 
 
@@ -442,7 +475,7 @@ def profile_epoch(pipes: Pipelines, pipeline: str, rows: int = 15) -> str:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(rows)
     text = out.getvalue()
-    return text[text.index("   Ordered by"):].rstrip() if "   Ordered by" in text else text.rstrip()
+    return text[text.index("   Ordered by") :].rstrip() if "   Ordered by" in text else text.rstrip()
 
 
 # -- schedule and reporting -------------------------------------------------------------------
@@ -474,8 +507,15 @@ def header(*columns: str) -> list[str]:
 
 def loader_table(results: dict[str, list[dict[str, float]]], workers: list[int]) -> tuple[str, list[dict[str, Any]]]:
     lines = header(
-        "pipeline", "workers", "samples/s median (min-max)", "ms / batch median", "first batch s median", "CPU ms / sample median",
-        "samples/s shards / folder median [95% CI]", "samples/s shards / folder, fastest", "CPU / sample shards / folder median [95% CI]",
+        "pipeline",
+        "workers",
+        "samples/s median (min-max)",
+        "ms / batch median",
+        "first batch s median",
+        "CPU ms / sample median",
+        "samples/s shards / folder median [95% CI]",
+        "samples/s shards / folder, fastest",
+        "CPU / sample shards / folder median [95% CI]",
     )
     rows = []
     for w in workers:
@@ -501,10 +541,15 @@ def loader_table(results: dict[str, list[dict[str, float]]], workers: list[int])
             ratio = fastest = cpu_ratio = "-"
             if pipeline == "shards":
                 best = max(rates["shards"]) / max(rates["folder"])
-                row.update(shards_over_folder_median=statistics.median(ratios), shards_over_folder_ci95=median_ci(ratios),
-                           shards_over_folder_fastest=best, shards_over_folder_all=ratios,
-                           cpu_shards_over_folder_median=statistics.median(cpu_ratios), cpu_shards_over_folder_ci95=median_ci(cpu_ratios),
-                           cpu_shards_over_folder_all=cpu_ratios)
+                row.update(
+                    shards_over_folder_median=statistics.median(ratios),
+                    shards_over_folder_ci95=median_ci(ratios),
+                    shards_over_folder_fastest=best,
+                    shards_over_folder_all=ratios,
+                    cpu_shards_over_folder_median=statistics.median(cpu_ratios),
+                    cpu_shards_over_folder_ci95=median_ci(cpu_ratios),
+                    cpu_shards_over_folder_all=cpu_ratios,
+                )
                 ratio, fastest, cpu_ratio = ci(ratios), f"{best:.3f}x", ci(cpu_ratios)
             rows.append(row)
             lines.append(
@@ -516,8 +561,12 @@ def loader_table(results: dict[str, list[dict[str, float]]], workers: list[int])
 
 def train_table(train: dict[str, list[dict[str, float]]], names: list[str]) -> tuple[str, list[dict[str, Any]]]:
     lines = header(
-        "training step", "s / step median (min-max)", "main process CPU s / step median", "waiting for the loader ms / step median",
-        "x cached median [95% CI]", "x cached, fastest",
+        "training step",
+        "s / step median (min-max)",
+        "main process CPU s / step median",
+        "waiting for the loader ms / step median",
+        "x cached median [95% CI]",
+        "x cached, fastest",
     )
     rows = []
     cached_pairs = list(zip(train["cached"][0::2], train["cached"][1::2]))
@@ -538,11 +587,21 @@ def train_table(train: dict[str, list[dict[str, float]]], names: list[str]) -> t
         }
         ratio = fastest = "-"
         if name != "cached":
-            x = [r["seconds"] / r["steps"] / statistics.fmean([a["seconds"] / a["steps"], b["seconds"] / b["steps"]]) for r, (a, b) in zip(runs, cached_pairs)]
-            row.update(x_cached_median=statistics.median(x), x_cached_ci95=median_ci(x), x_cached_fastest=min(per_step) / best_cached, x_cached_all=x)
+            x = [
+                r["seconds"] / r["steps"] / statistics.fmean([a["seconds"] / a["steps"], b["seconds"] / b["steps"]])
+                for r, (a, b) in zip(runs, cached_pairs)
+            ]
+            row.update(
+                x_cached_median=statistics.median(x),
+                x_cached_ci95=median_ci(x),
+                x_cached_fastest=min(per_step) / best_cached,
+                x_cached_all=x,
+            )
             ratio, fastest = ci(x), f"{min(per_step) / best_cached:.3f}x"
         rows.append(row)
-        lines.append(f"| {name} | {spread(per_step, '.4f')} | {statistics.median(cpu):.4f} | {statistics.median(wait):.1f} | {ratio} | {fastest} |")
+        lines.append(
+            f"| {name} | {spread(per_step, '.4f')} | {statistics.median(cpu):.4f} | {statistics.median(wait):.1f} | {ratio} | {fastest} |"
+        )
     return "\n".join(lines), rows
 
 
@@ -564,9 +623,19 @@ def label(pipeline: str, workers: int) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/data_throughput.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--family", choices=["llava", "qwen2_vl"], default="llava", help="tiny model whose processor encodes (and which trains)")
+    p.add_argument(
+        "--family",
+        choices=["llava", "qwen2_vl"],
+        default="llava",
+        help="tiny model whose processor encodes (and which trains)",
+    )
     p.add_argument("--samples", type=int, default=800, help="samples written; every loader measurement reads them all")
-    p.add_argument("--samples-per-shard", type=int, default=100, help="8 shards by default, as the demo's 2000 samples in shards of 250")
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=100,
+        help="8 shards by default, as the demo's 2000 samples in shards of 250",
+    )
     p.add_argument("--image-size", type=int, default=336, help="side of the rendered square images, in pixels")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--batch", type=int, default=8)
@@ -574,16 +643,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="ShardDataModule's shuffle_buffer (its default)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--batches", type=int, default=0, help="timed batches per loader measurement (0: the rest of the epoch)")
+    p.add_argument(
+        "--batches", type=int, default=0, help="timed batches per loader measurement (0: the rest of the epoch)"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed training steps per measurement (0: no training step)")
-    p.add_argument("--train-workers", type=int, default=1, help="workers of the loaders that feed training (the demo's num_workers)")
+    p.add_argument(
+        "--train-workers",
+        type=int,
+        default=1,
+        help="workers of the loaders that feed training (the demo's num_workers)",
+    )
     p.add_argument("--breakdown", type=int, default=200, help="samples in the serial per-stage breakdown (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (0 keeps torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=None, help=f"where the data is written (default {CACHE.relative_to(ROOT)}/bench-data-...)")
-    p.add_argument("--profile", choices=PIPELINES, default=None, help="after timing, print a cProfile of one epoch of this pipeline with 0 workers")
-    p.add_argument("--quick", action="store_true", help="a short run: 480 samples in 8 shards, 3 rounds, 10 training steps")
-    p.add_argument("--check", action="store_true", help="a tiny run in a temporary folder that also checks both pipelines yield the same batches")
+    p.add_argument(
+        "--cache", default=None, help=f"where the data is written (default {CACHE.relative_to(ROOT)}/bench-data-...)"
+    )
+    p.add_argument(
+        "--profile",
+        choices=PIPELINES,
+        default=None,
+        help="after timing, print a cProfile of one epoch of this pipeline with 0 workers",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a short run: 480 samples in 8 shards, 3 rounds, 10 training steps"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="a tiny run in a temporary folder that also checks both pipelines yield the same batches",
+    )
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -610,13 +699,17 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
         # it yields full batches only as long as the worker with the fewest has some left.
         full = k * min(sum(sizes[i::k]) // args.batch for i in range(k))
         if taken > full:
-            raise SystemExit(f"with {w} workers a measurement takes {taken} batches of {args.batch}; {args.samples} samples give {full}: raise --samples")
+            raise SystemExit(
+                f"with {w} workers a measurement takes {taken} batches of {args.batch}; {args.samples} samples give {full}: raise --samples"
+            )
     return timed
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/data_throughput.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/data_throughput.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     timed = plan(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -628,7 +721,13 @@ def main(argv: list[str] | None = None) -> None:
     import transformers  # noqa: F401
 
     env = environment(torch.device("cpu"))
-    env.update({"webdataset": wds.__version__, "pillow": PIL.__version__, "start_method": torch.multiprocessing.get_start_method()})
+    env.update(
+        {
+            "webdataset": wds.__version__,
+            "pillow": PIL.__version__,
+            "start_method": torch.multiprocessing.get_start_method(),
+        }
+    )
     print(f"command: {command}")
     print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"load average at start: {loadavg()}")
@@ -640,8 +739,17 @@ def main(argv: list[str] | None = None) -> None:
 
         base = Path(scratch.name) if scratch else (Path(args.cache) if args.cache else CACHE)
         model_dir = build_tiny_model(args.family, base / f"tiny-{args.family}")
-        recipe = JpegSynthetic(samples=args.samples, samples_per_shard=args.samples_per_shard, image_size=args.image_size, quality=args.quality, seed=args.seed)
-        data_root = base / f"bench-data-n{args.samples}-p{args.samples_per_shard}-i{args.image_size}-q{args.quality}-s{args.seed}"
+        recipe = JpegSynthetic(
+            samples=args.samples,
+            samples_per_shard=args.samples_per_shard,
+            image_size=args.image_size,
+            quality=args.quality,
+            seed=args.seed,
+        )
+        data_root = (
+            base
+            / f"bench-data-n{args.samples}-p{args.samples_per_shard}-i{args.image_size}-q{args.quality}-s{args.seed}"
+        )
         built = time.perf_counter()
         shards, folder = build_data(data_root, recipe)
         index = json.loads((shards / INDEX).read_text())
@@ -689,26 +797,35 @@ def main(argv: list[str] | None = None) -> None:
         # Warm-up: one untimed measurement of every loader (imports, first calls, page cache).
         for pipeline in PIPELINES:
             for w in args.worker_counts:
-                measure_loader(lambda: pipes.loader(pipeline, w), 0, 1)
+                measure_loader(lambda p=pipeline, w=w: pipes.loader(p, w), 0, 1)
 
         loaders: dict[str, list[dict[str, float]]] = {f"{p}-{w}": [] for w in args.worker_counts for p in PIPELINES}
         train: dict[str, list[dict[str, float]]] = {name: [] for name in train_names}
         bottleneck: list[float] = []
         for round_index in range(args.rounds):
             for pipeline, w in schedule(args.worker_counts, round_index):
-                loaders[f"{pipeline}-{w}"].append(measure_loader(lambda: pipes.loader(pipeline, w), w, timed[w]))
+                loaders[f"{pipeline}-{w}"].append(
+                    measure_loader(lambda p=pipeline, w=w: pipes.loader(p, w), w, timed[w])
+                )
             if args.steps:
                 w = args.train_workers
                 fed = list(PIPELINES)[:: -1 if round_index % 2 else 1]
                 train["cached"].append(measure_cached(runner, cached, args.steps, coefficients))
                 for pipeline in fed:
-                    train[label(pipeline, w)].append(measure_fed(runner, lambda: pipes.loader(pipeline, w), 2 * w + 1, args.steps, coefficients))
+                    train[label(pipeline, w)].append(
+                        measure_fed(
+                            runner, lambda p=pipeline, w=w: pipes.loader(p, w), 2 * w + 1, args.steps, coefficients
+                        )
+                    )
                 train["cached"].append(measure_cached(runner, cached, args.steps, coefficients))
                 if w in args.worker_counts:
                     load = loaders[f"shards-{w}"][-1]
                     step = statistics.fmean(r["seconds"] / r["steps"] for r in train["cached"][-2:])
                     bottleneck.append(load["seconds"] / load["batches"] / step)
-            print(f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})", flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})",
+                flush=True,
+            )
 
         stages = breakdown(pipes, min(args.breakdown, index["samples"])) if args.breakdown else []
         elapsed = time.perf_counter() - started
@@ -729,21 +846,42 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row["pipeline"] == "shards":
             low, high = row["shards_over_folder_ci95"]
-            targets.append({"target": f"shards >= folder, {n_workers(row['workers'])}", "median": row["shards_over_folder_median"],
-                            "ci95": [low, high], "met": judge(low, high, 1.0, False, args.rounds), "fastest": row["shards_over_folder_fastest"]})
+            targets.append(
+                {
+                    "target": f"shards >= folder, {n_workers(row['workers'])}",
+                    "median": row["shards_over_folder_median"],
+                    "ci95": [low, high],
+                    "met": judge(low, high, 1.0, False, args.rounds),
+                    "fastest": row["shards_over_folder_fastest"],
+                }
+            )
     if bottleneck:
         low, high = median_ci(bottleneck)
         w = args.train_workers
-        best = min(r["seconds"] / r["batches"] for r in loaders[f"shards-{w}"]) / min(r["seconds"] / r["steps"] for r in train["cached"])
-        targets.append({"target": f"shard loading ({n_workers(w)}) s / batch < training step s", "median": statistics.median(bottleneck),
-                        "ci95": [low, high], "met": judge(low, high, 1.0, True, args.rounds), "fastest": best, "all": bottleneck})
+        best = min(r["seconds"] / r["batches"] for r in loaders[f"shards-{w}"]) / min(
+            r["seconds"] / r["steps"] for r in train["cached"]
+        )
+        targets.append(
+            {
+                "target": f"shard loading ({n_workers(w)}) s / batch < training step s",
+                "median": statistics.median(bottleneck),
+                "ci95": [low, high],
+                "met": judge(low, high, 1.0, True, args.rounds),
+                "fastest": best,
+                "all": bottleneck,
+            }
+        )
     print()
     print("\n".join(header("target", "median [95% CI]", "met", "fastest")))
     for t in targets:
-        print(f"| {t['target']} | {t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}] | {t['met']} | {t['fastest']:.3f}x |")
+        print(
+            f"| {t['target']} | {t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}] | {t['met']} | {t['fastest']:.3f}x |"
+        )
     if stages:
         print()
-        print(f"where a sample's time goes (each stage alone, serially in this process, over {min(args.breakdown, setup['samples'])} samples; least of 3 passes):")
+        print(
+            f"where a sample's time goes (each stage alone, serially in this process, over {min(args.breakdown, setup['samples'])} samples; least of 3 passes):"
+        )
         print()
         print("\n".join(header("stage", "CPU ms / sample")))
         for stage in stages:
@@ -751,10 +889,25 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"total {elapsed:.0f} s; load average at end: {loadavg()}")
     if profile:
-        print(f"\nprofile of one epoch of the {args.profile} pipeline, 0 workers (cProfile, 15 functions with the most own time):\n{profile}")
+        print(
+            f"\nprofile of one epoch of the {args.profile} pipeline, 0 workers (cProfile, 15 functions with the most own time):\n{profile}"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": command, "environment": env, "setup": setup, "loaders": rows, "training": train_rows,
-                                              "targets": targets, "breakdown": stages}, indent=2) + "\n")
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "environment": env,
+                    "setup": setup,
+                    "loaders": rows,
+                    "training": train_rows,
+                    "targets": targets,
+                    "breakdown": stages,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"wrote {args.out}")
 
 

@@ -62,6 +62,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from adapter_overhead import (  # noqa: E402
     ROOT,
     Runner,
@@ -78,17 +80,14 @@ from adapter_overhead import (  # noqa: E402
     verdict,
 )
 
-import torch  # noqa: E402
-
 from mmpeft.adapters import AdaptedLinear  # noqa: E402
 from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
 from mmpeft.data.encode import IGNORE_INDEX  # noqa: E402
-from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
 from mmpeft.data.stream import length_groups  # noqa: E402
+from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
 from mmpeft.module import lm_loss  # noqa: E402
 from mmpeft.speed import Speed  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
 
@@ -96,7 +95,9 @@ TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
 # -- batches --------------------------------------------------------------------------------
 
 
-def mixed_batches(model_dir: Path, count: int, batch: int, max_len: int, image_token: int, seed: int, answer: float = 1 / 8) -> list[dict[str, Any]]:
+def mixed_batches(
+    model_dir: Path, count: int, batch: int, max_len: int, image_token: int, seed: int, answer: float = 1 / 8
+) -> list[dict[str, Any]]:
     """``count`` batches of ``batch`` samples of mixed lengths (the first batch's first sample ``max_len``), right-padded per batch.
 
     Each sample is make_batch's image prompt and random text cut to its length; its last
@@ -148,10 +149,18 @@ def build_peft(model_dir: Path, device: torch.device, names: list[str], r: int, 
     )
     keep_standard_layout(model)  # a CPU-only bitsandbytes repacking quirk, as mmpeft's loader; no effect on the math
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none"))
+    model = get_peft_model(
+        model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)  # as build_runner
-    return Runner(Variant("peft", "peft-lora", {"r": r, "alpha": alpha, "dropout": dropout}), model, RoutingContext(), optimizer, autocast=device.type == "cuda")
+    return Runner(
+        Variant("peft", "peft-lora", {"r": r, "alpha": alpha, "dropout": dropout}),
+        model,
+        RoutingContext(),
+        optimizer,
+        autocast=device.type == "cuda",
+    )
 
 
 def peft_loss(runner: Runner, batch: dict[str, Any]) -> torch.Tensor:
@@ -169,7 +178,9 @@ def peft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses
 
 
 def mmpeft_loss(runner: Runner, batch: dict[str, Any]) -> torch.Tensor:
-    return lm_loss(runner.model, batch["inputs"], batch["labels"], runner.speed.loss_chunk)  # LoRA has no routers: no routing context needed
+    return lm_loss(
+        runner.model, batch["inputs"], batch["labels"], runner.speed.loss_chunk
+    )  # LoRA has no routers: no routing context needed
 
 
 def mmpeft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> None:
@@ -204,7 +215,9 @@ def first_loss(runner: Runner, loss_fn, batch: dict[str, Any]) -> float:
     return loss
 
 
-def pass_peak_bytes(runner: Runner, step, batches: list[dict[str, Any]], coefficients: RoutingLosses, device: torch.device) -> int:
+def pass_peak_bytes(
+    runner: Runner, step, batches: list[dict[str, Any]], coefficients: RoutingLosses, device: torch.device
+) -> int:
     """Peak bytes allocated during one pass over ``batches`` above what was allocated before it.
 
     CUDA: the allocator's statistics. CPU: torch's profiler records every allocation and free
@@ -224,7 +237,9 @@ def pass_peak_bytes(runner: Runner, step, batches: list[dict[str, Any]], coeffic
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for batch in batches:
             step(runner, batch, coefficients)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for event in events:
         live += event.nbytes()
@@ -262,17 +277,17 @@ def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
         members = [rows[j] for j in group]
         longest = max(lengths[j] for j in group)
 
-        def gather(get) -> torch.Tensor:
+        def gather(get, members=members) -> torch.Tensor:
             return torch.stack([get(batches[b], i) for b, i in members])
 
-        def cut(t: torch.Tensor, fill: int) -> torch.Tensor:  # (seq,) -> (longest,)
+        def cut(t: torch.Tensor, fill: int, longest=longest) -> torch.Tensor:  # (seq,) -> (longest,)
             return F.pad(t, (0, max(0, longest - t.shape[0])), value=fill)[:longest]
 
         inputs = {
             "input_ids": gather(lambda batch, i: cut(batch["inputs"]["input_ids"][i], 0)),
             "attention_mask": gather(lambda batch, i: cut(batch["inputs"]["attention_mask"][i], 0)),
         }
-        for key, value in batches[0]["inputs"].items():
+        for key in batches[0]["inputs"]:
             if key not in inputs:  # per-sample image tensors: pixel_values, image sizes
                 inputs[key] = gather(lambda batch, i, key=key: batch["inputs"][key][i])
         labels = gather(lambda batch, i: cut(batch["labels"][i], IGNORE_INDEX))
@@ -299,12 +314,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--answer", type=float, default=1 / 8, help="fraction of each sample labelled as its answer (the trained positions)")
+    p.add_argument(
+        "--answer",
+        type=float,
+        default=1 / 8,
+        help="fraction of each sample labelled as its answer (the trained positions)",
+    )
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU, as adapter_overhead.py; 0 keeps torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on a CPU, as adapter_overhead.py; 0 keeps torch's)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer rounds and shorter samples")
-    p.add_argument("--check", action="store_true", help="a small model, two short rounds: check the first losses agree, print the tables")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="a small model, two short rounds: check the first losses agree, print the tables",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -318,7 +347,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    command = "python benchmarks/vs_peft.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/vs_peft.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     device, env, started = start_run(args.device, args.threads, command)
     max_len = args.max_len or (1024 if device.type == "cuda" else 512)
     alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
@@ -375,7 +406,9 @@ def main(argv: list[str] | None = None) -> None:
         firsts[name] = first_loss(runner, mmpeft_loss, as_given[0])
         rel = abs(firsts[name] - loss_theirs) / abs(loss_theirs)
         if not rel <= tolerance:
-            raise AssertionError(f"first-step losses differ: mmpeft ({name}) {firsts[name]:.6f}, PEFT {loss_theirs:.6f} (relative {rel:.1e} > {tolerance:.0e})")
+            raise AssertionError(
+                f"first-step losses differ: mmpeft ({name}) {firsts[name]:.6f}, PEFT {loss_theirs:.6f} (relative {rel:.1e} > {tolerance:.0e})"
+            )
     worst = max(abs(v - loss_theirs) / abs(loss_theirs) for v in firsts.values())
     print(
         f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants), PEFT {loss_theirs:.6f} "
@@ -386,7 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     sides: dict[str, tuple[Runner, Any, list[dict[str, Any]]]] = {"peft": (theirs, peft_step, as_given)}
     for name, _, grouping in variants(args.check):
         sides[name] = (ours[name], mmpeft_step, grouped if grouping else as_given)
-    before = {name: [p.detach().clone() for p in r.optimizer.param_groups[0]["params"]] for name, (r, _, _) in sides.items()}
+    before = {
+        name: [p.detach().clone() for p in r.optimizer.param_groups[0]["params"]] for name, (r, _, _) in sides.items()
+    }
     for runner, step, batches in sides.values():  # warm-up: AdamW's state, first-call costs
         step(runner, batches[0], coefficients)
     for name, (runner, _, _) in sides.items():  # every adapter weight trains (PEFT's checkpointing included)
@@ -394,8 +429,13 @@ def main(argv: list[str] | None = None) -> None:
         if frozen:
             raise AssertionError(f"{name}: {frozen} adapter tensors did not change in the first step")
     del before
-    peaks = {name: pass_peak_bytes(runner, step, batches, coefficients, device) for name, (runner, step, batches) in sides.items()}
-    tokens = {name: sum(int(b["inputs"]["attention_mask"].sum()) for b in batches) for name, (_, _, batches) in sides.items()}
+    peaks = {
+        name: pass_peak_bytes(runner, step, batches, coefficients, device)
+        for name, (runner, step, batches) in sides.items()
+    }
+    tokens = {
+        name: sum(int(b["inputs"]["attention_mask"].sum()) for b in batches) for name, (_, _, batches) in sides.items()
+    }
     order = list(sides)
     rounds: list[dict[str, float]] = []
     for k in range(args.rounds):
@@ -406,7 +446,10 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             seconds[name] = sum(timed_step(runner, batch, coefficients, device, step=step) for batch in batches)
         rounds.append(seconds)
-        print(f"round {k + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})", flush=True)
+        print(
+            f"round {k + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})",
+            flush=True,
+        )
 
     rows = summarise(rounds, peaks, tokens, device)
     elapsed = time.perf_counter() - started
@@ -427,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
                     "rows": rows,
                     "rounds": rounds,
                     "peak_bytes": peaks,
-                    "checkpoint": str(model_dir.relative_to(ROOT)) if model_dir.is_relative_to(ROOT) else str(model_dir),
+                    "checkpoint": str(model_dir.relative_to(ROOT))
+                    if model_dir.is_relative_to(ROOT)
+                    else str(model_dir),
                 },
                 indent=2,
             )
@@ -436,7 +481,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}")
 
 
-def summarise(rounds: list[dict[str, float]], peaks: dict[str, int], tokens: dict[str, int], device: torch.device) -> list[dict[str, Any]]:
+def summarise(
+    rounds: list[dict[str, float]], peaks: dict[str, int], tokens: dict[str, int], device: torch.device
+) -> list[dict[str, Any]]:
     """Per variant: pass time (median, min), tokens/s, peak memory, and the ratios to PEFT and to ``levers off`` (per round: median, 95% interval)."""
     rows = []
     for name in rounds[0]:
@@ -470,7 +517,10 @@ def variant_table(rows: list[dict[str, Any]], device: torch.device) -> str:
 
 def target_table(rows: list[dict[str, Any]]) -> str:
     """Issue 7's targets for the shipped defaults and for all levers: step time and peak memory as a ratio to PEFT's."""
-    lines = ["| mmpeft / PEFT | step time [95% CI] | target | met | peak memory | target | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mmpeft / PEFT | step time [95% CI] | target | met | peak memory | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if row["variant"] not in ("defaults", "all levers"):
             continue

@@ -107,7 +107,10 @@ def _check_chat(messages: list[Message], n_images: int, assistant_required: bool
         raise BadRecord("no_assistant_turn", f"{len(messages)} turn(s), none from the assistant")
     places = sum(count_images(m["content"]) for m in messages)
     if places != n_images:
-        raise BadRecord("image_count_mismatch", f"{places} image place(s) in the chat ({IMAGE_TOKEN} or image parts), {n_images} image(s)")
+        raise BadRecord(
+            "image_count_mismatch",
+            f"{places} image place(s) in the chat ({IMAGE_TOKEN} or image parts), {n_images} image(s)",
+        )
 
 
 # ----------------------------------------------------------------------------- source files
@@ -130,13 +133,15 @@ def _read_records(path: Path) -> list[_Entry]:
     """The records of a JSON list or a JSONL file (``.jsonl``, or a file whose first character is ``{``)."""
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     head = data.lstrip()[:1]
     jsonl = path.suffix.lower() == ".jsonl" or head == b"{"
     if not jsonl:
         if head != b"[":
             found = f"first character {head.decode('latin-1')!r}" if head else "an empty file"
-            raise ConfigError(f"src {path}: expected a JSON list of records or JSONL (one object per line), found {found}")
+            raise ConfigError(
+                f"src {path}: expected a JSON list of records or JSONL (one object per line), found {found}"
+            )
         try:
             records = json.loads(data.decode("utf-8"))
         except UnicodeDecodeError as exc:
@@ -155,14 +160,18 @@ def _read_records(path: Path) -> list[_Entry]:
             except UnicodeDecodeError as exc:
                 entries.append(_Entry(f"line {n}", error=f"{path}, line {n}: not UTF-8 text ({exc.reason})"))
             except json.JSONDecodeError as exc:
-                entries.append(_Entry(f"line {n}", error=f"{path}, line {n}, column {exc.colno}: malformed JSON: {exc.msg}"))
+                entries.append(
+                    _Entry(f"line {n}", error=f"{path}, line {n}, column {exc.colno}: malformed JSON: {exc.msg}")
+                )
         if entries and entries[0].error is not None and path.suffix.lower() != ".jsonl":
             try:  # a pretty-printed object, not JSONL with a bad first line?
                 json.loads(data)
             except ValueError:
                 pass
             else:
-                raise ConfigError(f"src {path} holds one JSON object; expected a JSON list of records or JSONL (one object per line)")
+                raise ConfigError(
+                    f"src {path} holds one JSON object; expected a JSON list of records or JSONL (one object per line)"
+                )
     if not entries:
         raise ConfigError(f"src {path} holds no records")
     return entries
@@ -176,10 +185,14 @@ def _read_task_map(path: Path) -> dict[str, str]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"task_map {path}: not UTF-8 text ({exc})") from exc
     if not isinstance(value, dict):
-        raise ConfigError(f"task_map {path} must hold a JSON object mapping record ids or labels to task names, got a {type(value).__name__}")
+        raise ConfigError(
+            f"task_map {path} must hold a JSON object mapping record ids or labels to task names, got a {type(value).__name__}"
+        )
     bad = [key for key, task in value.items() if not isinstance(task, str) or not task]
     if bad:
-        raise ConfigError(f"task_map {path}: task names must be non-empty strings; they are not for {', '.join(map(repr, bad[:5]))}")
+        raise ConfigError(
+            f"task_map {path}: task names must be non-empty strings; they are not for {', '.join(map(repr, bad[:5]))}"
+        )
     return value
 
 
@@ -313,7 +326,11 @@ class SourceRecipe(ShardRecipe):
         record_id = self._id(entry)
         try:
             messages, paths = self.convert(raw)
-        except (KeyError, TypeError, AttributeError) as exc:  # a shape no explicit check foresaw: one bad record, not a failed build
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:  # a shape no explicit check foresaw: one bad record, not a failed build
             raise BadRecord("bad_record", f"unexpected structure ({type(exc).__name__}: {exc})") from exc
         _check_chat(messages, len(paths), self.assistant_required)
         task = self._task(raw, record_id)

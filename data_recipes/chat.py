@@ -49,11 +49,17 @@ def _parts(content: Any, where: str) -> tuple[list[Part], list[str | None]]:
         elif kind == "image":
             path = part.get("image") if part.get("image") is not None else part.get("path")
             if path is not None and (not isinstance(path, str) or not path.strip()):
-                raise BadRecord("bad_record", f"{where}.content[{j}]: an image part's path must be a non-empty string, got {path!r:.120}")
+                raise BadRecord(
+                    "bad_record",
+                    f"{where}.content[{j}]: an image part's path must be a non-empty string, got {path!r:.120}",
+                )
             parts.append(image_part())
             own.append(path)
         else:
-            raise BadRecord("bad_record", f"{where}.content[{j}]: expected a text part with a string 'text' or an image part, got {part!r:.120}")
+            raise BadRecord(
+                "bad_record",
+                f"{where}.content[{j}]: expected a text part with a string 'text' or an image part, got {part!r:.120}",
+            )
     return parts, own
 
 
@@ -79,7 +85,10 @@ class ChatRecipe(SourceRecipe):
             own += paths
         listed = image_paths(raw.get("images"), "images")
         if own.count(None) != len(listed):
-            raise BadRecord("image_count_mismatch", f"{own.count(None)} image part(s) without a path of their own, {len(listed)} path(s) in 'images'")
+            raise BadRecord(
+                "image_count_mismatch",
+                f"{own.count(None)} image part(s) without a path of their own, {len(listed)} path(s) in 'images'",
+            )
         rest = iter(listed)
         return messages, [path if path is not None else next(rest) for path in own]
 

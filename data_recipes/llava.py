@@ -51,7 +51,9 @@ class LlavaRecipe(SourceRecipe):
         for k, turn in enumerate(turns):
             source = turn.get("from") if isinstance(turn, dict) else None
             if source not in ROLE_OF:
-                raise BadRecord("bad_record", f"conversations[{k}]: 'from' is {source!r:.80}, expected human, gpt or system")
+                raise BadRecord(
+                    "bad_record", f"conversations[{k}]: 'from' is {source!r:.80}, expected human, gpt or system"
+                )
             if not isinstance(turn.get("value"), str):
                 raise BadRecord("bad_record", f"conversations[{k}]: 'value' missing or not a string")
             messages.append(message(ROLE_OF[source], text_parts(turn["value"])))

@@ -234,8 +234,12 @@ class SyntheticRecipe(ShardRecipe):
 
     name: ClassVar[str] = "synthetic"
     metrics: ClassVar[dict[str, list[str]]] = {
-        "color": ["exact_match"], "shape": ["exact_match"], "count": ["exact_match"], "caption": ["exact_match"], "compare": ["yes_no"],
-    }  # fmt: skip
+        "color": ["exact_match"],
+        "shape": ["exact_match"],
+        "count": ["exact_match"],
+        "caption": ["exact_match"],
+        "compare": ["yes_no"],
+    }
 
     samples: int = 1000
     """Total number of samples over all shards."""
@@ -255,7 +259,9 @@ class SyntheticRecipe(ShardRecipe):
         self.tasks = tuple(self.tasks)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; valid tasks: {', '.join(sorted(TASKS))}")
+            raise ValueError(
+                f"unknown task(s) {', '.join(map(repr, unknown))}; valid tasks: {', '.join(sorted(TASKS))}"
+            )
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be non-empty and without duplicates, got {self.tasks!r}")
         if self.samples < 1:
@@ -276,4 +282,6 @@ class SyntheticRecipe(ShardRecipe):
         rng = random.Random(f"{self.seed}:{index}")
         task = self._order[index]
         messages, images = TASKS[task](rng, self.image_size)
-        return Record(key=f"{task}-{index:06d}", task=task, messages=messages, images=[(png_bytes(im), "png") for im in images])
+        return Record(
+            key=f"{task}-{index:06d}", task=task, messages=messages, images=[(png_bytes(im), "png") for im in images]
+        )

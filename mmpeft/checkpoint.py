@@ -55,7 +55,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, stream)
         spec = checkpoint.get(ADAPTER_KEY)
         if spec is not None:
-            tensors = {k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+            tensors = {
+                k[len(MODEL_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)
+            }
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             save_adapter(adapter_dir_for(path), AdapterSpec.from_json(spec, str(path)), tensors)
 
@@ -69,7 +71,13 @@ def rng_states() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's generators (CUDA's too when present)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     # Plain types and tensors only: Lightning loads checkpoints with torch.load(weights_only=True).
-    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    numpy = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     states = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()

@@ -50,7 +50,9 @@ _QUIET_LOGS: dict[str, tuple[str, ...]] = {
     ),
     # Reading a resumed run's events: TensorBoard drops what the interrupted run logged after its
     # checkpoint, as the resumed run's writer asked it to (purge_step), and says so each time.
-    "tensorboard": ("Detected out of order event.step likely caused by a TensorFlow restart. Purging expired events from Tensorboard display",),
+    "tensorboard": (
+        "Detected out of order event.step likely caused by a TensorFlow restart. Purging expired events from Tensorboard display",
+    ),
     # Lightning's advertisements for its cloud services, on every Trainer (rank_zero_info's logger
     # is whichever of these modules was imported last).
     **{
@@ -59,11 +61,13 @@ _QUIET_LOGS: dict[str, tuple[str, ...]] = {
             "💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]",
         )
         for name in (
-            "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-            "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+            "lightning.pytorch.utilities.rank_zero",
+            "lightning.fabric.utilities.rank_zero",
+            "pytorch_lightning.utilities.rank_zero",
+            "lightning_fabric.utilities.rank_zero",
         )
     },
-}  # fmt: skip
+}
 """Exact loggers and the starts of their known-harmless messages that the commands do not show."""
 
 _QUIET_BARS = ("Loading weights",)
@@ -133,7 +137,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated zip, garbage, a pickle of arbitrary objects
         reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
-        raise ConfigError(f"ckpt_path: '{path}' is not a checkpoint mmpeft can read ({type(exc).__name__}: {reason})") from exc
+        raise ConfigError(
+            f"ckpt_path: '{path}' is not a checkpoint mmpeft can read ({type(exc).__name__}: {reason})"
+        ) from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"ckpt_path: '{path}' is not a Lightning checkpoint (it has no state_dict)")
     return checkpoint
@@ -195,7 +201,9 @@ def run_lightning_cli(args: list[str] | None) -> None:
             if self.used or not self.rank_zero or not self.log_dir.is_dir():
                 return
             entries = list(self.log_dir.iterdir())
-            if not all(e.is_file() and (e.name in self.LEFTOVERS or e.name.startswith("events.out.tfevents.")) for e in entries):
+            if not all(
+                e.is_file() and (e.name in self.LEFTOVERS or e.name.startswith("events.out.tfevents.")) for e in entries
+            ):
                 return  # something else is there: leave it all
             for entry in entries:
                 entry.unlink()
@@ -229,7 +237,12 @@ def run_lightning_cli(args: list[str] | None) -> None:
             # LightningCLI reads a checkpoint file's hyperparameters next: a missing or corrupt one is named here first.
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path and _local(ckpt_path) and ckpt_path not in ("last", "best", "hpc") and not str(ckpt_path).startswith("registry"):
+            if (
+                ckpt_path
+                and _local(ckpt_path)
+                and ckpt_path not in ("last", "best", "hpc")
+                and not str(ckpt_path).startswith("registry")
+            ):
                 self.checkpoint = (str(ckpt_path), read_checkpoint(str(ckpt_path)))
 
         def instantiate_trainer(self, **kwargs):
@@ -247,7 +260,11 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 # (where the user's own config may lie). A logger whose version the config sets is kept.
                 loggers = config.get("logger")
                 loggers = loggers if isinstance(loggers, list) else [loggers]
-                kept = [lg for lg in loggers if isinstance(lg, Logger) and not (isinstance(lg, numbered) and lg._version is None)]
+                kept = [
+                    lg
+                    for lg in loggers
+                    if isinstance(lg, Logger) and not (isinstance(lg, numbered) and lg._version is None)
+                ]
                 kwargs["logger"] = kept or False
                 if not kept:
                     self.save_config_callback = None
@@ -271,7 +288,9 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 parser.add_lightning_class_args(JsonlWriter, "predictions")
                 parser.set_defaults({"return_predictions": False})
             if subcommand in ("validate", "test"):
-                parser.set_defaults({"verbose": False})  # the module prints its own table, a row per task (mmpeft/metrics.py)
+                parser.set_defaults(
+                    {"verbose": False}
+                )  # the module prints its own table, a row per task (mmpeft/metrics.py)
             return parser
 
         # -- before the run: the checkpoint to start from, and the log folder --------------------
@@ -305,7 +324,9 @@ def run_lightning_cli(args: list[str] | None) -> None:
             callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
             if any(cb.dirpath is not None and not _local(cb.dirpath) for cb in callbacks):
                 return None  # a remote folder: Lightning looks there itself
-            found = {path: os.path.getmtime(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)}
+            found = {
+                path: os.path.getmtime(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)
+            }
             if not found:
                 if not callbacks:
                     where = "any folder: there is no ModelCheckpoint (trainer.enable_checkpointing is off)"
@@ -327,7 +348,11 @@ def run_lightning_cli(args: list[str] | None) -> None:
             logger = self.trainer.logger
             if not isinstance(logger, numbered) or logger._version is not None:
                 return
-            checkpoint = self.checkpoint[1] if self.checkpoint and self.checkpoint[0] == ckpt_path else read_checkpoint(ckpt_path)
+            checkpoint = (
+                self.checkpoint[1]
+                if self.checkpoint and self.checkpoint[0] == ckpt_path
+                else read_checkpoint(ckpt_path)
+            )
             state = (checkpoint.get("callbacks") or {}).get(RunSummary.__qualname__) or {}
             if state.get("version") is None or not state.get("log_dir"):
                 return  # a checkpoint from before mmpeft recorded its run folder: a new one
@@ -373,13 +398,19 @@ def readable_parse_error(message: str) -> str:
 
 
 def cmd_adapters(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="mmpeft adapters", description="List the adapter plugins registered under the 'mmpeft.adapters' entry-point group.").parse_args(argv)
+    argparse.ArgumentParser(
+        prog="mmpeft adapters",
+        description="List the adapter plugins registered under the 'mmpeft.adapters' entry-point group.",
+    ).parse_args(argv)
     rows = registry.describe(registry.ADAPTERS)
     width = max([len(r.name) for r in rows] + [4])
     dist_width = max([len(r.distribution) for r in rows] + [12])
     print(f"{'name':<{width}}  {'distribution':<{dist_width}}  class")
     for r in rows:
-        print(f"{r.name:<{width}}  {r.distribution:<{dist_width}}  {r.target}" + (f"  [BROKEN: {r.error}]" if r.error else ""))
+        print(
+            f"{r.name:<{width}}  {r.distribution:<{dist_width}}  {r.target}"
+            + (f"  [BROKEN: {r.error}]" if r.error else "")
+        )
     return 0
 
 
@@ -387,7 +418,10 @@ def cmd_tiny_model(argv: list[str]) -> int:
     from mmpeft.flags import parse
     from mmpeft.models.tiny import FAMILIES, build_tiny_model
 
-    parser = argparse.ArgumentParser(prog="mmpeft tiny-model", description="Build a tiny random multimodal model of a real architecture, with its processor, for demos and tests.")
+    parser = argparse.ArgumentParser(
+        prog="mmpeft tiny-model",
+        description="Build a tiny random multimodal model of a real architecture, with its processor, for demos and tests.",
+    )
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--out", required=True, help="output folder (reused when it already holds a build)")
     parser.add_argument("--seed", type=int, default=0)
@@ -422,9 +456,13 @@ def cmd_report(argv: list[str]) -> int:
 
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {
-    "adapters": cmd_adapters, "tiny-model": cmd_tiny_model, "data": cmd_data, "merge": cmd_merge, "export": cmd_export,
+    "adapters": cmd_adapters,
+    "tiny-model": cmd_tiny_model,
+    "data": cmd_data,
+    "merge": cmd_merge,
+    "export": cmd_export,
     "report": cmd_report,
-}  # fmt: skip
+}
 
 
 def user_message(exc: BaseException) -> str:

@@ -85,7 +85,9 @@ def write_sorted_targets(path: Path) -> None:
         write_json(path, config)
 
 
-def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[str], None] = _stderr, **options: Any) -> dict[str, Any]:
+def export_peft(
+    adapter: str | os.PathLike, out: str | os.PathLike, *, progress: Callable[[str], None] = _stderr, **options: Any
+) -> dict[str, Any]:
     """Write the adapter directory ``adapter`` as a PEFT LoRA to ``out`` (complete or not at all); returns the report.
 
     ``out`` must not be, contain or lie inside the adapter, the base or the data (ConfigError).
@@ -96,7 +98,13 @@ def export_peft(adapter: str | os.PathLike, out: str | os.PathLike, *, progress:
     """
     out = Path(out)
     p = plan(adapter, "lora", Options(**options), out)
-    report: dict[str, Any] = {"adapter": p.adapter, "base_model": p.pretrained, "format": "peft", "task": p.options.task, "collapse": None}
+    report: dict[str, Any] = {
+        "adapter": p.adapter,
+        "base_model": p.pretrained,
+        "format": "peft",
+        "task": p.options.task,
+        "collapse": None,
+    }
     gates: dict[str, torch.Tensor] = {}
     if p.routed:  # a mixture: measure the task's gates on the adapted model, as trained
         m = load_and_measure(p, progress)

@@ -61,7 +61,11 @@ class Generation:
 
     def kwargs(self) -> dict[str, Any]:
         """The arguments of ``model.generate`` (sampling ones only when sampling, so greedy decoding warns about none)."""
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+        }
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         return kwargs
@@ -105,7 +109,9 @@ class JsonlWriter(L.Callback):
     def _partial(self) -> Path:
         return self.path.with_name(self.path.name + ".partial")
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs: list[dict[str, Any]], batch, batch_idx, dataloader_idx=0) -> None:
+    def on_predict_batch_end(
+        self, trainer, pl_module, outputs: list[dict[str, Any]], batch, batch_idx, dataloader_idx=0
+    ) -> None:
         with self._naming_the_file():
             for row in outputs:
                 self._stream.write(json.dumps(row, ensure_ascii=False) + "\n")

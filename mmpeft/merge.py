@@ -156,7 +156,9 @@ def data_paths(data: str | None) -> list[str]:
     return [data, *shards, *dict.fromkeys(str(Path(s).parent) for s in shards)]
 
 
-def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options, out: str | os.PathLike | None = None) -> Plan:
+def plan(
+    adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options, out: str | os.PathLike | None = None
+) -> Plan:
     """Read and check everything that can be checked without loading weights.
 
     Raises :class:`~mmpeft.saving.AdapterError` for a missing or damaged directory,
@@ -168,7 +170,9 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
     adapter, task = str(adapter), o.task
     spec = read_spec(adapter)
     if out is not None:  # before anything is loaded: writing there would destroy an input
-        refuse_output_over_inputs(out, {"--adapter": adapter, "--base": o.base or spec.base_model, "--data": data_paths(o.data)})
+        refuse_output_over_inputs(
+            out, {"--adapter": adapter, "--base": o.base or spec.base_model, "--data": data_paths(o.data)}
+        )
     spec = spec.resolved()  # an unknown plugin or hyperparameter fails here
     if o.quantization is None:
         o.quantization = spec.quantization or "nf4"
@@ -179,7 +183,9 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
     if task is not None and spec.tasks and task not in spec.tasks:
         raise ConfigError(f"--task {task!r} is not in the adapter's task vocabulary: {', '.join(spec.tasks)}")
     if task is not None and o.data is None:
-        raise ConfigError(f"--task {task!r} needs --data: the shards whose samples of that task measure the router gates")
+        raise ConfigError(
+            f"--task {task!r} needs --data: the shards whose samples of that task measure the router gates"
+        )
     if o.base is None:
         check_recorded_base(spec, adapter, "--base")  # says which folder was tried, and why
     pretrained = o.base or spec.base_model
@@ -208,8 +214,14 @@ def plan(adapter: str | os.PathLike, need: Literal["lora", "weight"], o: Options
         raise AdapterError(f"adapter {adapter!r} does not fit {pretrained!r}: {exc}") from exc
     missing = [k for k in result.missing_keys if ".adapter." in k]
     if missing or result.unexpected_keys:
-        raise AdapterError(f"adapter {adapter!r} does not match its adapter config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-    routed = [name for name, layer in adapted.items() if any(isinstance(m, Router) and m.experts > 1 for m in layer.adapter.modules())]
+        raise AdapterError(
+            f"adapter {adapter!r} does not match its adapter config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    routed = [
+        name
+        for name, layer in adapted.items()
+        if any(isinstance(m, Router) and m.experts > 1 for m in layer.adapter.modules())
+    ]
     if routed and task is None:
         groups = sorted({layer.adapter_name for name, layer in adapted.items() if name in routed})
         raise MergeError(
@@ -299,7 +311,9 @@ def default_device() -> str:
 
 
 @torch.no_grad()
-def token_logits(model: nn.Module, batch: dict[str, Any], context: RoutingContext | None = None, record: bool = False) -> torch.Tensor:
+def token_logits(
+    model: nn.Module, batch: dict[str, Any], context: RoutingContext | None = None, record: bool = False
+) -> torch.Tensor:
     """The model's logits at the batch's real tokens, ``(tokens, vocab)`` float32 on the CPU.
 
     With ``context`` (an adapted model) the routers see the batch's masks and task ids as in
@@ -307,7 +321,9 @@ def token_logits(model: nn.Module, batch: dict[str, Any], context: RoutingContex
     """
     param = next(model.parameters())
     dtype = getattr(model, "dtype", torch.float32)  # transformers' first floating-point dtype (pixel values follow it)
-    inputs = {k: v.to(param.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch["inputs"].items()}
+    inputs = {
+        k: v.to(param.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in batch["inputs"].items()
+    }
     attention = inputs["attention_mask"].bool()  # (batch, seq)
     if context is None:
         logits = model(**inputs, use_cache=False).logits
@@ -328,9 +344,13 @@ def load_adapted(p: Plan) -> tuple[nn.Module, RoutingContext]:
     """The base loaded as the adapter was trained on it (``options.quantization``), with the adapter applied, in eval mode."""
     o = p.options
     backbone = Backbone(
-        pretrained=p.pretrained, quantization=o.quantization, double_quant=o.double_quant,
-        gradient_checkpointing=False, train_projector=p.spec.train_projector, trust_remote_code=o.trust_remote_code,
-    )  # fmt: skip
+        pretrained=p.pretrained,
+        quantization=o.quantization,
+        double_quant=o.double_quant,
+        gradient_checkpointing=False,
+        train_projector=p.spec.train_projector,
+        trust_remote_code=o.trust_remote_code,
+    )
     model = load_backbone(backbone, torch.device(o.device))
     context = RoutingContext()
     context.num_tasks = len(p.spec.tasks) or None
@@ -370,7 +390,9 @@ def collapsed(model: nn.Module, factors: dict[str, Factors]) -> Iterator[None]:
     try:
         for name, (a, b, scaling) in factors.items():
             layer = model.get_submodule(name)
-            lora = LoRA(layer.in_features, layer.out_features, LoRAConfig(r=a.shape[0], alpha=scaling * a.shape[0], dropout=0.0))
+            lora = LoRA(
+                layer.in_features, layer.out_features, LoRAConfig(r=a.shape[0], alpha=scaling * a.shape[0], dropout=0.0)
+            )
             with torch.no_grad():
                 lora.A.data, lora.B.data = a.clone(), b.clone()
             lora.scaling = scaling
@@ -402,13 +424,17 @@ class Collapse:
         }
 
 
-def collapse_routed(p: Plan, model: nn.Module, context: RoutingContext, batches: list[dict[str, Any]], routed_logits: torch.Tensor) -> Collapse:
+def collapse_routed(
+    p: Plan, model: nn.Module, context: RoutingContext, batches: list[dict[str, Any]], routed_logits: torch.Tensor
+) -> Collapse:
     """Measure the task's gates of the routed layers, and the logit error of collapsing them, on ``batches[0]``."""
     gates = measure_gates(model, context, batches)
     factors = {name: lora_factors(model.get_submodule(name), gates.get(name)) for name in p.routed}
     with collapsed(model, factors):
         collapsed_logits = token_logits(model, batches[0], context)
-    return Collapse({name: gates[name] for name in p.routed}, max_logit_diff(collapsed_logits, routed_logits), collapsed_logits)
+    return Collapse(
+        {name: gates[name] for name in p.routed}, max_logit_diff(collapsed_logits, routed_logits), collapsed_logits
+    )
 
 
 @dataclass
@@ -444,7 +470,9 @@ def load_and_measure(p: Plan, progress: Callable[[str], None]) -> Measured:
         progress(f"measuring the router gates on {sum(len(b['keys']) for b in batches)} sample(s) of task {o.task!r}")
         collapse = collapse_routed(p, model, context, batches, logits)
         how = "exact" if collapse.exact else "not exact: the router gives the task's inputs different gates"
-        progress(f"collapsed {len(collapse.gates)} routed layer(s): max |logit diff| vs routed {collapse.max_logit_diff:.3g} ({how})")
+        progress(
+            f"collapsed {len(collapse.gates)} routed layer(s): max |logit diff| vs routed {collapse.max_logit_diff:.3g} ({how})"
+        )
     return Measured(model, context, processor, batches, logits, collapse)
 
 
@@ -455,7 +483,9 @@ def batch_summary(p: Plan, m: Measured) -> dict[str, Any]:
 # -- merging -------------------------------------------------------------------------------------
 
 
-def fold_into(model: nn.Module, target: nn.Module, gates: dict[str, torch.Tensor], merge_into: Literal["dequantized", "original"]) -> int:
+def fold_into(
+    model: nn.Module, target: nn.Module, gates: dict[str, torch.Tensor], merge_into: Literal["dequantized", "original"]
+) -> int:
     """Write into ``target`` (the base loaded unquantized) the weights the adapted ``model`` computes with.
 
     Adapted layers get ``W + delta`` in float32, ``W`` being the dequantized base weight
@@ -477,8 +507,14 @@ def fold_into(model: nn.Module, target: nn.Module, gates: dict[str, torch.Tensor
             else:
                 continue
             out = target.get_submodule(name)
-            if not isinstance(out, nn.Linear) or quantization_of(out) != "none" or tuple(out.weight.shape) != (base.out_features, base.in_features):
-                raise MergeError(f"{name}: the unquantized model has {type(out).__name__} {tuple(out.weight.shape)} there, not a Linear of the adapted model's shape")
+            if (
+                not isinstance(out, nn.Linear)
+                or quantization_of(out) != "none"
+                or tuple(out.weight.shape) != (base.out_features, base.in_features)
+            ):
+                raise MergeError(
+                    f"{name}: the unquantized model has {type(out).__name__} {tuple(out.weight.shape)} there, not a Linear of the adapted model's shape"
+                )
             if merge_into == "dequantized" or delta is None:
                 weight = dequantized_weight(base)  # (d_out, d_in) float32
             else:
@@ -508,7 +544,9 @@ def load_plain(pretrained: str, dtype: torch.dtype, trust_remote_code: bool = Fa
     """A checkpoint through its auto class's ``from_pretrained`` (:func:`~mmpeft.models.backbone.auto_model_class`), unquantized unless ``kwargs`` say otherwise."""
     try:
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-        model = auto_model_class(config, "--base").from_pretrained(pretrained, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto_model_class(config, "--base").from_pretrained(
+            pretrained, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     except OSError as exc:
         raise ConfigError(f"cannot load {pretrained!r}: {exc}") from exc
     keep_standard_layout(model)
@@ -558,7 +596,12 @@ def merge(
             for key, value in p.tensors.items():
                 if ".adapter." not in key:
                     state[key].copy_(value)
-    processor, batch, adapted_logits, collapsed_logits = m.processor, m.batches[0], m.logits, m.collapse.logits if m.collapse else None
+    processor, batch, adapted_logits, collapsed_logits = (
+        m.processor,
+        m.batches[0],
+        m.logits,
+        m.collapse.logits if m.collapse else None,
+    )
     del m  # the quantized model goes before the merged one runs
     with staged_dir(out) as staging:
         if quantize is None:
@@ -569,8 +612,12 @@ def merge(
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.full-", dir=out.parent) as full:
                 merged.save_pretrained(full)
                 del merged
-                requant = quantization_config(Backbone(pretrained=full, quantization=quantize, double_quant=o.double_quant), DTYPES[dtype])
-                written = load_plain(full, DTYPES[dtype], o.trust_remote_code, device_map={"": o.device}, quantization_config=requant)
+                requant = quantization_config(
+                    Backbone(pretrained=full, quantization=quantize, double_quant=o.double_quant), DTYPES[dtype]
+                )
+                written = load_plain(
+                    full, DTYPES[dtype], o.trust_remote_code, device_map={"": o.device}, quantization_config=requant
+                )
             written.save_pretrained(staging)
         save_processor(processor, staging)
         progress(f"comparing the merged model with the adapted one on {report['batch']['samples']} sample(s)")
@@ -580,7 +627,9 @@ def merge(
         if collapsed_logits is not None:  # what merging cost on top of the collapse
             report["max_logit_diff_vs_collapsed"] = max_logit_diff(merged_logits, collapsed_logits)
         if not math.isfinite(report["max_logit_diff"]):
-            raise MergeError(f"the merged model's logits are not finite (max |diff| {report['max_logit_diff']}); nothing was written")
+            raise MergeError(
+                f"the merged model's logits are not finite (max |diff| {report['max_logit_diff']}); nothing was written"
+            )
         write_json(staging / REPORT_NAME, report)
     progress(f"wrote {out}: max |logit diff| merged vs adapted {report['max_logit_diff']:.3g} ({quantize or dtype})")
     return report
@@ -592,21 +641,59 @@ def merge(
 def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and ``--out``."""
     parser = argparse.ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
-    parser.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter.safetensors), e.g. runs/NAME/version_N/adapter")
-    parser.add_argument("--out", required=True,
-                        help="output folder, written completely or not at all (an existing one is replaced); it must not be, contain "
-                        "or lie inside the adapter, the base or the data")  # fmt: skip
-    parser.add_argument("--base", help="the base checkpoint (hub id or folder); default: the one named in adapter_config.json")
-    parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"], default=None,
-                        help="how the base was loaded in training, so the adapted model is measured as trained (default: as adapter_config.json records it, else nf4)")  # fmt: skip
-    parser.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None, help="the base's 4-bit double quantization (default: as recorded, else on)")
-    parser.add_argument("--task", help="collapse AsymLoRA / LoRA-MoE for this task (a name of the adapter's task vocabulary) with its mean router weights")
-    parser.add_argument("--data", help="shards (directory, brace pattern or glob) whose samples of --task measure the router weights and the reported logit differences")
-    parser.add_argument("--samples", type=int, default=64, help="samples of the task the router weights are averaged over (default: 64)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per forward pass; the first batch is the one logits are compared on (default: 4)")
-    parser.add_argument("--max-length", type=int, default=1024, help="longest sample in tokens, as data.max_length in training (default: 1024)")
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        help="adapter directory (adapter_config.json + adapter.safetensors), e.g. runs/NAME/version_N/adapter",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder, written completely or not at all (an existing one is replaced); it must not be, contain "
+        "or lie inside the adapter, the base or the data",
+    )
+    parser.add_argument(
+        "--base", help="the base checkpoint (hub id or folder); default: the one named in adapter_config.json"
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["nf4", "fp4", "int8", "none"],
+        default=None,
+        help="how the base was loaded in training, so the adapted model is measured as trained (default: as adapter_config.json records it, else nf4)",
+    )
+    parser.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the base's 4-bit double quantization (default: as recorded, else on)",
+    )
+    parser.add_argument(
+        "--task",
+        help="collapse AsymLoRA / LoRA-MoE for this task (a name of the adapter's task vocabulary) with its mean router weights",
+    )
+    parser.add_argument(
+        "--data",
+        help="shards (directory, brace pattern or glob) whose samples of --task measure the router weights and the reported logit differences",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=64, help="samples of the task the router weights are averaged over (default: 64)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="samples per forward pass; the first batch is the one logits are compared on (default: 4)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="longest sample in tokens, as data.max_length in training (default: 1024)",
+    )
     parser.add_argument("--device", help="where the models run (default: cuda if available, else cpu)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint's repository")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the checkpoint's repository"
+    )
     return parser
 
 
@@ -624,12 +711,32 @@ def cmd_merge(argv: list[str]) -> int:
         "merged. The largest logit difference between the merged and the adapted model on a batch is printed and written "
         "to OUT/merge_report.json.",
     )
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the written weights (of the non-quantized ones with --quantize; default: bf16)")
-    parser.add_argument("--quantize", choices=["nf4", "fp4"], help="re-quantize the merged model to 4 bits (bitsandbytes) before writing it")
-    parser.add_argument("--merge-into", choices=["dequantized", "original"], default="dequantized",
-                        help="add the update to the dequantized 4-bit weights the adapter was trained against (default; reproduces the "
-                        "trained model) or to the checkpoint's original weights")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="bf16",
+        help="dtype of the written weights (of the non-quantized ones with --quantize; default: bf16)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=["nf4", "fp4"],
+        help="re-quantize the merged model to 4 bits (bitsandbytes) before writing it",
+    )
+    parser.add_argument(
+        "--merge-into",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="add the update to the dequantized 4-bit weights the adapter was trained against (default; reproduces the "
+        "trained model) or to the checkpoint's original weights",
+    )
     args = parse(parser, argv)  # --batch-size or --batch_size
-    report = merge(args.adapter, args.out, dtype=args.dtype, quantize=args.quantize, merge_into=args.merge_into, **options_of(args))
-    print(json.dumps({k: report[k] for k in ("max_logit_diff", "adapted_layers", "batch")} | {"collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}))
+    report = merge(
+        args.adapter, args.out, dtype=args.dtype, quantize=args.quantize, merge_into=args.merge_into, **options_of(args)
+    )
+    print(
+        json.dumps(
+            {k: report[k] for k in ("max_logit_diff", "adapted_layers", "batch")}
+            | {"collapse_max_logit_diff": (report["collapse"] or {}).get("max_logit_diff")}
+        )
+    )
     return 0

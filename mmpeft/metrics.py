@@ -187,7 +187,11 @@ class YesNoAccuracy(AnswerMetric):
         return None if expected is None else float(yes_no(answer) == expected)
 
 
-METRICS: dict[str, type[AnswerMetric]] = {"exact_match": ExactMatch, "vqa_accuracy": VQAAccuracy, "yes_no": YesNoAccuracy}
+METRICS: dict[str, type[AnswerMetric]] = {
+    "exact_match": ExactMatch,
+    "vqa_accuracy": VQAAccuracy,
+    "yes_no": YesNoAccuracy,
+}
 """The generation-based scores a task can choose, by name (also the column order of the table)."""
 FORCED: dict[str, type[TaskMean]] = {"samples": Samples, "loss": MeanLoss, "token_accuracy": TokenAccuracy}
 """What every task reports."""
@@ -199,7 +203,9 @@ def check_metric_names(names: Any, where: str) -> list[str]:
         raise ConfigError(f"{where} must be a list of metric names, got {names!r}")
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ConfigError(f"{where}: unknown metric(s) {', '.join(map(repr, unknown))}; the metrics are {', '.join(METRICS)}")
+        raise ConfigError(
+            f"{where}: unknown metric(s) {', '.join(map(repr, unknown))}; the metrics are {', '.join(METRICS)}"
+        )
     return list(names)
 
 
@@ -302,10 +308,13 @@ class TaskMetrics(torch.nn.Module):
         self.tasks = list(tasks)
         self.chosen = {task: list(chosen.get(task, [])) for task in self.tasks}
         self.generated = [name for name in METRICS if any(name in names for names in self.chosen.values())]
-        metrics = {name: cls(len(self.tasks)) for name, cls in FORCED.items()} | {name: METRICS[name](len(self.tasks)) for name in self.generated}
+        metrics = {name: cls(len(self.tasks)) for name, cls in FORCED.items()} | {
+            name: METRICS[name](len(self.tasks)) for name in self.generated
+        }
         # compute_groups off: two scores whose states happen to be equal after a batch must not be merged.
         self.collection = MetricCollection(
-            {name: PerTask(metric, labels=self.tasks, postfix=f"/{name}") for name, metric in metrics.items()}, compute_groups=False
+            {name: PerTask(metric, labels=self.tasks, postfix=f"/{name}") for name, metric in metrics.items()},
+            compute_groups=False,
         )
 
     def update_forced(self, logits: Tensor, target: Tensor, token_task_ids: Tensor, task_ids: Tensor) -> None:
@@ -337,7 +346,13 @@ class TaskMetrics(torch.nn.Module):
             if not values[f"{task}/samples"]:
                 continue  # absent from every batch
             row = {name: values[f"{task}/{name}"] for name in FORCED}
-            row.update({name: values[f"{task}/{name}"] for name in self.chosen[task] if not math.isnan(values[f"{task}/{name}"])})  # NaN: nothing scored
+            row.update(
+                {
+                    name: values[f"{task}/{name}"]
+                    for name in self.chosen[task]
+                    if not math.isnan(values[f"{task}/{name}"])
+                }
+            )  # NaN: nothing scored
             tasks[task] = row
         mean: dict[str, float] = {}
         for name in (*FORCED, *METRICS):

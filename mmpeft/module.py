@@ -92,7 +92,9 @@ def lm_losses(
     return token_loss.mean(), per_position.sum(1) / keep.sum(1)  # (), (batch,)
 
 
-def lm_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def lm_loss(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the assistant tokens (see :func:`lm_losses`)."""
     return lm_losses(model, inputs, labels, chunk)[0]
 
@@ -134,7 +136,9 @@ class MMPeftModule(L.LightningModule):
                     "leave model.adapters unset to use the directory's"
                 )
             if self.init_spec.train_projector and not backbone.train_projector:
-                backbone = dataclasses.replace(backbone, train_projector=True)  # its projector weights are in the directory
+                backbone = dataclasses.replace(
+                    backbone, train_projector=True
+                )  # its projector weights are in the directory
         adapters = adapters if adapters is not None else [AdapterGroup()]
         self.backbone = backbone
         self.adapter_groups = adapters
@@ -187,10 +191,17 @@ class MMPeftModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if stage == "fit" and self.init_spec is not None and self.init_spec.tasks and hasattr(datamodule, "load_state_dict"):
+        if (
+            stage == "fit"
+            and self.init_spec is not None
+            and self.init_spec.tasks
+            and hasattr(datamodule, "load_state_dict")
+        ):
             # Training on keeps the adapter's task ids (checked against the data); evaluation and
             # prediction take the data's tasks, whichever the adapter saw (docs/evaluation.md).
-            datamodule.load_state_dict({"tasks": self.init_spec.tasks, "from": f"model.init_adapter {self.hparams.init_adapter!r}"})
+            datamodule.load_state_dict(
+                {"tasks": self.init_spec.tasks, "from": f"model.init_adapter {self.hparams.init_adapter!r}"}
+            )
         tasks = getattr(datamodule, "tasks", None)
         if tasks:
             self.routing_context.num_tasks = len(tasks)
@@ -199,7 +210,13 @@ class MMPeftModule(L.LightningModule):
             datamodule.eval_prompts = generates  # validation batches carry prompts only to generate from
         if (stage == "predict" or generates) and self.tokenizer is None:
             encoder = getattr(datamodule, "encoder", None)
-            self.tokenizer = encoder.tokenizer if encoder is not None else load_processor(self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained").tokenizer
+            self.tokenizer = (
+                encoder.tokenizer
+                if encoder is not None
+                else load_processor(
+                    self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained"
+                ).tokenizer
+            )
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()  # see mmpeft/checkpoint.py
@@ -269,7 +286,9 @@ class MMPeftModule(L.LightningModule):
         metrics = self.metrics
         # Generation first: it resets the routing records, which the teacher-forced pass below leaves for the callbacks.
         if "prompt_inputs" in batch and metrics.wants_answers(task_ids):
-            answers = self.generate_answers(batch["prompt_inputs"], max_new_tokens=self.evaluation.max_new_tokens, do_sample=False, num_beams=1)
+            answers = self.generate_answers(
+                batch["prompt_inputs"], max_new_tokens=self.evaluation.max_new_tokens, do_sample=False, num_beams=1
+            )
             metrics.update_answers(answers, batch["references"], task_ids)
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
         with self.routing_step(batch):
@@ -288,7 +307,9 @@ class MMPeftModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
         if not tasks:
-            raise ConfigError("validation and test report per task and need the task vocabulary: the data module has no `tasks` (set data.tasks)")
+            raise ConfigError(
+                "validation and test report per task and need the task vocabulary: the data module has no `tasks` (set data.tasks)"
+            )
         if self.evaluation.generates(fitting=self.trainer.state.fn == TrainerFn.FITTING):
             chosen = self.evaluation.choose(tasks, getattr(datamodule, "index_metrics", None))
         else:
@@ -296,7 +317,9 @@ class MMPeftModule(L.LightningModule):
         if self.metrics is None or (self.metrics.tasks, self.metrics.chosen) != (tasks, chosen):
             unknown = sorted(set(self.evaluation.metrics or {}) - set(tasks))
             if unknown:
-                rank_zero_warn(f"model.evaluation.metrics names task(s) {', '.join(map(repr, unknown))} not in the task vocabulary {tasks}")
+                rank_zero_warn(
+                    f"model.evaluation.metrics names task(s) {', '.join(map(repr, unknown))} not in the task vocabulary {tasks}"
+                )
             self.metrics = TaskMetrics(tasks, chosen).to(self.device)
         self.metrics.reset()
 
@@ -324,7 +347,9 @@ class MMPeftModule(L.LightningModule):
         reused at every new token, through the KV cache.
         """
         prompt_len = inputs["input_ids"].shape[1]
-        tokens = self.routing_context.generate(self.model, **inputs, **kwargs, use_cache=True)  # (batch, prompt_len + new)
+        tokens = self.routing_context.generate(
+            self.model, **inputs, **kwargs, use_cache=True
+        )  # (batch, prompt_len + new)
         # The first new token usually starts a word, which BPE and SentencePiece tokenizers decode with its leading space.
         return [text.lstrip() for text in self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)]
 
@@ -332,7 +357,9 @@ class MMPeftModule(L.LightningModule):
         """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample (see :meth:`generate_answers`)."""
         answers = self.generate_answers(batch["inputs"], **self.generation.kwargs())
         rows = []
-        for key, task, prompt, reference, answer in zip(batch["keys"], batch["tasks"], batch["prompts"], batch["reference"], answers):
+        for key, task, prompt, reference, answer in zip(
+            batch["keys"], batch["tasks"], batch["prompts"], batch["reference"], answers
+        ):
             row = {"key": key, "task": task, "prompt": prompt, "answer": answer}
             if reference is not None:
                 row["reference"] = reference
@@ -378,7 +405,15 @@ class MMPeftModule(L.LightningModule):
         tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
         base = base_summary(self.model.config)
         b = self.backbone
-        spec = AdapterSpec(self.adapter_groups, b.pretrained, base, tasks, b.train_projector, quantization=b.quantization, double_quant=b.double_quant)
+        spec = AdapterSpec(
+            self.adapter_groups,
+            b.pretrained,
+            base,
+            tasks,
+            b.train_projector,
+            quantization=b.quantization,
+            double_quant=b.double_quant,
+        )
         return spec.resolved()
 
     def save_adapter(self, out: str | Path) -> Path:

@@ -80,7 +80,9 @@ def task_expert_table(matrix: torch.Tensor, tasks: list[str]) -> str:
     experts = matrix.shape[1]
     lines = ["| task | " + " | ".join(f"expert {e}" for e in range(experts)) + " |", "|---" * (experts + 1) + "|"]
     for task, row in zip(tasks, matrix.tolist()):
-        lines.append(f"| {markdown_text(task)} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.4f}" for v in row) + " |")
+        lines.append(
+            f"| {markdown_text(task)} | " + " | ".join("n/a" if math.isnan(v) else f"{v:.4f}" for v in row) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -154,7 +156,9 @@ class Monitor(Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             self._clock = time.perf_counter()  # throughput counts training time only
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         seconds, self._clock = now - (self._clock or now), now
         samples, tokens = len(batch["task_ids"]), real_tokens(batch)
@@ -303,7 +307,9 @@ class TokensProgressBar(RichProgressBar):
         return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
 
     # -- what it shows ----------------------------------------------------------------------
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+    def get_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the logger's version: the folder the summary names
         rate = metrics.get(TOKENS_PER_SEC)
@@ -314,7 +320,9 @@ class TokensProgressBar(RichProgressBar):
     def _add_train_task(self, trainer: L.Trainer) -> None:
         # Steps of max_steps, from the step the run starts at (a resumed run included).
         description = f"{self.train_description:{len(self.validation_description)}}"
-        self.train_progress_bar_id = self.progress.add_task(description, total=self._max_steps(trainer), completed=trainer.global_step)
+        self.train_progress_bar_id = self.progress.add_task(
+            description, total=self._max_steps(trainer), completed=trainer.global_step
+        )
 
     # -- training ---------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -328,7 +336,9 @@ class TokensProgressBar(RichProgressBar):
             self._add_train_task(trainer)
             self.refresh()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._printing:
             self._print_step(trainer)
             return
@@ -376,7 +386,11 @@ class TokensProgressBar(RichProgressBar):
     def _print_eval_batch(self, trainer: L.Trainer, name: str, batch_idx: int, dataloader_idx: int) -> None:
         if not self._printing or trainer.state.fn == TrainerFn.FITTING or (batch_idx + 1) % self._every(trainer):
             return
-        total = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches, "predict": trainer.num_predict_batches}[name]
+        total = {
+            "validate": trainer.num_val_batches,
+            "test": trainer.num_test_batches,
+            "predict": trainer.num_predict_batches,
+        }[name]
         total = total[dataloader_idx] if isinstance(total, list) and dataloader_idx < len(total) else total
         of = f"/{int(total)}" if isinstance(total, (int, float)) and math.isfinite(total) else ""
         print(f"{name} batch {batch_idx + 1}{of}  elapsed {_clock(time.monotonic() - self._eval_start)}", flush=True)
@@ -480,10 +494,16 @@ class RunSummary(Callback):
         self.version = trainer.logger.version if trainer.logger is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {tag: [list(p) for p in points] for tag, points in self.history.items()}, "log_dir": self.log_dir, "version": self.version}
+        return {
+            "history": {tag: [list(p) for p in points] for tag, points in self.history.items()},
+            "log_dir": self.log_dir,
+            "version": self.version,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = {tag: [(int(s), float(v)) for s, v in points] for tag, points in state_dict.get("history", {}).items()}
+        self.history = {
+            tag: [(int(s), float(v)) for s, v in points] for tag, points in state_dict.get("history", {}).items()
+        }
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
@@ -491,7 +511,9 @@ class RunSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step  # a resumed run starts at its checkpoint's step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.skipped["training"].update(batch.get("skipped", {}) if isinstance(batch, dict) else {})
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -515,17 +537,23 @@ class RunSummary(Callback):
         if trainer.logger is not None and trainer.log_dir:
             outputs["logs"] = Path(trainer.log_dir)
         self._outputs = outputs
-        self.skipped = {split: _sum_over_ranks(trainer, counts) for split, counts in self.skipped.items()}  # collectives too
+        self.skipped = {
+            split: _sum_over_ranks(trainer, counts) for split, counts in self.skipped.items()
+        }  # collectives too
 
     def title(self, trainer: L.Trainer, seconds: float) -> str:
         """``fit: 12 steps in 0m 19s``; a resumed run: ``fit: 4 steps (resumed at step 12, now at step 16) in 0m 05s``."""
         steps = trainer.global_step - self._start_step
-        resumed = f" (resumed at step {self._start_step}, now at step {trainer.global_step})" if self._start_step else ""
+        resumed = (
+            f" (resumed at step {self._start_step}, now at step {trainer.global_step})" if self._start_step else ""
+        )
         return f"fit: {steps} steps{resumed} in {_duration(seconds)}"
 
     def skipped_line(self) -> str:
         """``2 training samples (bad_json 1, image_count_mismatch 1)``, and the validation's, or ``none``."""
-        parts = [f"{sum(c.values())} {split} samples ({_counts(c)})" for split, c in self.skipped.items() if sum(c.values())]
+        parts = [
+            f"{sum(c.values())} {split} samples ({_counts(c)})" for split, c in self.skipped.items() if sum(c.values())
+        ]
         return "; ".join(parts) or "none"
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

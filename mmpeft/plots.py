@@ -54,7 +54,9 @@ def heatmap_size(rows: Sequence[str], columns: int) -> tuple[int, int]:
 
 
 @_plain_text
-def heatmap(matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str = "expert", value: str = "mean gate") -> Figure:
+def heatmap(
+    matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str = "expert", value: str = "mean gate"
+) -> Figure:
     """A ``(rows, columns)`` matrix as coloured cells: row names on the y axis, column numbers on the x axis, a colour bar.
 
     NaN cells (nothing seen) are grey and marked ``-``; small matrices have each value written in its cell.
@@ -69,7 +71,9 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str 
     finite = matrix[np.isfinite(matrix)]
     top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     cmap = _colormap("viridis")
-    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest")
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=top, aspect="auto", interpolation="nearest"
+    )
     step = max(1, math.ceil(n_cols / 32))  # at most 32 column numbers
     ax.set_xticks(range(0, n_cols, step))
     ax.set_yticks(range(n_rows), labels=list(rows))

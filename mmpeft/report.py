@@ -63,7 +63,9 @@ def read_run(run_dir: str | Path) -> Run:
     if not any(path.glob(EVENTS)):
         runs = sorted(str(p.parent) for p in path.glob(f"*/{EVENTS}"))
         hint = f"; runs below it: {', '.join(dict.fromkeys(runs))}" if runs else ""
-        raise ConfigError(f"report: {str(path)!r} holds no TensorBoard event file ({EVENTS}); give a run's log directory, e.g. runs/demo/version_0{hint}")
+        raise ConfigError(
+            f"report: {str(path)!r} holds no TensorBoard event file ({EVENTS}); give a run's log directory, e.g. runs/demo/version_0{hint}"
+        )
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
     accumulator.Reload()
     tags = accumulator.Tags()
@@ -172,7 +174,9 @@ def _routing_html(run: Run) -> str:
     for tag in heatmaps:
         step, data = run.images[tag]
         group = tag.removeprefix("routing/").removesuffix("/task_expert")
-        parts.append(f"<h3>{html.escape(group)}</h3><p>Mean gate of each task's tokens for each expert, validation at step {step}.</p>")
+        parts.append(
+            f"<h3>{html.escape(group)}</h3><p>Mean gate of each task's tokens for each expert, validation at step {step}.</p>"
+        )
         parts.append(_img(data, f"{group} task x expert"))
     entropy = _matching(run, r"routing/.+/entropy")
     parts.append(_chart(run, entropy, "router entropy / log(experts)", "entropy", strip="routing/"))
@@ -184,7 +188,11 @@ def _overview(run: Run) -> str:
     facts = [f"last logged step {steps}"]
     if run.wall:
         facts.append(f"{datetime.timedelta(seconds=round(run.wall[1] - run.wall[0]))} from first to last value")
-    for tag, label, unit in (("train/tokens_per_sec", "tokens/s", ""), ("train/samples_per_sec", "samples/s", ""), ("train/peak_memory_gib", "peak memory", " GiB")):
+    for tag, label, unit in (
+        ("train/tokens_per_sec", "tokens/s", ""),
+        ("train/samples_per_sec", "samples/s", ""),
+        ("train/peak_memory_gib", "peak memory", " GiB"),
+    ):
         if run.scalars.get(tag):
             facts.append(f"{label} {run.scalars[tag][-1][1]:,.4g}{unit} (last)")
     return f'<p class="meta">{html.escape(" · ".join(facts))}</p>'
@@ -211,7 +219,11 @@ def render(run: Run) -> str:
         "<h2>Config</h2>",
         f"<pre>{html.escape(run.config)}</pre>" if run.config else "<p>No config.yaml beside the event files.</p>",
     ]
-    return f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mmpeft report: {html.escape(name)}</title><style>{STYLE}</style></head>\n<body>\n' + "\n".join(b for b in body if b) + "\n</body></html>\n"
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mmpeft report: {html.escape(name)}</title><style>{STYLE}</style></head>\n<body>\n'
+        + "\n".join(b for b in body if b)
+        + "\n</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -219,9 +231,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = read_run(run_dir)
     path = Path(out) if out is not None else run.path / "report.html"
     # What the page is read from: the event files and config.yaml (a page beside them is fine).
-    refuse_output_over_inputs(path, {"event file of RUN_DIR": sorted(run.path.glob(EVENTS)), "config of RUN_DIR": run.path / "config.yaml"})
+    refuse_output_over_inputs(
+        path, {"event file of RUN_DIR": sorted(run.path.glob(EVENTS)), "config of RUN_DIR": run.path / "config.yaml"}
+    )
     if path.is_dir():
-        raise ConfigError(f"--out {str(path)!r} is a folder; give the HTML file to write, e.g. {str(path / 'report.html')!r}")
+        raise ConfigError(
+            f"--out {str(path)!r} is a folder; give the HTML file to write, e.g. {str(path / 'report.html')!r}"
+        )
     with atomic_file(path, "w", encoding="utf-8") as stream:
         stream.write(render(run))
     return path
@@ -230,9 +246,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def cmd_report(argv: list[str]) -> int:
     from mmpeft.flags import parse
 
-    parser = argparse.ArgumentParser(prog="mmpeft report", description="Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) from its TensorBoard event files.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's log directory, e.g. runs/demo/version_0 (where its events.out.tfevents.* and config.yaml are)")
-    parser.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html); never one of the run's own files")
+    parser = argparse.ArgumentParser(
+        prog="mmpeft report",
+        description="Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) from its TensorBoard event files.",
+    )
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="the run's log directory, e.g. runs/demo/version_0 (where its events.out.tfevents.* and config.yaml are)",
+    )
+    parser.add_argument(
+        "--out", help="the HTML file to write (default: RUN_DIR/report.html); never one of the run's own files"
+    )
     args = parse(parser, argv)
     print(write_report(args.run_dir, args.out))
     return 0

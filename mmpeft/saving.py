@@ -40,7 +40,16 @@ FORMAT = "mmpeft-adapter"
 FORMAT_VERSION = 1
 
 # The fields of the language model's config that decide whether an adapter's tensors fit it.
-_TEXT_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+_TEXT_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 
 
 class AdapterError(ConfigError):
@@ -99,7 +108,11 @@ class AdapterSpec:
             "format_version": FORMAT_VERSION,
             "mmpeft_version": self.mmpeft_version,
             "adapters": [dataclasses.asdict(g) for g in self.groups],
-            "base_model": {"name_or_path": stored_base(self.base_model), "fingerprint": fingerprint(self.base), **self.base},
+            "base_model": {
+                "name_or_path": stored_base(self.base_model),
+                "fingerprint": fingerprint(self.base),
+                **self.base,
+            },
             "tasks": list(self.tasks),
             "train_projector": self.train_projector,
             "base_loading": {"quantization": self.quantization, "double_quant": self.double_quant},
@@ -108,17 +121,28 @@ class AdapterSpec:
     @classmethod
     def from_json(cls, data: Any, where: str) -> AdapterSpec:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise AdapterError(f"{where} is not an mmpeft adapter config (no \"format\": \"{FORMAT}\")")
+            raise AdapterError(f'{where} is not an mmpeft adapter config (no "format": "{FORMAT}")')
         if data.get("format_version", 0) > FORMAT_VERSION:
-            raise AdapterError(f"{where} has format version {data['format_version']}; this mmpeft ({mmpeft.__version__}) reads up to {FORMAT_VERSION}")
+            raise AdapterError(
+                f"{where} has format version {data['format_version']}; this mmpeft ({mmpeft.__version__}) reads up to {FORMAT_VERSION}"
+            )
         try:
-            groups = [AdapterGroup(name=g["name"], targets=list(g["targets"]), config=dict(g["config"])) for g in data["adapters"]]
+            groups = [
+                AdapterGroup(name=g["name"], targets=list(g["targets"]), config=dict(g["config"]))
+                for g in data["adapters"]
+            ]
             base = {k: v for k, v in data["base_model"].items() if k not in ("name_or_path", "fingerprint")}
             loading = data.get("base_loading") or {}
             return cls(
-                groups, data["base_model"]["name_or_path"], base, list(data.get("tasks") or []), bool(data.get("train_projector", False)),
-                data.get("mmpeft_version", "?"), loading.get("quantization"), bool(loading.get("double_quant", True)),
-            )  # fmt: skip
+                groups,
+                data["base_model"]["name_or_path"],
+                base,
+                list(data.get("tasks") or []),
+                bool(data.get("train_projector", False)),
+                data.get("mmpeft_version", "?"),
+                loading.get("quantization"),
+                bool(loading.get("double_quant", True)),
+            )
         except (KeyError, TypeError) as exc:
             raise AdapterError(f"{where}: malformed adapter config ({type(exc).__name__}: {exc})") from exc
 
@@ -133,9 +157,15 @@ class AdapterSpec:
     def check_base(self, config: Any, where: str) -> None:
         """Raise :class:`AdapterError` listing every architecture fact that differs from the model's ``config``."""
         actual = base_summary(config)
-        differ = [f"{k}: adapter {self.base.get(k)!r}, model {actual.get(k)!r}" for k in sorted(set(self.base) | set(actual)) if self.base.get(k) != actual.get(k)]
+        differ = [
+            f"{k}: adapter {self.base.get(k)!r}, model {actual.get(k)!r}"
+            for k in sorted(set(self.base) | set(actual))
+            if self.base.get(k) != actual.get(k)
+        ]
         if differ:
-            raise AdapterError(f"{where} was trained on {self.base_model!r}, a different model than this one: " + "; ".join(differ))
+            raise AdapterError(
+                f"{where} was trained on {self.base_model!r}, a different model than this one: " + "; ".join(differ)
+            )
 
 
 def stored_base(pretrained: str) -> str:
@@ -157,7 +187,9 @@ def check_recorded_base(spec: AdapterSpec, adapter: str | os.PathLike, override:
         return
     config = Path(adapter) / CONFIG_NAME
     if path.is_absolute():
-        raise AdapterError(f"{config} names the base model {name!r}, but there is no checkpoint there (missing config.json); if it has moved, give it with {override}")
+        raise AdapterError(
+            f"{config} names the base model {name!r}, but there is no checkpoint there (missing config.json); if it has moved, give it with {override}"
+        )
     if name.startswith((".", "~")) or path.exists() or name.count("/") > 1:  # a folder, not a hub id
         raise AdapterError(
             f"{config} names the base model {name!r}, a path relative to the folder training ran in; from here it is "
@@ -183,7 +215,9 @@ def save_adapter(out: str | os.PathLike, spec: AdapterSpec, tensors: dict[str, t
     """Write an adapter directory (replacing ``out`` atomically); returns its path."""
     out = Path(out)
     with staged_dir(out) as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT, "mmpeft_version": spec.mmpeft_version})
+        save_file(
+            tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT, "mmpeft_version": spec.mmpeft_version}
+        )
         write_json(staging / CONFIG_NAME, spec.to_json())
     return out
 
@@ -222,11 +256,15 @@ def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: str)
     unexpected = sorted(k for k in tensors if k not in state)
     if missing or unexpected:
         detail = (f"missing {missing[:5]}" + (" ..." if len(missing) > 5 else "")) if missing else ""
-        detail += ("; " if missing and unexpected else "") + ((f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")) if unexpected else "")
+        detail += ("; " if missing and unexpected else "") + (
+            (f"unexpected {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")) if unexpected else ""
+        )
         raise AdapterError(f"{where} does not match the adapted model: {detail}")
     for key, value in tensors.items():
         if state[key].shape != value.shape:
-            raise AdapterError(f"{where}: {key} has shape {tuple(value.shape)}, the model's is {tuple(state[key].shape)}")
+            raise AdapterError(
+                f"{where}: {key} has shape {tuple(value.shape)}, the model's is {tuple(state[key].shape)}"
+            )
     with torch.no_grad():
         for key, value in tensors.items():
             state[key].copy_(value)
@@ -267,7 +305,12 @@ class AdaptedModel:
 
 
 def load_adapted(
-    path: str | os.PathLike, pretrained: str | None = None, *, device: str | torch.device = "cpu", trainable: bool = False, **backbone: Any
+    path: str | os.PathLike,
+    pretrained: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    trainable: bool = False,
+    **backbone: Any,
 ) -> AdaptedModel:
     """Load the base model (``pretrained``, by default the one the adapter was trained on) the QLoRA way and put the adapter directory ``path`` on it.
 

@@ -67,7 +67,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         # hidden: (n, h); weight: (vocab, h); targets: (n,)
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (n,)
@@ -102,7 +104,9 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def chunked_token_losses(model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor | None:
+def chunked_token_losses(
+    model: nn.Module, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor | None:
     """Each kept position's cross-entropy ``(n_kept,)``, never holding more than ``chunk`` positions' logits.
 
     Runs the model without its LM head (``model.base_model``: the decoder's final hidden

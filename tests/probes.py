@@ -50,4 +50,6 @@ class RecordLosses(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         with open(self.out, "a") as stream:
-            stream.write(json.dumps({"step": trainer.global_step, "loss": float(loss), "keys": list(batch["keys"])}) + "\n")
+            stream.write(
+                json.dumps({"step": trainer.global_step, "loss": float(loss), "keys": list(batch["keys"])}) + "\n"
+            )

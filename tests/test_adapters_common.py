@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_backbone import _batch
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, adapter_state_dict, inject_adapters
 from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 from mmpeft.module import lm_loss
-
-from test_backbone import _batch
 
 CASES = {
     "lora": ("lora", {"r": 4, "dropout": 0.0}),
@@ -107,7 +106,10 @@ def test_every_trainable_tensor_gets_a_gradient_and_checkpointing_changes_nothin
 @pytest.mark.parametrize("case", MIXTURES)
 def test_the_auxiliary_loss_reaches_the_routers_under_checkpointing(tiny_model_dirs, batches, case):
     router_grads = []
-    for coefficients in (RoutingLosses(load_balance=0.0, z_loss=0.0), RoutingLosses(load_balance=1.0, z_loss=0.1, mutual_information=1.0, localized_balance=1.0)):
+    for coefficients in (
+        RoutingLosses(load_balance=0.0, z_loss=0.0),
+        RoutingLosses(load_balance=1.0, z_loss=0.1, mutual_information=1.0, localized_balance=1.0),
+    ):
         model, context = adapted(tiny_model_dirs, "llava", case, checkpointing=True)
         randomise_b(model)
         model.train()

@@ -36,7 +36,14 @@ def _batch(model_dir: str) -> dict:
     red = Image.new("RGB", (40, 32), (200, 20, 20))
     items = [
         encoder.encode(Sample("a", "color", [user("What color is it?"), answer("red")], [red])),
-        encoder.encode(Sample("b", "shape", [user("What shape?"), answer("a square"), {"role": "user", "content": "Sure?"}, answer("yes")], [red])),
+        encoder.encode(
+            Sample(
+                "b",
+                "shape",
+                [user("What shape?"), answer("a square"), {"role": "user", "content": "Sure?"}, answer("yes")],
+                [red],
+            )
+        ),
     ]
     return encoder.collate(items)
 
@@ -137,7 +144,9 @@ def test_eval_forward_without_grad_keeps_the_4bit_weights_readable(tiny_model_di
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     before = [dequantized_weight(m) for m in layers]
     with torch.no_grad():
-        logits = model(**_batch(tiny_model_dirs["llava"])["inputs"]).logits  # the vision tower's layers are narrower than a block
+        logits = model(
+            **_batch(tiny_model_dirs["llava"])["inputs"]
+        ).logits  # the vision tower's layers are narrower than a block
     assert torch.isfinite(logits).all()
     after = [dequantized_weight(m) for m in layers]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
@@ -145,10 +154,15 @@ def test_eval_forward_without_grad_keeps_the_4bit_weights_readable(tiny_model_di
 
 def test_a_checkpoint_that_is_not_image_text_is_refused_naming_its_type(tmp_path, tiny_llama):
     tiny_llama.save_pretrained(tmp_path / "llama")
-    with pytest.raises(ConfigError, match=r"model.backbone.pretrained: model type 'llama' is not an image-text model .* docs/families.md"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.backbone.pretrained: model type 'llama' is not an image-text model .* docs/families.md",
+    ):
         load_backbone(Backbone(str(tmp_path / "llama")), torch.device("cpu"))
 
 
 def test_an_unknown_tiny_family_names_the_key_and_the_families():
-    with pytest.raises(ConfigError, match=r"model.backbone.build_tiny: unknown family 'llava2'; one of llava, qwen2_vl, .*gemma3"):
+    with pytest.raises(
+        ConfigError, match=r"model.backbone.build_tiny: unknown family 'llava2'; one of llava, qwen2_vl, .*gemma3"
+    ):
         Backbone("/tmp/nowhere", build_tiny="llava2").check_exists()

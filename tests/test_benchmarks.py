@@ -18,7 +18,12 @@ def run_check(script: str) -> subprocess.CompletedProcess:
     """``python benchmarks/<script>.py --check``, which must succeed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}.py", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, f"benchmarks/{script}.py", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -42,7 +47,11 @@ def test_data_throughput_check_compares_identical_batches_and_reports_rates():
     for cells in rows.values():
         rate, per_batch, first, cpu = float(cells[2].split()[0]), float(cells[3]), float(cells[4]), float(cells[5])
         assert rate > 0 and per_batch > 0 and first > 0 and cpu > 0
-    steps = [line for line in out.splitlines() if line.startswith(("| cached |", "| fed by shards, 1 worker |", "| fed by folder, 1 worker |"))]
+    steps = [
+        line
+        for line in out.splitlines()
+        if line.startswith(("| cached |", "| fed by shards, 1 worker |", "| fed by folder, 1 worker |"))
+    ]
     assert len(steps) == 3 and all(float(line.split("|")[2].split()[0]) > 0 for line in steps)
     assert "| shard loading (1 worker) s / batch < training step s |" in out
 
@@ -63,7 +72,17 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 8 and cells[1][:1].isdigit():
             rows[cells[0]] = cells
-    assert set(rows) == {"peft", "levers off", "+ loss_chunk 16", "+ inplace_add", "- input_grads", "checkpoint_every 2", "+ length-grouped batches", "defaults", "all levers"}
+    assert set(rows) == {
+        "peft",
+        "levers off",
+        "+ loss_chunk 16",
+        "+ inplace_add",
+        "- input_grads",
+        "checkpoint_every 2",
+        "+ length-grouped batches",
+        "defaults",
+        "all levers",
+    }
     for name, cells in rows.items():
         seconds, rate, peak = float(cells[1].split()[0]), float(cells[2]), float(cells[5])
         assert seconds > 0 and rate > 0 and peak > 0, name
@@ -71,7 +90,9 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     assert rows["peft"][3].startswith("1.000x") and rows["levers off"][4].startswith("1.000x")
     # The chunked loss never holds the (positions x vocabulary) logits; the memory measure must see it.
     assert float(rows["+ loss_chunk 16"][7].rstrip("x")) < 1.0
-    targets = [line for line in out.splitlines() if line.startswith(("| defaults |", "| all levers |")) and "<= 0.85x" in line]
+    targets = [
+        line for line in out.splitlines() if line.startswith(("| defaults |", "| all levers |")) and "<= 0.85x" in line
+    ]
     assert len(targets) == 2
 
 
@@ -82,8 +103,12 @@ def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_score
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "benchmarks/conflict_suite/run.py", "--check", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     tasks = report["setup"]["tasks"]
@@ -103,7 +128,11 @@ def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_score
             assert set(scores) == {*tasks, "mean"} and all(0.0 <= v <= 1.0 for v in scores.values())
             assert abs(scores["mean"] - sum(scores[t] for t in tasks) / len(tasks)) < 1e-6
     # The printed table: the base model's row and one row per adapter, a mean ± std cell per task.
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| base (no adapter) |", "| lora |", "| asymlora |", "| moelora |", "| mixlora |"))]
+    rows = [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(("| base (no adapter) |", "| lora |", "| asymlora |", "| moelora |", "| mixlora |"))
+    ]
     assert len(rows) == 5
     assert all(line.count("±") == len(tasks) + 1 for line in rows[1:])
     assert result.stdout.startswith("command: python benchmarks/conflict_suite/run.py --check")

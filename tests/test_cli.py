@@ -23,7 +23,9 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 def mmpeft(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "mmpeft", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpeft", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def demo_config(tmp_path: Path, model_dir: str, family: str, steps: int) -> Path:
@@ -31,7 +33,9 @@ def demo_config(tmp_path: Path, model_dir: str, family: str, steps: int) -> Path
     config = yaml.safe_load(DEMO.read_text())
     config["trainer"].update(max_steps=steps, val_check_interval=steps // 2, default_root_dir=str(tmp_path))
     config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path / "runs"))
-    config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=steps // 2, dirpath=str(tmp_path / "checkpoints"))
+    config["trainer"]["callbacks"][0]["init_args"].update(
+        every_n_train_steps=steps // 2, dirpath=str(tmp_path / "checkpoints")
+    )
     config["model"]["backbone"].update(pretrained=model_dir, build_tiny=family)
     data = config["data"]
     for split, run, samples in (("train", data["prepare"][0], 320), ("val", data["prepare"][1], 40)):
@@ -72,7 +76,9 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
     adapter_bytes = sum(t.numel() * t.element_size() for t in state.values())
     (adam,) = ckpt["optimizer_states"]
     assert len(adam["state"]) == len(state) and ckpt["global_step"] == 40
-    base_bytes = sum(t.numel() * t.element_size() for t in load_file(Path(tiny_model_dirs[family]) / "model.safetensors").values())
+    base_bytes = sum(
+        t.numel() * t.element_size() for t in load_file(Path(tiny_model_dirs[family]) / "model.safetensors").values()
+    )
     assert ckpt_path.stat().st_size < 3 * adapter_bytes + 64_000  # weights + two Adam moments + metadata
     assert "lm_head" not in str(list(state)) and ckpt_path.stat().st_size < base_bytes
     # The task vocabulary travels with it, so a resumed run keeps the task ids.
@@ -90,9 +96,18 @@ def test_demo_config_trains_in_a_subprocess(tmp_path, tiny_model_dirs, family):
         assert sorted(tensors) == sorted(k.removeprefix("model.") for k in state)
         assert all(torch.equal(tensors[k.removeprefix("model.")], v) for k, v in state.items())
         spec = read_spec(adapter_dir)
-        assert spec.tasks == tasks and spec.groups[0].name == "lora" and spec.groups[0].config == {"r": 16, "alpha": 32, "dropout": 0.0}
-        assert spec.base_model == tiny_model_dirs[family] and spec.base["architecture"].lower().startswith(family.replace("_", ""))
-        assert (spec.quantization, spec.double_quant) == ("nf4", True)  # how the base was loaded, for merge and load_adapted
+        assert (
+            spec.tasks == tasks
+            and spec.groups[0].name == "lora"
+            and spec.groups[0].config == {"r": 16, "alpha": 32, "dropout": 0.0}
+        )
+        assert spec.base_model == tiny_model_dirs[family] and spec.base["architecture"].lower().startswith(
+            family.replace("_", "")
+        )
+        assert (spec.quantization, spec.double_quant) == (
+            "nf4",
+            True,
+        )  # how the base was loaded, for merge and load_adapted
 
 
 def test_adapters_lists_lora_with_its_distribution():
@@ -107,7 +122,9 @@ def test_tiny_model_tool_builds_a_loadable_checkpoint(tmp_path):
     result = mmpeft("tiny-model", "--family", "qwen2_vl", "--out", str(tmp_path / "tq"))
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == tmp_path / "tq"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in (tmp_path / "tq").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in (tmp_path / "tq").iterdir()
+    }
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -131,10 +148,22 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.adapters", '[{"name": "nope"}]'], "unknown adapter 'nope'; registered adapters: asymlora, lora, mixlora, moelora"),
-        (["--model.adapters", '[{"name": "lora", "config": {"rank": 8}}]'], "adapters[0] (lora).config: unknown key(s) 'rank'"),
-        (["--model.backbone.pretrained", "/no/such/model", "--model.backbone.build_tiny", "null"], "model.backbone.pretrained: no checkpoint at '/no/such/model'"),
-        (["--data.prepare", "[]", "--data.train", "/no/such/shards/train-*.tar"], "data.train: shard pattern '/no/such/shards/train-*.tar' matches no file"),
+        (
+            ["--model.adapters", '[{"name": "nope"}]'],
+            "unknown adapter 'nope'; registered adapters: asymlora, lora, mixlora, moelora",
+        ),
+        (
+            ["--model.adapters", '[{"name": "lora", "config": {"rank": 8}}]'],
+            "adapters[0] (lora).config: unknown key(s) 'rank'",
+        ),
+        (
+            ["--model.backbone.pretrained", "/no/such/model", "--model.backbone.build_tiny", "null"],
+            "model.backbone.pretrained: no checkpoint at '/no/such/model'",
+        ),
+        (
+            ["--data.prepare", "[]", "--data.train", "/no/such/shards/train-*.tar"],
+            "data.train: shard pattern '/no/such/shards/train-*.tar' matches no file",
+        ),
         (["--model.backbone.quantisation", "nf4"], "quantisation"),
         (["--trainer.max_stepz", "3"], "max_stepz"),
     ],

@@ -28,7 +28,11 @@ def test_config_parses(config: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
         [sys.executable, "-m", "mmpeft", "fit", "--config", str(config.relative_to(ROOT)), "--print_config"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr[-4000:]}"
     printed = yaml.safe_load(result.stdout)

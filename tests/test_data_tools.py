@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 import torch
+import webdataset as wds
 import yaml
+from test_cli import ROOT, demo_config, run_main
+from test_datamodule import write_mixed_shard
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.data.tools import inspect_shards
-
-from test_cli import ROOT, demo_config, run_main
-from test_datamodule import write_mixed_shard
 
 
 def samples_in(path: Path) -> list[str]:
@@ -28,7 +27,20 @@ def samples_in(path: Path) -> list[str]:
 
 
 def test_build_command_writes_shards_and_an_index(tmp_path, capsys):
-    code = run_main(capsys, "data", "build", "synthetic", "--out", str(tmp_path / "s"), "--samples", "30", "--samples_per_shard", "10", "--progress", "false")[0]
+    code = run_main(
+        capsys,
+        "data",
+        "build",
+        "synthetic",
+        "--out",
+        str(tmp_path / "s"),
+        "--samples",
+        "30",
+        "--samples_per_shard",
+        "10",
+        "--progress",
+        "false",
+    )[0]
     assert code == 0
     index = json.loads((tmp_path / "s" / "dataset.json").read_text())
     assert [s["name"] for s in index["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
@@ -49,10 +61,23 @@ def test_build_command_names_a_bad_option_and_a_bad_recipe(tmp_path, capsys):
 def test_a_killed_build_leaves_no_complete_looking_shard_and_resumes(tmp_path):
     """SIGKILL in the middle of a build: finished shards are whole, the one being written is only a .tmp,
     there is no index; running the same build again keeps the finished shards and ends byte-identical to a clean build."""
-    args = ["--samples", "4000", "--samples_per_shard", "200", "--image_size", "48", "--seed", "5", "--progress", "false"]
+    args = [
+        "--samples",
+        "4000",
+        "--samples_per_shard",
+        "200",
+        "--image_size",
+        "48",
+        "--seed",
+        "5",
+        "--progress",
+        "false",
+    ]
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mmpeft", "data", "build", "synthetic", "--out", str(out), *args], cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmpeft", "data", "build", "synthetic", "--out", str(out), *args], cwd=ROOT, env=env
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 2:
         time.sleep(0.01)
@@ -81,12 +106,23 @@ def test_a_killed_build_leaves_no_complete_looking_shard_and_resumes(tmp_path):
 def test_temporary_files_of_an_interrupted_build_are_removed(tmp_path):
     out = tmp_path / "s"
     out.mkdir()
-    leftovers = [".train-000001.tar.k2j_x9.tmp", ".dataset.json.partial.rrzmrf9y.tmp", ".dataset.json.a1b2.tmp", "train-000007.tar.tmp"]
+    leftovers = [
+        ".train-000001.tar.k2j_x9.tmp",
+        ".dataset.json.partial.rrzmrf9y.tmp",
+        ".dataset.json.a1b2.tmp",
+        "train-000007.tar.tmp",
+    ]
     for name in leftovers + ["notes.txt", "val-000000.tar"]:
         (out / name).write_bytes(b"x")  # as a kill in the middle of writing each would leave them
     # val-000000.tar is no file of this build's: without overwrite the folder is refused (tests/test_issue14_data.py).
     SyntheticRecipe(samples=20, samples_per_shard=10, seed=1).build(out, progress=False, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "notes.txt", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dataset.json",
+        "notes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+        "val-000000.tar",
+    ]
 
 
 def test_a_build_with_other_arguments_starts_over(tmp_path):
@@ -129,7 +165,17 @@ def test_inspect_reports_tasks_images_lengths_and_drops(tiny_model_dirs, tmp_pat
 def test_inspect_command_prints_a_report_and_writes_json(tiny_model_dirs, tmp_path, capsys):
     out = tmp_path / "s"
     SyntheticRecipe(samples=12, samples_per_shard=6, seed=0).build(out, progress=False)
-    code, err = run_main(capsys, "data", "inspect", str(out), "--processor", tiny_model_dirs["llava"], "--json", str(tmp_path / "r.json"), "--no-progress")
+    code, err = run_main(
+        capsys,
+        "data",
+        "inspect",
+        str(out),
+        "--processor",
+        tiny_model_dirs["llava"],
+        "--json",
+        str(tmp_path / "r.json"),
+        "--no-progress",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["usable"] == 12 and set(report["tokens"]["per_task"]) == set(report["samples_per_task"])
@@ -142,28 +188,58 @@ def test_fit_stops_with_a_message_naming_the_shard_when_too_many_samples_are_bad
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=4)
     data = yaml.safe_load(config.read_text())["data"]
     code, err = run_main(
-        capsys, "fit", "--config", str(config), "--data.prepare", "[]", "--data.train", str(shard), "--data.val", "null",
-        "--data.tasks", "[color]", "--data.max_skip_fraction", "0.2", "--data.num_workers", str(data["num_workers"]),
-    )  # fmt: skip
+        capsys,
+        "fit",
+        "--config",
+        str(config),
+        "--data.prepare",
+        "[]",
+        "--data.train",
+        str(shard),
+        "--data.val",
+        "null",
+        "--data.tasks",
+        "[color]",
+        "--data.max_skip_fraction",
+        "0.2",
+        "--data.num_workers",
+        str(data["num_workers"]),
+    )
     assert code == 2, err[-3000:]
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: 4 of 10 samples skipped") and "bad-000000.tar" in line and "max_skip_fraction=0.2" in line
+    assert (
+        line.startswith("error: 4 of 10 samples skipped")
+        and "bad-000000.tar" in line
+        and "max_skip_fraction=0.2" in line
+    )
     assert "Traceback" not in err.split("error: ")[-1]
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_weights(tiny_model_dirs, tmp_path, monkeypatch):
+def test_ddp_on_two_cpu_ranks_reads_disjoint_samples_and_ends_with_identical_weights(
+    tiny_model_dirs, tmp_path, monkeypatch
+):
     """`fit` with strategy=ddp, devices=2 (gloo): 5 uneven shards, both ranks train the same number of steps
     (no hang), no sample is read twice, and DDP's gradient averaging leaves both with the same adapter."""
     from safetensors.torch import load_file
-
     from test_cli import mmpeft
 
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     raw = yaml.safe_load(config.read_text())
-    raw["trainer"].update(strategy="ddp", devices=2, max_steps=100, max_epochs=1, val_check_interval=None, check_val_every_n_epoch=1, limit_val_batches=None)
+    raw["trainer"].update(
+        strategy="ddp",
+        devices=2,
+        max_steps=100,
+        max_epochs=1,
+        val_check_interval=None,
+        check_val_every_n_epoch=1,
+        limit_val_batches=None,
+    )
     raw["trainer"]["callbacks"] = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+        },
         {"class_path": "probes.RecordRanks", "init_args": {"out": str(tmp_path / "probe")}},
     ]
     train, val = raw["data"]["prepare"]
@@ -202,14 +278,31 @@ def test_skipped_samples_and_unreadable_shards_reach_tensorboard(tiny_model_dirs
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2 + 100])  # a tar that ends mid-member
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     raw = yaml.safe_load(config.read_text())
-    raw["trainer"].update(log_every_n_steps=1, val_check_interval=None, check_val_every_n_epoch=None, max_epochs=1, max_steps=3)
+    raw["trainer"].update(
+        log_every_n_steps=1, val_check_interval=None, check_val_every_n_epoch=None, max_epochs=1, max_steps=3
+    )
     config.write_text(yaml.safe_dump(raw))
     with caplog.at_level("WARNING", logger="mmpeft.data"):
         code, err = run_main(
-            capsys, "fit", "--config", str(config), "--data.prepare", "[]", "--data.train", json.dumps([str(good), str(cut)]),
-            "--data.val", "null", "--data.tasks", "[color]", "--data.shuffle_buffer", "1", "--data.max_skip_fraction", "0.2",
-            "--data.num_workers", "0",
-        )  # fmt: skip
+            capsys,
+            "fit",
+            "--config",
+            str(config),
+            "--data.prepare",
+            "[]",
+            "--data.train",
+            json.dumps([str(good), str(cut)]),
+            "--data.val",
+            "null",
+            "--data.tasks",
+            "[color]",
+            "--data.shuffle_buffer",
+            "1",
+            "--data.max_skip_fraction",
+            "0.2",
+            "--data.num_workers",
+            "0",
+        )
     assert code == 0, err[-3000:]
     (run_dir,) = (tmp_path / "runs" / "demo").iterdir()
     assert scalars(run_dir, "data/skipped/bad_json")[-1] == 1
@@ -227,16 +320,39 @@ def test_build_command_runs_a_source_recipe(tmp_path, capsys):
     (tmp_path / "img").mkdir()
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "img" / "a.jpg")
     records = [
-        {"id": "r1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]},
-        {"id": "r2", "image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]},
+        {
+            "id": "r1",
+            "image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],
+        },
+        {
+            "id": "r2",
+            "image": "gone.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}],
+        },
     ]
     (tmp_path / "mix.json").write_text(json.dumps(records))
     out = tmp_path / "shards"
-    code, err = run_main(capsys, "data", "build", "llava", "--src", str(tmp_path / "mix.json"), "--images", str(tmp_path / "img"), "--out", str(out), "--progress", "false")
+    code, err = run_main(
+        capsys,
+        "data",
+        "build",
+        "llava",
+        "--src",
+        str(tmp_path / "mix.json"),
+        "--images",
+        str(tmp_path / "img"),
+        "--out",
+        str(out),
+        "--progress",
+        "false",
+    )
     assert code == 0, err
     index = json.loads((out / "dataset.json").read_text())
     assert index["samples_per_task"] == {"mix": 1} and index["bad_records"]["first"][0]["id"] == "r2"
     assert index["bad_records"]["by_reason"] == {"missing_image": 1}
-    code, err = run_main(capsys, "data", "build", "llava", "--src", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2"))
+    code, err = run_main(
+        capsys, "data", "build", "llava", "--src", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o2")
+    )
     assert code == 2 and "nope.json" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "o2" / "dataset.json").exists()

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from test_encode import assistant, image, raw_sample, user
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.data.datamodule import RecipeRun, ShardDataModule, resolve_shards
 from mmpeft.errors import ConfigError, DataError
-
-from test_encode import assistant, image, raw_sample, user
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,10 @@ def test_shard_pattern_matching_nothing_is_named(shards, tmp_path, spec):
     (tmp_path / "empty-dir").mkdir()
     root = shards if "train-" in spec else tmp_path
     pattern = spec.format(root=root)
-    with pytest.raises(ConfigError, match=r"data\.val: shard pattern .*" + pattern.split("/")[-1].replace("{", r"\{").replace("*", r"\*")):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.val: shard pattern .*" + pattern.split("/")[-1].replace("{", r"\{").replace("*", r"\*"),
+    ):
         resolve_shards(pattern, "data.val")
 
 
@@ -102,7 +104,9 @@ def test_tasks_come_from_the_index_and_label_every_sample(tiny_model_dirs, shard
 
 def write_mixed_shard(path: Path, good: int, reasons_bad: int = 1) -> list[str]:
     """A shard with ``good`` usable samples and two bad ones (malformed JSON, a missing image) per ``reasons_bad``."""
-    rows = [raw_sample(f"good{i}", "color", [user("What colour?", 1), assistant("green")], [image()]) for i in range(good)]
+    rows = [
+        raw_sample(f"good{i}", "color", [user("What colour?", 1), assistant("green")], [image()]) for i in range(good)
+    ]
     bad = []
     for j in range(reasons_bad):
         bad += [
@@ -119,7 +123,9 @@ def write_mixed_shard(path: Path, good: int, reasons_bad: int = 1) -> list[str]:
 def test_bad_samples_in_a_shard_are_skipped_counted_and_the_rest_trains(tiny_model_dirs, tmp_path, workers):
     path = tmp_path / "mixed-000000.tar"
     good = write_mixed_shard(path, 6)
-    dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], shuffle_buffer=1, num_workers=workers, max_skip_fraction=0.25)
+    dm = datamodule(
+        tiny_model_dirs, str(path), tasks=["color"], shuffle_buffer=1, num_workers=workers, max_skip_fraction=0.25
+    )
     batches = list(dm.train_dataloader())
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
     skipped = Counter()
@@ -134,7 +140,10 @@ def test_too_many_bad_samples_stop_the_run_naming_the_shard(tiny_model_dirs, tmp
     path = tmp_path / "mostly-bad-000000.tar"
     write_mixed_shard(path, 6)
     dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], num_workers=workers, max_skip_fraction=0.2)
-    with pytest.raises(DataError, match=r"2 of 8 samples skipped \(bad_json 1, image_count_mismatch 1\).*max_skip_fraction=0.2.*mostly-bad-000000.tar"):
+    with pytest.raises(
+        DataError,
+        match=r"2 of 8 samples skipped \(bad_json 1, image_count_mismatch 1\).*max_skip_fraction=0.2.*mostly-bad-000000.tar",
+    ):
         list(dm.train_dataloader())
 
 
@@ -188,5 +197,7 @@ def test_task_ids_come_from_the_checkpoint_on_resume(tiny_model_dirs, shards):
     assert resumed.tasks == saved["tasks"]
     item = resumed.encoder.encode(Sample("k", "count", [user("How many?", 1), assistant("2")], [image()]))
     assert item["task_id"] == 2
-    with pytest.raises(ConfigError, match=r"lacks task\(s\) \['count', 'shape'\] of the data; task ids must not change"):
+    with pytest.raises(
+        ConfigError, match=r"lacks task\(s\) \['count', 'shape'\] of the data; task ids must not change"
+    ):
         datamodule(tiny_model_dirs, shards).load_state_dict({"tasks": ["caption", "color"]})

@@ -18,16 +18,15 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from conftest import fake_distribution
 from peft import LoraConfig, get_peft_model
+from test_backbone import _batch
+from test_cli import demo_config, mmpeft
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, adapter_state_dict, inject_adapters
 from mmpeft.adapters.quant import BaseLayerView
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 from mmpeft.module import lm_loss
-
-from conftest import fake_distribution
-from test_backbone import _batch
-from test_cli import demo_config, mmpeft
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "mmpeft-dora"
@@ -51,7 +50,9 @@ def copy_into_ours(pairs, generator: torch.Generator) -> None:
     """Randomise PEFT's B and magnitude, then give our adapters the same A, B and m."""
     with torch.no_grad():
         for ours, theirs in pairs:
-            theirs.lora_B["default"].weight.copy_(torch.randn(theirs.lora_B["default"].weight.shape, generator=generator) * 0.1)
+            theirs.lora_B["default"].weight.copy_(
+                torch.randn(theirs.lora_B["default"].weight.shape, generator=generator) * 0.1
+            )
             magnitude = theirs.lora_magnitude_vector["default"].weight
             magnitude.mul_(1 + 0.1 * torch.randn(magnitude.shape, generator=generator))
             ours.A.copy_(theirs.lora_A["default"].weight)
@@ -93,7 +94,9 @@ def test_config_is_validated_and_forward_needs_the_base(dora):
 
 def test_parity_with_peft_dora_on_a_linear_layer(dora):
     torch.manual_seed(0)
-    peft_model = get_peft_model(OneLinear(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=["proj"]))
+    peft_model = get_peft_model(
+        OneLinear(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=["proj"])
+    )
     theirs = peft_model.base_model.model.proj
     base = copy.deepcopy(theirs.base_layer)
     adapter = dora.DoRA(12, 6, dora.DoRAConfig(r=4, alpha=8, dropout=0.0))
@@ -193,9 +196,22 @@ def test_pip_install_lists_and_trains_dora_and_removing_it_unregisters(tmp_path,
     shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     # `mmpeft()` builds its environment from os.environ; PYTHONPATH only affects the subprocesses.
@@ -210,7 +226,13 @@ def test_pip_install_lists_and_trains_dora_and_removing_it_unregisters(tmp_path,
     run.mkdir()
     config = demo_config(run, tiny_model_dirs["llava"], "llava", steps=10)
     shrink(config)
-    args = ["fit", "--config", str(config), "--model.adapters", '[{"name": "dora", "targets": ["attention"], "config": {"r": 4}}]']
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        "--model.adapters",
+        '[{"name": "dora", "targets": ["attention"], "config": {"r": 4}}]',
+    ]
     trained = mmpeft(*args)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir,) = (run / "runs" / "demo").iterdir()

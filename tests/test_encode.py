@@ -87,7 +87,14 @@ def test_multi_turn_labels_cover_exactly_the_assistant_turns(processors, family)
 def test_collate_pads_on_the_right_and_masks_padding(processors, family):
     encoder = ChatEncoder(processors[family], ["a", "b"], max_length=512)
     short = encoder.encode(Sample("s", "a", [user("Hi?", 1), assistant("yes")], [image()]))
-    long = encoder.encode(Sample("l", "b", [user("Describe the picture in many words please.", 1), assistant("A green square on a white background.")], [image()]))
+    long = encoder.encode(
+        Sample(
+            "l",
+            "b",
+            [user("Describe the picture in many words please.", 1), assistant("A green square on a white background.")],
+            [image()],
+        )
+    )
     batch = encoder.collate([short, long])
     n_short, n_long = short["labels"].numel(), long["labels"].numel()
     assert n_long > n_short
@@ -104,10 +111,17 @@ def test_collate_pads_on_the_right_and_masks_padding(processors, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_truncation_keeps_image_tokens_whole(processors, family):
     processor = processors[family]
-    messages = [user("What colour?", 1), assistant("green"), user("Tell me a long story about it."), assistant("Once upon a time there was a green square " * 4)]
+    messages = [
+        user("What colour?", 1),
+        assistant("green"),
+        user("Tell me a long story about it."),
+        assistant("Once upon a time there was a green square " * 4),
+    ]
     full = ChatEncoder(processor, ["t"], max_length=4096).encode(Sample("k", "t", messages, [image()]))
     n = full["labels"].numel()
-    image_end = int((full["tokens"]["input_ids"] == ChatEncoder(processor, ["t"], 1).image_token_id).nonzero().max()) + 1
+    image_end = (
+        int((full["tokens"]["input_ids"] == ChatEncoder(processor, ["t"], 1).image_token_id).nonzero().max()) + 1
+    )
 
     # A cut in the last answer keeps the sample at exactly max_length with the first answer intact.
     cut = n - 10

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_encode import assistant, target_runs, user
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.base import AdaptedLinear
@@ -42,7 +43,6 @@ from mmpeft.models.backbone import Backbone, language_model, load_backbone, load
 from mmpeft.models.tiny import FAMILIES
 from mmpeft.module import lm_losses
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, save_adapter, trainable_tensors
-from test_encode import assistant, target_runs, user
 
 CPU = torch.device("cpu")
 REFUSED = {
@@ -94,7 +94,12 @@ CHATS = [
     (
         "multi",
         "shape",
-        [user("What shape is in the first picture?", 1), assistant("A square."), user("And in this one?", 1), assistant("It is a square too.")],
+        [
+            user("What shape is in the first picture?", 1),
+            assistant("A square."),
+            user("And in this one?", 1),
+            assistant("It is a square too."),
+        ],
         [(23, 61), (64, 64)],
     ),
     ("text", "colour", [user("Say yes."), assistant("yes")], []),
@@ -130,7 +135,11 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
 
     # 1. load: every setting the processor saved survives loading; the model loads in NF4.
     processor = load_processor(base)
-    saved = json.loads((Path(base) / "processor_config.json").read_text()) if (Path(base) / "processor_config.json").is_file() else {}
+    saved = (
+        json.loads((Path(base) / "processor_config.json").read_text())
+        if (Path(base) / "processor_config.json").is_file()
+        else {}
+    )
     for key, value in saved.items():
         if not isinstance(value, dict) and key not in ("processor_class", "auto_map"):
             assert getattr(processor, key) == value, f"processor setting {key} lost on load"
@@ -170,8 +179,19 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     batch = encoder.collate(list(items.values()))
     texts = [item["text"] for item in items.values()]
     images = [[picture(size) for size in sizes] for *_, sizes in chats(family)]
-    extra = {"suffix": [messages[-1]["content"][0]["text"] for _, _, messages, _ in chats(family)]} if encoder.prefix_lm else {}
-    theirs = processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=encoder.adds_special_tokens(texts[0]), **extra)
+    extra = (
+        {"suffix": [messages[-1]["content"][0]["text"] for _, _, messages, _ in chats(family)]}
+        if encoder.prefix_lm
+        else {}
+    )
+    theirs = processor(
+        text=texts,
+        images=images,
+        padding=True,
+        return_tensors="pt",
+        add_special_tokens=encoder.adds_special_tokens(texts[0]),
+        **extra,
+    )
     theirs.pop("labels", None)
     ours_real, theirs_real = batch["inputs"]["attention_mask"].bool(), theirs["attention_mask"].bool()
     for name, value in theirs.items():
@@ -180,7 +200,7 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
             ours = batch["inputs"][name]
             if value.shape[:2] == theirs_real.shape:  # per token: the real tokens, whichever side the processor pads
                 ours, value = ours[ours_real], value[theirs_real]
-            torch.testing.assert_close(ours, value, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(ours, value, msg=lambda m, name=name: f"{name}: {m}")
     assert batch["labels"].shape == batch["inputs"]["input_ids"].shape
     record(family, "batch")
 
@@ -214,7 +234,11 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     total.backward()
     assert torch.isfinite(loss)
     params = {f"{i}.{name}": p for i, layer in enumerate(adapted) for name, p in layer.adapter.named_parameters()}
-    dead = [name for name, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0]
+    dead = [
+        name
+        for name, p in params.items()
+        if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0
+    ]
     assert not dead, f"no gradient in {dead[:5]}"
     record(family, "step")
 
@@ -223,7 +247,11 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     model.eval()
     last = int((labels[0] != IGNORE_INDEX).nonzero().max())
     changed = {name: value.clone() for name, value in inputs.items()}
-    words = [t for t in processor.tokenizer.encode(" dog cat", add_special_tokens=False) if t != changed["input_ids"][0, last]]
+    words = [
+        t
+        for t in processor.tokenizer.encode(" dog cat", add_special_tokens=False)
+        if t != changed["input_ids"][0, last]
+    ]
     changed["input_ids"][0, last] = words[0]  # a text token, never an image placeholder
     with torch.no_grad():
         outputs = []
@@ -263,7 +291,9 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     plain = load_backbone(Backbone(base, quantization="none", gradient_checkpointing=False), CPU).eval()
     apply_adapter(plain, lora, RoutingContext())
     auto = type(plain)
-    peft_model = PeftModel.from_pretrained(auto.from_pretrained(base, dtype=torch.float32), str(tmp_path / "peft")).eval()
+    peft_model = PeftModel.from_pretrained(
+        auto.from_pretrained(base, dtype=torch.float32), str(tmp_path / "peft")
+    ).eval()
     with torch.no_grad():
         ours, theirs = plain(**inputs, use_cache=False).logits, peft_model(**inputs, use_cache=False).logits
     real = inputs["attention_mask"].bool()
@@ -352,9 +382,21 @@ def test_fit_from_shards(family, tiny_model_dirs, tmp_path, capsys):
 
     base = tiny_model_dirs[family]
     src = write_chats(tmp_path / "src", copies=2)
-    code, err = run_main(capsys, "data", "build", "chat", "--src", str(src), "--out", str(tmp_path / "shards"), "--progress", "false")
+    code, err = run_main(
+        capsys, "data", "build", "chat", "--src", str(src), "--out", str(tmp_path / "shards"), "--progress", "false"
+    )
     assert code == 0, err
-    code, err = run_main(capsys, "data", "inspect", str(tmp_path / "shards"), "--processor", base, "--json", str(tmp_path / "inspect.json"), "--no-progress")
+    code, err = run_main(
+        capsys,
+        "data",
+        "inspect",
+        str(tmp_path / "shards"),
+        "--processor",
+        base,
+        "--json",
+        str(tmp_path / "inspect.json"),
+        "--no-progress",
+    )
     assert code == 0, err
     report = json.loads((tmp_path / "inspect.json").read_text())
     assert report["usable"] == report["samples_read"] == 4 and report["skipped"] == {}
@@ -368,8 +410,20 @@ def test_fit_from_shards(family, tiny_model_dirs, tmp_path, capsys):
     assert not [tag for tag in logged if tag.startswith("data/skipped")]  # no sample skipped
     assert {"val/colour/exact_match", "val/shape/exact_match"} <= set(logged)  # both samples' generated answers scored
     assert (run / "adapter" / "adapter.safetensors").is_file()
-    code, err = run_main(capsys, "export", "--format", "peft", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "peft"),
-                         "--task", "colour", "--data", str(tmp_path / "shards"))  # fmt: skip
+    code, err = run_main(
+        capsys,
+        "export",
+        "--format",
+        "peft",
+        "--adapter",
+        str(run / "adapter"),
+        "--out",
+        str(tmp_path / "peft"),
+        "--task",
+        "colour",
+        "--data",
+        str(tmp_path / "shards"),
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     record(family, "fit")
@@ -393,7 +447,12 @@ def test_a_family_that_cannot_run_here_is_refused_with_the_reason(family, tiny_m
 
     base = tiny_model_dirs[family]
     src = write_chats(tmp_path / "src", copies=1)
-    assert run_main(capsys, "data", "build", "chat", "--src", str(src), "--out", str(tmp_path / "shards"), "--progress", "false")[0] == 0
+    assert (
+        run_main(
+            capsys, "data", "build", "chat", "--src", str(src), "--out", str(tmp_path / "shards"), "--progress", "false"
+        )[0]
+        == 0
+    )
     (tmp_path / "fit.yaml").write_text(FIT_CONFIG.format(root=tmp_path, base=base))
     code, err = run_main(capsys, "fit", "--config", str(tmp_path / "fit.yaml"))
     assert code == 2

@@ -35,10 +35,14 @@ def test_length_groups_take_every_index_once_as_runs_of_the_sorted_order():
 
 
 def test_length_groups_are_deterministic_for_a_seed():
-    assert length_groups(LENGTHS, 4, random.Random("s:0:1:2:pool3")) == length_groups(LENGTHS, 4, random.Random("s:0:1:2:pool3"))
+    assert length_groups(LENGTHS, 4, random.Random("s:0:1:2:pool3")) == length_groups(
+        LENGTHS, 4, random.Random("s:0:1:2:pool3")
+    )
     orders = {tuple(map(tuple, length_groups(LENGTHS, 4, random.Random(seed)))) for seed in range(10)}
     assert len(orders) > 1  # the seed decides the order of the batches...
-    assert {frozenset(map(frozenset, o)) for o in orders} == {frozenset(map(frozenset, orders.pop()))}  # ...not their members
+    assert {frozenset(map(frozenset, o)) for o in orders} == {
+        frozenset(map(frozenset, orders.pop()))
+    }  # ...not their members
 
 
 def test_length_groups_pad_less_than_batches_in_stream_order():
@@ -64,7 +68,9 @@ def test_length_groups_pad_less_than_batches_in_stream_order():
 def shards(tmp_path_factory) -> str:
     """72 samples of all five synthetic tasks (one and two images, one and two turns): 31 to 57 tokens with the tiny LLaVA."""
     out = tmp_path_factory.mktemp("grouping") / "train"
-    SyntheticRecipe(samples=72, samples_per_shard=12, seed=4, tasks=("color", "shape", "count", "caption", "compare")).build(out, progress=False)
+    SyntheticRecipe(
+        samples=72, samples_per_shard=12, seed=4, tasks=("color", "shape", "count", "caption", "compare")
+    ).build(out, progress=False)
     return str(out)
 
 
@@ -94,7 +100,9 @@ def test_a_grouped_pass_yields_the_same_samples_once_with_less_padding(tiny_mode
     # The validation stream is never grouped.
     val = datamodule(tiny_model_dirs, shards, group_by_length=4)
     val.eval_prompts = False
-    assert [b["keys"] for b in val.val_dataloader()] == [b["keys"] for b in datamodule(tiny_model_dirs, shards).val_dataloader()]
+    assert [b["keys"] for b in val.val_dataloader()] == [
+        b["keys"] for b in datamodule(tiny_model_dirs, shards).val_dataloader()
+    ]
 
 
 def read_as_ranks(tiny_model_dirs, train: str, monkeypatch, world: int = 2, **kwargs) -> list[list[list[str]]]:
@@ -131,9 +139,19 @@ def test_grouping_keeps_every_rank_and_worker_at_its_quota(tiny_model_dirs, shar
 
 def test_a_grouped_resampled_epoch_has_its_epoch_steps(tiny_model_dirs, shards):
     mixing = {"by": "task", "temperature": 2.0, "epoch_steps": 7}
-    batches = list(datamodule(tiny_model_dirs, shards, mixing=mixing, group_by_length=4, num_workers=0).train_dataloader())
+    batches = list(
+        datamodule(tiny_model_dirs, shards, mixing=mixing, group_by_length=4, num_workers=0).train_dataloader()
+    )
     assert len(batches) == 7 and all(len(b["keys"]) == 4 for b in batches)
-    assert [b["stream"]["pooled"] for b in batches] == [1, 2, 3, 0, 1, 2, 0]  # a pool of 4 batches, then the 3 still due
+    assert [b["stream"]["pooled"] for b in batches] == [
+        1,
+        2,
+        3,
+        0,
+        1,
+        2,
+        0,
+    ]  # a pool of 4 batches, then the 3 still due
 
 
 # -- resume -----------------------------------------------------------------------------------------
@@ -145,7 +163,13 @@ def test_a_grouped_resampled_epoch_has_its_epoch_steps(tiny_model_dirs, shards):
         (0, None, 1, 6, {0: 2}),  # 2 batches into the second pool
         (0, None, 1, 8, {0: 0}),  # at the end of the second pool
         (2, None, 1, 5, {0: 3, 1: 2}),  # the workers take turns: 3 and 2 batches into their first pools
-        (2, {"by": "task", "temperature": 2.0, "epoch_steps": 12}, 1, 7, {0: 0, 1: 3}),  # 6 batches per worker: pools of 4 and 2
+        (
+            2,
+            {"by": "task", "temperature": 2.0, "epoch_steps": 12},
+            1,
+            7,
+            {0: 0, 1: 3},
+        ),  # 6 batches per worker: pools of 4 and 2
         (0, None, 2, 5, {0: 1}),  # rank 1 of 2: a quota of 9 batches in pools of 4, 4 and 1; 1 into the second
     ],
     ids=["mid-pool-0-workers", "pool-end-0-workers", "mid-pool-2-workers", "resampled-2-workers", "quota-rank-1-of-2"],
@@ -189,7 +213,10 @@ def test_a_resume_with_another_grouping_restarts_the_epoch(tiny_model_dirs, shar
         with caplog.at_level(logging.WARNING, logger="mmpeft.data"):
             caplog.clear()
             assert sorted(k for b in resumed.train_dataloader() for k in b["keys"]) == whole  # the whole pass again
-        assert f"resuming with data.group_by_length={other} where the checkpoint had 4: epoch 0 restarts from its beginning (set data.group_by_length=4 " in caplog.text
+        assert (
+            f"resuming with data.group_by_length={other} where the checkpoint had 4: epoch 0 restarts from its beginning (set data.group_by_length=4 "
+            in caplog.text
+        )
 
 
 def test_positions_saved_before_grouping_load_as_ungrouped_and_resume_exactly(tiny_model_dirs, shards):
@@ -198,13 +225,19 @@ def test_positions_saved_before_grouping_load_as_ungrouped_and_resume_exactly(ti
     for _ in range(5):
         interrupted.on_before_batch_transfer(next(loader), 0)
     (saved,) = interrupted.state_dict()["stream"]
-    old = {k: saved[k] for k in ("epoch", "workers", "drawn", "batches", "next_worker")}  # as written before this option
+    old = {
+        k: saved[k] for k in ("epoch", "workers", "drawn", "batches", "next_worker")
+    }  # as written before this option
     position = StreamPosition.from_dict(old)
     assert (position.group, position.pooled) == (1, {})
-    assert StreamPosition.from_dict(saved).to_dict() == saved and saved["pooled"] == {0: 0}  # ungrouped: never inside a pool
+    assert StreamPosition.from_dict(saved).to_dict() == saved and saved["pooled"] == {
+        0: 0
+    }  # ungrouped: never inside a pool
     resumed = datamodule(tiny_model_dirs, shards)
     resumed.load_state_dict({"tasks": interrupted.tasks, "stream": [old]})
-    assert [b["keys"] for b in resumed.train_dataloader()] == [b["keys"] for b in datamodule(tiny_model_dirs, shards).train_dataloader()][5:]
+    assert [b["keys"] for b in resumed.train_dataloader()] == [
+        b["keys"] for b in datamodule(tiny_model_dirs, shards).train_dataloader()
+    ][5:]
 
 
 def test_a_negative_group_by_length_is_a_config_error():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -15,15 +16,24 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_backbone import _batch
+from test_cli import ROOT, demo_config, mmpeft
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters
 from mmpeft.checkpoint import AtomicCheckpointIO, adapter_dir_for
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.saving import CONFIG_NAME, WEIGHTS_NAME, AdapterError, AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
-
-from test_backbone import _batch
-from test_cli import ROOT, demo_config, mmpeft
+from mmpeft.saving import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterError,
+    AdapterSpec,
+    apply_adapter,
+    base_summary,
+    read_spec,
+    save_adapter,
+    trainable_tensors,
+)
 
 CPU = torch.device("cpu")
 GROUPS = [
@@ -68,7 +78,15 @@ def test_an_adapter_directory_round_trips_onto_a_fresh_base(tiny_model_dirs, sav
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config["format"] == "mmpeft-adapter" and config["tasks"] == ["color", "shape"]
     # Every hyperparameter is spelled out, defaults included, so a later default change cannot alter it.
-    assert config["adapters"][1]["config"] == {"r": 4, "alpha": 16.0, "dropout": 0.05, "heads": 3, "routing": "sequence", "top_k": None, "temperature": 1.0}
+    assert config["adapters"][1]["config"] == {
+        "r": 4,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "heads": 3,
+        "routing": "sequence",
+        "top_k": None,
+        "temperature": 1.0,
+    }
     assert config["base_model"]["text.hidden_size"] == 64 and len(config["base_model"]["fingerprint"]) == 16
     tensors = load_file(out / WEIGHTS_NAME)
     assert len(tensors) == 2 * (4 * 2 + 3 * 3)  # 2 layers x (4 attention LoRAs x A, B + 3 MLP AsymLoRAs x A, B, router)
@@ -89,7 +107,10 @@ def test_an_adapter_directory_round_trips_onto_a_fresh_base(tiny_model_dirs, sav
 def test_a_different_base_model_is_refused_with_what_differs(tiny_model_dirs, saved, tmp_path):
     out, _ = saved
     qwen = load_backbone(Backbone(pretrained=tiny_model_dirs["qwen2_vl"]), CPU)
-    with pytest.raises(AdapterError, match=r"architecture: adapter 'LlavaForConditionalGeneration', model 'Qwen2VLForConditionalGeneration'"):
+    with pytest.raises(
+        AdapterError,
+        match=r"architecture: adapter 'LlavaForConditionalGeneration', model 'Qwen2VLForConditionalGeneration'",
+    ):
         apply_adapter(qwen, out)
     wider = tmp_path / "wider"
     wider.mkdir()
@@ -143,7 +164,7 @@ def test_a_failed_save_leaves_the_previous_directory_whole(saved, tmp_path):
     out, _ = saved
     target = copy_adapter(out, tmp_path / "a")
     spec = read_spec(target)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         save_adapter(target, spec, {"x": "not a tensor"})  # safetensors refuses it half-way through the save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left behind
     assert (target / WEIGHTS_NAME).read_bytes() == (out / WEIGHTS_NAME).read_bytes()
@@ -169,7 +190,9 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_p
     path = tmp_path / "last.ckpt"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for delay in (0.05, 0.31, 0.77):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, cwd=ROOT, env=env, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, cwd=ROOT, env=env, text=True
+        )
         deadline = time.time() + 60
         while not path.exists() and proc.poll() is None and time.time() < deadline:  # one complete save first
             time.sleep(0.01)
@@ -178,11 +201,13 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_p
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = torch.load(path, weights_only=True)
-        assert ckpt["version"] >= 1 and torch.equal(ckpt["state_dict"]["w"], torch.full((6_000_000,), float(ckpt["version"])))
+        assert ckpt["version"] >= 1 and torch.equal(
+            ckpt["state_dict"]["w"], torch.full((6_000_000,), float(ckpt["version"]))
+        )
 
     # An error in the middle of a save (here: something that cannot be pickled) keeps the old file too.
     before = path.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError)):
         AtomicCheckpointIO().save_checkpoint({"version": -1, "bad": lambda: None}, path)
     assert path.read_bytes() == before
     assert not adapter_dir_for(path).exists()
@@ -199,12 +224,16 @@ def run_config(tmp_path: Path, tiny_model_dirs, name: str, *, every: int, steps:
     config = yaml.safe_load(path.read_text())
     config["trainer"].update(log_every_n_steps=1, val_check_interval=10)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
-    config["trainer"]["callbacks"].append({"class_path": "probes.RecordLosses", "init_args": {"out": str(root / "steps.jsonl")}})
+    config["trainer"]["callbacks"].append(
+        {"class_path": "probes.RecordLosses", "init_args": {"out": str(root / "steps.jsonl")}}
+    )
     # Both runs read the same shards (built once by the first run).
     for split, run in zip(("train", "val"), config["data"]["prepare"]):
         config["data"][split] = run["out"] = str(tmp_path / "shards" / split)
     config["data"]["num_workers"] = 2
-    config["model"]["adapters"] = [{"name": "asymlora", "targets": ["all-linear"], "config": {"r": 8, "heads": 3, "dropout": 0.1}}]
+    config["model"]["adapters"] = [
+        {"name": "asymlora", "targets": ["all-linear"], "config": {"r": 8, "heads": 3, "dropout": 0.1}}
+    ]
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -222,7 +251,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_model_dirs, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
 
     broken = run_config(tmp_path, tiny_model_dirs, "broken", every=every, steps=steps)
-    killed = mmpeft("fit", "--config", str(broken), "--trainer.callbacks+=probes.KillAt", f"--trainer.callbacks.step={kill}")
+    killed = mmpeft(
+        "fit", "--config", str(broken), "--trainer.callbacks+=probes.KillAt", f"--trainer.callbacks.step={kill}"
+    )
     assert killed.returncode == -signal.SIGKILL
     assert [s["step"] for s in steps_of(tmp_path / "broken")] == list(range(1, kill + 1))
     resumed = mmpeft("fit", "--config", str(broken), "--ckpt_path", "last")
@@ -254,8 +285,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_model_dirs, tmp_pa
 
     def validate(**kwargs) -> float:
         module = MMPeftModule(Backbone(pretrained=tiny_model_dirs["llava"]), **kwargs.pop("module", {}))
-        data = ShardDataModule(val=config["data"]["val"], processor=tiny_model_dirs["llava"], batch_size=8, max_length=256)
-        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=3)
+        data = ShardDataModule(
+            val=config["data"]["val"], processor=tiny_model_dirs["llava"], batch_size=8, max_length=256
+        )
+        trainer = Trainer(
+            accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=3
+        )
         (metrics,) = trainer.validate(module, data, **kwargs)
         return metrics["val/loss"]
 
@@ -264,7 +299,11 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_model_dirs, tmp_pa
     from_ckpt = validate(module={"adapters": groups}, ckpt_path=str(tmp_path / "broken" / "checkpoints" / "last.ckpt"))
     assert from_dir == pytest.approx(from_ckpt, abs=1e-6)
     with pytest.raises(ConfigError, match=r"model.adapters differs from the adapters of model.init_adapter"):
-        MMPeftModule(Backbone(pretrained=tiny_model_dirs["llava"]), adapters=[AdapterGroup()], init_adapter=str(tmp_path / "broken" / "checkpoints" / "last-adapter"))
+        MMPeftModule(
+            Backbone(pretrained=tiny_model_dirs["llava"]),
+            adapters=[AdapterGroup()],
+            init_adapter=str(tmp_path / "broken" / "checkpoints" / "last-adapter"),
+        )
 
 
 # -- the data stream's position -----------------------------------------------------------------
@@ -275,7 +314,9 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_model_dirs, tmp_pa
     [(0, None, 3), (2, None, 5), (2, {"by": "task", "temperature": 2.0, "epoch_steps": 12}, 7)],
     ids=["one-pass-0-workers", "one-pass-2-workers", "resampled-2-workers"],
 )
-def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(tiny_model_dirs, tmp_path, workers, mixing, taken):
+def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(
+    tiny_model_dirs, tmp_path, workers, mixing, taken
+):
     from data_recipes.synthetic import SyntheticRecipe
     from mmpeft.data.datamodule import ShardDataModule
 
@@ -283,7 +324,15 @@ def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(t
     SyntheticRecipe(samples=72, samples_per_shard=12, seed=4).build(shards, progress=False)
 
     def datamodule(num_workers: int = workers) -> ShardDataModule:
-        dm = ShardDataModule(train=str(shards), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256, num_workers=num_workers, shuffle_buffer=16, mixing=mixing)
+        dm = ShardDataModule(
+            train=str(shards),
+            processor=tiny_model_dirs["llava"],
+            batch_size=4,
+            max_length=256,
+            num_workers=num_workers,
+            shuffle_buffer=16,
+            mixing=mixing,
+        )
         dm.setup("fit")
         return dm
 
@@ -307,7 +356,9 @@ def test_the_stream_resumes_with_the_batches_an_uninterrupted_epoch_would_give(t
         if mixing:
             assert len(restarted) == len(whole) == 12  # a whole resampled epoch
         else:
-            assert sorted(k for keys in restarted for k in keys) == sorted(k for keys in whole for k in keys)  # a whole pass
+            assert sorted(k for keys in restarted for k in keys) == sorted(
+                k for keys in whole for k in keys
+            )  # a whole pass
 
 
 def test_load_adapted_gives_the_model_processor_and_routing(tiny_model_dirs, saved):
@@ -317,6 +368,8 @@ def test_load_adapted_gives_the_model_processor_and_routing(tiny_model_dirs, sav
     loaded = load_adapted(out, tiny_model_dirs["llava"])  # the spec names the path it was trained from; here the same
     assert not loaded.model.training and loaded.spec.tasks == ["color", "shape"]
     assert torch.equal(logits(loaded.model, _batch(tiny_model_dirs["llava"])), expected)
-    inputs = loaded.processor(text=["USER: <image>\nWhat color? ASSISTANT:"], images=[torch.zeros(3, 32, 32)], return_tensors="pt")
+    inputs = loaded.processor(
+        text=["USER: <image>\nWhat color? ASSISTANT:"], images=[torch.zeros(3, 32, 32)], return_tensors="pt"
+    )
     generated = loaded.routing.generate(loaded.model, **inputs, max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)

@@ -26,7 +26,9 @@ def test_zero_init_b_leaves_output_unchanged_and_delta_weight_matches_forward():
 
 
 def test_targets_aliases_and_globs(tiny_llama):
-    wrapped = inject_adapters(tiny_llama.model, [AdapterGroup("lora", ["attention"]), AdapterGroup("lora", ["layers.1.mlp.*"])])
+    wrapped = inject_adapters(
+        tiny_llama.model, [AdapterGroup("lora", ["attention"]), AdapterGroup("lora", ["layers.1.mlp.*"])]
+    )
     assert sorted(wrapped) == sorted(
         [f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         + [f"layers.1.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
@@ -44,7 +46,9 @@ def test_pattern_matching_nothing_lists_existing_layers(tiny_llama):
 
 
 def test_a_layer_claimed_by_two_groups_is_an_error(tiny_llama):
-    with pytest.raises(ConfigError, match=r"'layers.0.self_attn.q_proj' is targeted by adapters\[0\] and adapters\[1\]"):
+    with pytest.raises(
+        ConfigError, match=r"'layers.0.self_attn.q_proj' is targeted by adapters\[0\] and adapters\[1\]"
+    ):
         inject_adapters(tiny_llama.model, [AdapterGroup("lora", ["attention"]), AdapterGroup("lora", ["q_proj"])])
 
 
@@ -54,7 +58,9 @@ def test_parity_with_peft_lora(tiny_llama):
     peft_model = get_peft_model(
         tiny_llama, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
     )
-    wrapped = inject_adapters(ours.model, [AdapterGroup("lora", ["q_proj", "v_proj", "down_proj"], {"r": 4, "alpha": 8, "dropout": 0.0})])
+    wrapped = inject_adapters(
+        ours.model, [AdapterGroup("lora", ["q_proj", "v_proj", "down_proj"], {"r": 4, "alpha": 8, "dropout": 0.0})]
+    )
     torch.manual_seed(1)
     for name, layer in wrapped.items():
         peft_layer = peft_model.base_model.model.model.get_submodule(name)
@@ -71,5 +77,6 @@ def test_parity_with_peft_lora(tiny_llama):
     torch.testing.assert_close(
         wrapped[name].adapter.A.grad,
         peft_model.base_model.model.model.get_submodule(name).lora_A["default"].weight.grad,
-        rtol=1e-4, atol=1e-6,
+        rtol=1e-4,
+        atol=1e-6,
     )

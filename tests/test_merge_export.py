@@ -9,7 +9,9 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import fake_distribution
 from safetensors.torch import load_file
+from test_cli import mmpeft
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data_recipes.synthetic import SyntheticRecipe
@@ -22,10 +24,16 @@ from mmpeft.errors import ConfigError, MergeError
 from mmpeft.export import export_peft
 from mmpeft.merge import REPORT_NAME, builtin_batch, merge, task_batches, token_logits
 from mmpeft.models.backbone import Backbone, language_model, load_backbone, load_processor
-from mmpeft.saving import WEIGHTS_NAME, AdapterError, AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
-
-from conftest import fake_distribution
-from test_cli import mmpeft
+from mmpeft.saving import (
+    WEIGHTS_NAME,
+    AdapterError,
+    AdapterSpec,
+    apply_adapter,
+    base_summary,
+    read_spec,
+    save_adapter,
+    trainable_tensors,
+)
 
 CPU = torch.device("cpu")
 TASKS = ["color", "shape"]
@@ -39,7 +47,9 @@ def shards(tmp_path_factory) -> str:
     return str(out)
 
 
-def write_adapter(out: Path, base: str, groups: list[AdapterGroup], seed: int = 0, train_projector: bool = False) -> Path:
+def write_adapter(
+    out: Path, base: str, groups: list[AdapterGroup], seed: int = 0, train_projector: bool = False
+) -> Path:
     """An adapter directory as training writes it, with random nonzero B, routers and (optionally) projector."""
     model = load_backbone(Backbone(base, quantization="none", train_projector=train_projector), CPU)
     inject_adapters(language_model(model), groups, RoutingContext())
@@ -59,7 +69,12 @@ def write_adapter(out: Path, base: str, groups: list[AdapterGroup], seed: int = 
 
 def adapted_logits(adapter: Path, base: str, batch: dict, quantization: str = "none") -> torch.Tensor:
     """The logits of the adapted model as training runs it, loaded through the public loading path."""
-    backbone = Backbone(base, quantization=quantization, gradient_checkpointing=False, train_projector=read_spec(adapter).train_projector)
+    backbone = Backbone(
+        base,
+        quantization=quantization,
+        gradient_checkpointing=False,
+        train_projector=read_spec(adapter).train_projector,
+    )
     model = load_backbone(backbone, CPU)
     context = RoutingContext()
     apply_adapter(model, adapter, context)
@@ -111,7 +126,9 @@ def test_top_k_gate_means_collapse_the_moe_into_the_gated_blocks():
 def test_gate_means_average_the_applied_gate_over_real_tokens_and_samples():
     context = RoutingContext()
     context.attention_mask = torch.tensor([[True, True, False], [True, False, False]])
-    probs = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.0, 0.0, 1.0]], [[0.3, 0.1, 0.6], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    probs = torch.tensor(
+        [[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.0, 0.0, 1.0]], [[0.3, 0.1, 0.6], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]
+    )
     selected = torch.ones_like(probs, dtype=torch.bool)
     dense = RouterRecord("dense", probs.log(), probs, selected, 3, "token")
     top2 = RouterRecord("top2", probs.log(), probs, selected, 2, "token")
@@ -130,11 +147,35 @@ def test_gate_means_average_the_applied_gate_over_real_tokens_and_samples():
 
 EXPORTS = {
     # family, groups, train_projector, task, samples the gate is measured on
-    "llava-lora-two-ranks-projector": ("llava", [AdapterGroup("lora", ["attention"], LORA), AdapterGroup("lora", ["mlp"], {"r": 2, "alpha": 6, "dropout": 0.0})], True, None, 4),
+    "llava-lora-two-ranks-projector": (
+        "llava",
+        [
+            AdapterGroup("lora", ["attention"], LORA),
+            AdapterGroup("lora", ["mlp"], {"r": 2, "alpha": 6, "dropout": 0.0}),
+        ],
+        True,
+        None,
+        4,
+    ),
     "qwen2_vl-lora": ("qwen2_vl", [AdapterGroup("lora", ["all-linear"], LORA)], False, None, 4),
     # One sample and per-sequence routing: the mean gate is the gate that sample routes with, so the collapse is exact.
-    "llava-asymlora-per-sequence": ("llava", [AdapterGroup("lora", ["attention"], LORA), AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 3, "routing": "sequence"})], False, "color", 1),
-    "qwen2_vl-moelora-top2": ("qwen2_vl", [AdapterGroup("moelora", ["mlp"], {"r": 2, "alpha": 4, "dropout": 0.0, "experts": 3, "top_k": 2})], False, "shape", 4),
+    "llava-asymlora-per-sequence": (
+        "llava",
+        [
+            AdapterGroup("lora", ["attention"], LORA),
+            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 3, "routing": "sequence"}),
+        ],
+        False,
+        "color",
+        1,
+    ),
+    "qwen2_vl-moelora-top2": (
+        "qwen2_vl",
+        [AdapterGroup("moelora", ["mlp"], {"r": 2, "alpha": 4, "dropout": 0.0, "experts": 3, "top_k": 2})],
+        False,
+        "shape",
+        4,
+    ),
 }
 
 
@@ -147,17 +188,33 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, tiny_model_dirs, sh
     base = tiny_model_dirs[family]
     adapter = write_adapter(tmp_path / "adapter", base, groups, train_projector=projector)
     out = tmp_path / "peft"
-    report = export_peft(adapter, out, task=task, data=shards if task else None, samples=samples, quantization="none", progress=lambda _: None)
+    report = export_peft(
+        adapter,
+        out,
+        task=task,
+        data=shards if task else None,
+        samples=samples,
+        quantization="none",
+        progress=lambda _: None,
+    )
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["lora_dropout"] == 0 and config["base_model_name_or_path"] == base
-    assert config["target_modules"] and all(m.startswith("model.language_model.layers.") for m in config["target_modules"])  # no vision layer
-    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), out).eval()
-    assert set(load_file(out / "adapter_model.safetensors")) == set(get_peft_model_state_dict(peft_model))  # PEFT's own key names
+    assert config["target_modules"] and all(
+        m.startswith("model.language_model.layers.") for m in config["target_modules"]
+    )  # no vision layer
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), out
+    ).eval()
+    assert set(load_file(out / "adapter_model.safetensors")) == set(
+        get_peft_model_state_dict(peft_model)
+    )  # PEFT's own key names
     assert sum(isinstance(m, LoraLayer) for m in peft_model.modules()) == len(config["target_modules"])
     if projector:
         assert config["modules_to_save"] == ["model.multi_modal_projector"]
-        assert (config["r"], config["lora_alpha"]) == (4, 8) and len(config["rank_pattern"]) == len(config["alpha_pattern"]) == 6  # the MLP's r=2, alpha=6
+        assert (config["r"], config["lora_alpha"]) == (4, 8) and len(config["rank_pattern"]) == len(
+            config["alpha_pattern"]
+        ) == 6  # the MLP's r=2, alpha=6
 
     batch = first_batch(base, shards, task, samples)
     ours, theirs = adapted_logits(adapter, base, batch), plain_logits(peft_model, batch)
@@ -176,7 +233,14 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, tiny_model_dirs, sh
 
 def test_merge_from_the_command_line_writes_a_checkpoint_with_the_adapted_logits(tmp_path, tiny_model_dirs, shards):
     base = tiny_model_dirs["qwen2_vl"]
-    adapter = write_adapter(tmp_path / "adapter", base, [AdapterGroup("lora", ["attention"], LORA), AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 2, "routing": "sequence"})])
+    adapter = write_adapter(
+        tmp_path / "adapter",
+        base,
+        [
+            AdapterGroup("lora", ["attention"], LORA),
+            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 2, "routing": "sequence"}),
+        ],
+    )
     out = tmp_path / "merged"
     args = ["--adapter", str(adapter), "--out", str(out), "--quantization", "none", "--dtype", "fp32"]
     result = mmpeft("merge", *args, "--task", "shape", "--data", shards, "--samples", "1")
@@ -197,7 +261,9 @@ def test_merge_from_the_command_line_writes_a_checkpoint_with_the_adapted_logits
 @pytest.fixture(scope="module")
 def nf4_adapter(tmp_path_factory, tiny_model_dirs) -> tuple[Path, str]:
     base = tiny_model_dirs["llava"]
-    return write_adapter(tmp_path_factory.mktemp("nf4") / "adapter", base, [AdapterGroup("lora", ["all-linear"], LORA)], seed=1), base
+    return write_adapter(
+        tmp_path_factory.mktemp("nf4") / "adapter", base, [AdapterGroup("lora", ["all-linear"], LORA)], seed=1
+    ), base
 
 
 def test_merge_of_an_nf4_base_reproduces_the_trained_model_from_its_dequantized_weights(tmp_path, nf4_adapter, shards):
@@ -207,8 +273,12 @@ def test_merge_of_an_nf4_base_reproduces_the_trained_model_from_its_dequantized_
     reports = {}
     for merge_into in ("dequantized", "original"):
         out = tmp_path / merge_into
-        reports[merge_into] = merge(adapter, out, data=shards, dtype="fp32", merge_into=merge_into, progress=lambda _: None)
-        measured = (plain_logits(AutoModelForImageTextToText.from_pretrained(out).eval(), batch) - trained).abs().max().item()
+        reports[merge_into] = merge(
+            adapter, out, data=shards, dtype="fp32", merge_into=merge_into, progress=lambda _: None
+        )
+        measured = (
+            (plain_logits(AutoModelForImageTextToText.from_pretrained(out).eval(), batch) - trained).abs().max().item()
+        )
         assert reports[merge_into]["max_logit_diff"] == pytest.approx(measured, abs=1e-5)
     # Into the dequantized NF4 weights: the trained model up to float rounding. Into the original ones: off by NF4's error.
     assert reports["dequantized"]["max_logit_diff"] < 1e-4
@@ -220,11 +290,18 @@ def test_merge_to_bf16_and_requantized_nf4_reports_what_the_output_costs(tmp_pat
     batch = first_batch(base, shards, None, 4)
     trained = adapted_logits(adapter, base, batch, quantization="nf4")
 
-    bf16 = merge(adapter, tmp_path / "bf16", data=shards, progress=lambda _: None)  # the defaults: nf4 base, bf16 output
+    bf16 = merge(
+        adapter, tmp_path / "bf16", data=shards, progress=lambda _: None
+    )  # the defaults: nf4 base, bf16 output
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16").eval()
     assert model.dtype == torch.bfloat16
-    batch_bf16 = {**batch, "inputs": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch["inputs"].items()}}
-    assert bf16["max_logit_diff"] == pytest.approx((plain_logits(model, batch_bf16) - trained).abs().max().item(), abs=1e-5)
+    batch_bf16 = {
+        **batch,
+        "inputs": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch["inputs"].items()},
+    }
+    assert bf16["max_logit_diff"] == pytest.approx(
+        (plain_logits(model, batch_bf16) - trained).abs().max().item(), abs=1e-5
+    )
 
     # Without --data the logits are compared on a built-in batch of two image-text chats.
     nf4 = merge(adapter, tmp_path / "nf4", dtype="fp32", quantize="nf4", progress=lambda _: None)
@@ -257,13 +334,26 @@ def mixture_adapters(tmp_path_factory, tiny_model_dirs) -> dict[str, Path]:
 def test_mixlora_is_refused_by_merge_and_export_from_the_command_line(tmp_path, mixture_adapters, shards):
     for tool, extra in (("merge", []), ("export", ["--format", "peft"])):
         out = tmp_path / tool
-        result = mmpeft(tool, *extra, "--adapter", str(mixture_adapters["mixlora"]), "--out", str(out), "--task", "color", "--data", shards)
+        result = mmpeft(
+            tool,
+            *extra,
+            "--adapter",
+            str(mixture_adapters["mixlora"]),
+            "--out",
+            str(out),
+            "--task",
+            "color",
+            "--data",
+            shards,
+        )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (
             "error: adapters[0] (mixlora) cannot be merged or exported: MixLoRA builds a different low-rank update for every "
             "input (instance routing over factor pools); it has no single weight update to merge or export"
         )
-        assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+        assert not out.exists() and not [
+            p for p in tmp_path.iterdir() if p.name.startswith(".")
+        ]  # no staging folder left
 
 
 def broken(tmp_path: Path, adapter: Path, how: str) -> Path:
@@ -296,7 +386,9 @@ def broken(tmp_path: Path, adapter: Path, how: str) -> Path:
     ],
 )
 @pytest.mark.parametrize("tool", ["merge", "export"])
-def test_bad_input_is_a_clear_error_and_leaves_the_output_untouched(tmp_path, mixture_adapters, tool, how, kwargs, error, message):
+def test_bad_input_is_a_clear_error_and_leaves_the_output_untouched(
+    tmp_path, mixture_adapters, tool, how, kwargs, error, message
+):
     adapter = broken(tmp_path, mixture_adapters["asymlora"], how) if how != "intact" else mixture_adapters["asymlora"]
     out = tmp_path / "out"
     out.mkdir()
@@ -304,7 +396,9 @@ def test_bad_input_is_a_clear_error_and_leaves_the_output_untouched(tmp_path, mi
     run = merge if tool == "merge" else export_peft
     with pytest.raises(error, match=message):
         run(adapter, out, quantization="none", progress=lambda _: None, **kwargs)
-    assert [p.name for p in out.iterdir()] == ["previous.txt"] and (out / "previous.txt").read_text() == "an earlier result"
+    assert [p.name for p in out.iterdir()] == ["previous.txt"] and (
+        out / "previous.txt"
+    ).read_text() == "an earlier result"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left behind
 
 
@@ -351,10 +445,15 @@ def dense_plugin(tmp_path, monkeypatch):
 def test_a_plugin_with_only_delta_weight_merges_but_does_not_export(tmp_path, tiny_model_dirs, shards, dense_plugin):
     base = tiny_model_dirs["llava"]
     adapter = write_adapter(tmp_path / "adapter", base, [AdapterGroup("dense", ["mlp"])])
-    with pytest.raises(MergeError, match=r"adapters\[0\] \(dense\): the plugin denseplug_mod.Dense defines no as_lora\(\), so mmpeft cannot write it as a LoRA"):
+    with pytest.raises(
+        MergeError,
+        match=r"adapters\[0\] \(dense\): the plugin denseplug_mod.Dense defines no as_lora\(\), so mmpeft cannot write it as a LoRA",
+    ):
         export_peft(adapter, tmp_path / "peft", progress=lambda _: None)
     assert not (tmp_path / "peft").exists()
-    report = merge(adapter, tmp_path / "merged", data=shards, quantization="none", dtype="fp32", progress=lambda _: None)
+    report = merge(
+        adapter, tmp_path / "merged", data=shards, quantization="none", dtype="fp32", progress=lambda _: None
+    )
     assert report["adapted_layers"] == 6 and report["max_logit_diff"] < 1e-4
     batch = first_batch(base, shards, None, 4)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 import yaml
+from test_cli import demo_config, mmpeft, run_main, scalars
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.data import ShardDataModule, parse_sample
@@ -29,8 +30,6 @@ from mmpeft.metrics import (
     yes_no,
 )
 from mmpeft.models.backbone import Backbone, load_backbone, load_processor
-
-from test_cli import demo_config, mmpeft, run_main, scalars
 
 NAN = float("nan")
 
@@ -113,12 +112,16 @@ def test_token_accuracy_and_loss_on_trained_positions_only():
 def forced(metrics: TaskMetrics, task_of_token: list[int], right: list[bool], sample_tasks: list[int]) -> None:
     """Teacher-forced tokens of two-word vocabulary: token 0 is the target, the logits favour 0 where ``right``."""
     logits = torch.tensor([[1.0, 0.0] if r else [0.0, 1.0] for r in right])  # (n, 2)
-    metrics.update_forced(logits, torch.zeros(len(right), dtype=torch.long), torch.tensor(task_of_token), torch.tensor(sample_tasks))
+    metrics.update_forced(
+        logits, torch.zeros(len(right), dtype=torch.long), torch.tensor(task_of_token), torch.tensor(sample_tasks)
+    )
 
 
 def test_per_task_scores_with_a_task_absent_from_a_batch_and_one_from_the_epoch():
     tasks = ["count", "compare", "caption"]
-    metrics = TaskMetrics(tasks, {"count": ["exact_match", "vqa_accuracy"], "compare": ["yes_no"], "caption": ["exact_match"]})
+    metrics = TaskMetrics(
+        tasks, {"count": ["exact_match", "vqa_accuracy"], "compare": ["yes_no"], "caption": ["exact_match"]}
+    )
     # Batch 1: count and compare.
     forced(metrics, [0, 0, 1], [True, False, True], [0, 1])
     metrics.update_answers(["3", "Yes."], [["3"], ["no"]], torch.tensor([0, 1]))
@@ -149,10 +152,19 @@ def test_per_task_scores_with_a_task_absent_from_a_batch_and_one_from_the_epoch(
     )
     assert not any(math.isnan(v) for v in results.scalars("val").values())
     assert set(results.scalars("val")) == {
-        "val/loss", "val/token_accuracy", "val/exact_match", "val/vqa_accuracy", "val/yes_no",
-        "val/count/loss", "val/count/token_accuracy", "val/count/exact_match", "val/count/vqa_accuracy",
-        "val/compare/loss", "val/compare/token_accuracy", "val/compare/yes_no",
-    }  # fmt: skip
+        "val/loss",
+        "val/token_accuracy",
+        "val/exact_match",
+        "val/vqa_accuracy",
+        "val/yes_no",
+        "val/count/loss",
+        "val/count/token_accuracy",
+        "val/count/exact_match",
+        "val/count/vqa_accuracy",
+        "val/compare/loss",
+        "val/compare/token_accuracy",
+        "val/compare/yes_no",
+    }
 
     # A new pass starts from nothing.
     metrics.reset()
@@ -176,7 +188,10 @@ def test_states_of_two_processes_add_up_as_one():
         ranks[0].collection[name].metric.merge_state(ranks[1].collection[name].metric)
     merged, expected = ranks[0].compute(), alone.compute()
     assert merged == expected
-    assert [(row["samples"], row["token_accuracy"], row["exact_match"]) for row in merged.tasks.values()] == [(1, 0.5, 1.0), (2, pytest.approx(2 / 3), 0.5)]
+    assert [(row["samples"], row["token_accuracy"], row["exact_match"]) for row in merged.tasks.values()] == [
+        (1, 0.5, 1.0),
+        (2, pytest.approx(2 / 3), 0.5),
+    ]
     assert merged.mean["exact_match"] == 0.75
 
 
@@ -199,14 +214,20 @@ def test_table_has_a_row_per_task_and_a_dash_where_a_task_has_no_such_score():
 
 def table_rows(text: str) -> list[list[str]]:
     """The cells of each row of a rich table printed as text."""
-    return [[c.strip() for c in line.strip().strip("│┃").split("│" if "│" in line else "┃")] for line in text.splitlines() if line.strip()[:1] in "│┃"]
+    return [
+        [c.strip() for c in line.strip().strip("│┃").split("│" if "│" in line else "┃")]
+        for line in text.splitlines()
+        if line.strip()[:1] in "│┃"
+    ]
 
 
 # -- which metrics a task gets -------------------------------------------------------------------
 
 
 def test_config_overrides_the_index_which_overrides_the_default():
-    evaluation = Evaluation(metrics={"count": ["vqa_accuracy"], "caption": []}, default_metrics=["exact_match", "vqa_accuracy"])
+    evaluation = Evaluation(
+        metrics={"count": ["vqa_accuracy"], "caption": []}, default_metrics=["exact_match", "vqa_accuracy"]
+    )
     index = {"count": ["exact_match"], "compare": ["yes_no"]}
     assert evaluation.choose(["caption", "compare", "count", "shape"], index) == {
         "caption": [],
@@ -215,14 +236,22 @@ def test_config_overrides_the_index_which_overrides_the_default():
         "shape": ["exact_match", "vqa_accuracy"],
     }
     assert Evaluation().generates(fitting=False) and not Evaluation().generates(fitting=True)
-    assert Evaluation(generate_in_fit=True).generates(fitting=True) and not Evaluation(generate=False).generates(fitting=False)
+    assert Evaluation(generate_in_fit=True).generates(fitting=True) and not Evaluation(generate=False).generates(
+        fitting=False
+    )
 
 
 @pytest.mark.parametrize(
     ("evaluation", "message"),
     [
-        (Evaluation(metrics={"count": ["exact", "yes_no"]}), "model.evaluation.metrics['count']: unknown metric(s) 'exact'; the metrics are exact_match, vqa_accuracy, yes_no"),
-        (Evaluation(metrics={"count": "exact_match"}), "model.evaluation.metrics['count'] must be a list of metric names, got 'exact_match'"),
+        (
+            Evaluation(metrics={"count": ["exact", "yes_no"]}),
+            "model.evaluation.metrics['count']: unknown metric(s) 'exact'; the metrics are exact_match, vqa_accuracy, yes_no",
+        ),
+        (
+            Evaluation(metrics={"count": "exact_match"}),
+            "model.evaluation.metrics['count'] must be a list of metric names, got 'exact_match'",
+        ),
         (Evaluation(default_metrics=["bleu"]), "model.evaluation.default_metrics: unknown metric(s) 'bleu'"),
         (Evaluation(max_new_tokens=0), "model.evaluation.max_new_tokens must be >= 1, got 0"),
     ],
@@ -236,12 +265,18 @@ def test_bad_evaluation_settings_are_errors_naming_them(evaluation, message):
 def test_an_unknown_metric_in_the_config_fails_before_any_loading(tmp_path, tiny_model_dirs, capsys):
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     code, stderr = run_main(capsys, "validate", "--config", str(config), "--model.evaluation.metrics", "{count: [f1]}")
-    assert code == 2 and "model.evaluation.metrics['count']: unknown metric(s) 'f1'; the metrics are exact_match, vqa_accuracy, yes_no" in stderr
+    assert (
+        code == 2
+        and "model.evaluation.metrics['count']: unknown metric(s) 'f1'; the metrics are exact_match, vqa_accuracy, yes_no"
+        in stderr
+    )
     assert "Traceback" not in stderr and not (tmp_path / "shards").exists()
 
 
 def test_the_index_carries_the_recipes_metrics_and_the_data_module_exposes_them(tmp_path, tiny_model_dirs):
-    SyntheticRecipe(samples=10, samples_per_shard=5, tasks=("count", "compare"), prefix="val").build(tmp_path / "val", progress=False)
+    SyntheticRecipe(samples=10, samples_per_shard=5, tasks=("count", "compare"), prefix="val").build(
+        tmp_path / "val", progress=False
+    )
     index = json.loads((tmp_path / "val" / "dataset.json").read_text())
     assert index["metrics"] == {"compare": ["yes_no"], "count": ["exact_match"]}  # the tasks built, no others
     data = ShardDataModule(val=str(tmp_path / "val"), processor=tiny_model_dirs["llava"])
@@ -259,15 +294,20 @@ def test_the_index_carries_the_recipes_metrics_and_the_data_module_exposes_them(
 
 
 def test_evaluation_batches_carry_left_padded_prompts_and_references(tiny_model_dirs):
-    from mmpeft.data.encode import ChatEncoder
-
     from test_encode import assistant, image, raw_sample, user
+
+    from mmpeft.data.encode import ChatEncoder
 
     processor = load_processor(tiny_model_dirs["llava"])
     encoder = ChatEncoder(processor, ["count", "color"], max_length=256)
     raws = [
         raw_sample("a", "count", [user("How many shapes?", images=1), assistant("3")], [image()]),
-        raw_sample("b", "color", [user("A long question about the colour of this shape?", images=1), assistant("red")], [image()]),
+        raw_sample(
+            "b",
+            "color",
+            [user("A long question about the colour of this shape?", images=1), assistant("red")],
+            [image()],
+        ),
         raw_sample("c", "color", [user("Colour?", images=1), assistant("red")], [image()]),
     ]
     meta = json.loads(raws[0]["json"])
@@ -291,7 +331,9 @@ def test_evaluation_batches_carry_left_padded_prompts_and_references(tiny_model_
 def test_only_evaluation_streams_encode_prompts(tmp_path, tiny_model_dirs):
     for split in ("train", "val"):
         SyntheticRecipe(samples=4, samples_per_shard=4, prefix=split).build(tmp_path / split, progress=False)
-    data = ShardDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "val"), processor=tiny_model_dirs["llava"], batch_size=4)
+    data = ShardDataModule(
+        train=str(tmp_path / "train"), val=str(tmp_path / "val"), processor=tiny_model_dirs["llava"], batch_size=4
+    )
     data.setup("fit")
     assert "prompt_inputs" not in next(iter(data.train_dataloader()))
     val = next(iter(data.val_dataloader()))
@@ -323,14 +365,25 @@ class Answered(SyntheticRecipe):
 
 def greedy_answers(model_dir: str, shards: Path) -> tuple[list[str], list[str], list[str]]:
     """Each sample's task, true answer and greedy answer, batched and left-padded as validation batches them."""
-    samples = [parse_sample(raw) for raw in wds.tarfile_samples([{"url": url} for url in resolve_shards(str(shards), "shards")])]
+    samples = [
+        parse_sample(raw)
+        for raw in wds.tarfile_samples([{"url": url} for url in resolve_shards(str(shards), "shards")])
+    ]
     processor = load_processor(model_dir)
     model = load_backbone(Backbone(pretrained=model_dir), torch.device("cpu")).eval()  # a fresh LoRA adds exactly 0
     answers = []
     for start in range(0, len(samples), BATCH):
         chunk = samples[start : start + BATCH]
-        texts = [processor.apply_chat_template(s.messages[:-1], tokenize=False, add_generation_prompt=True) for s in chunk]
-        inputs = processor(text=texts, images=[i for s in chunk for i in s.images], padding=True, padding_side="left", return_tensors="pt")
+        texts = [
+            processor.apply_chat_template(s.messages[:-1], tokenize=False, add_generation_prompt=True) for s in chunk
+        ]
+        inputs = processor(
+            text=texts,
+            images=[i for s in chunk for i in s.images],
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         answers += processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [s.task for s in samples], [s.messages[-1]["content"][0]["text"] for s in samples], answers
@@ -348,7 +401,10 @@ def test_validate_and_test_print_a_table_per_task_and_log_every_score(tmp_path, 
     config_path = demo_config(tmp_path, model_dir, "llava", steps=2)
     config = yaml.safe_load(config_path.read_text())
     config["data"].update({"prepare": [], "batch_size": BATCH, stage: str(tmp_path / "val")})
-    config["model"]["evaluation"] = {"max_new_tokens": NEW_TOKENS, "metrics": {"count": ["vqa_accuracy"]}}  # count: the config's choice
+    config["model"]["evaluation"] = {
+        "max_new_tokens": NEW_TOKENS,
+        "metrics": {"count": ["vqa_accuracy"]},
+    }  # count: the config's choice
     config_path.write_text(yaml.safe_dump(config))
     result = mmpeft(command, "--config", str(config_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -359,13 +415,19 @@ def test_validate_and_test_print_a_table_per_task_and_log_every_score(tmp_path, 
     expected = {
         "color": {"exact_match": 0.5},  # 2 samples: the first's reference is its answer, the second's is not
         "count": {"vqa_accuracy": 1.0},  # the answer is among the references of every sample
-        "compare": {"yes_no": mean([float(yes_no(a) == truth) for a, t, truth in zip(answers, tasks, truths) if t == "compare"])},
+        "compare": {
+            "yes_no": mean([float(yes_no(a) == truth) for a, t, truth in zip(answers, tasks, truths) if t == "compare"])
+        },
     }
     (run_dir,) = (tmp_path / "runs" / "demo").iterdir()
     for task, scores_ in expected.items():
         for name, value in scores_.items():
             assert scalars(run_dir, f"{stage}/{task}/{name}") == [pytest.approx(value)], (task, name)
-    for name, task in {"exact_match": "color", "vqa_accuracy": "count", "yes_no": "compare"}.items():  # one task each: the mean is its
+    for name, task in {
+        "exact_match": "color",
+        "vqa_accuracy": "count",
+        "yes_no": "compare",
+    }.items():  # one task each: the mean is its
         assert scalars(run_dir, f"{stage}/{name}") == scalars(run_dir, f"{stage}/{task}/{name}")
     losses = [scalars(run_dir, f"{stage}/{task}/loss")[0] for task in TASKS]
     assert scalars(run_dir, f"{stage}/loss") == [pytest.approx(mean(losses))]
@@ -375,7 +437,14 @@ def test_validate_and_test_print_a_table_per_task_and_log_every_score(tmp_path, 
     rows = {cells[0]: cells[1:] for cells in table_rows(result.stdout)}
     assert rows["task"] == ["samples", "loss", "token_accuracy", "exact_match", "vqa_accuracy", "yes_no"]
     assert set(rows) == {"task", *TASKS, "mean"}
-    assert rows["color"] == ["2", f"{losses[0]:.4f}", f"{accuracies[0]:.4f}", f"{expected['color']['exact_match']:.4f}", "-", "-"]
+    assert rows["color"] == [
+        "2",
+        f"{losses[0]:.4f}",
+        f"{accuracies[0]:.4f}",
+        f"{expected['color']['exact_match']:.4f}",
+        "-",
+        "-",
+    ]
     assert rows["count"] == ["2", f"{losses[1]:.4f}", f"{accuracies[1]:.4f}", "-", "1.0000", "-"]
     assert rows["compare"][3:] == ["-", "-", f"{expected['compare']['yes_no']:.4f}"]
     assert rows["mean"][0] == "6" and rows["mean"][1] == f"{mean(losses):.4f}"
@@ -387,7 +456,9 @@ def test_a_single_task_is_scored_like_several():
     """torchmetrics squeezes a one-task result to a scalar; validation of a one-task data set crashed on it."""
     metrics = TaskMetrics(["only"], {"only": ["exact_match"]})
     logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [5.0, 0.0]])  # predicts 1, 0, 0
-    metrics.update_forced(logits, torch.tensor([1, 1, 0]), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    metrics.update_forced(
+        logits, torch.tensor([1, 1, 0]), torch.zeros(3, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    )
     metrics.update_answers(["Red."], [["red"]], torch.zeros(1, dtype=torch.long))
     results = metrics.compute()
     assert results.tasks["only"]["samples"] == 1.0

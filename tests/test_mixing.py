@@ -23,8 +23,12 @@ TOLERANCE = 0.03  # 4000 draws: one standard deviation of a share near 0.5 is 0.
 def sources(tmp_path_factory) -> dict[str, str]:
     """Two sources of unequal size: ``a`` has 90 colour/shape samples, ``b`` 30 count samples."""
     root = tmp_path_factory.mktemp("mix")
-    SyntheticRecipe(samples=90, samples_per_shard=20, tasks=("color", "shape"), seed=1, prefix="a").build(root / "a", progress=False)
-    SyntheticRecipe(samples=30, samples_per_shard=10, tasks=("count",), seed=2, prefix="b").build(root / "b", progress=False)
+    SyntheticRecipe(samples=90, samples_per_shard=20, tasks=("color", "shape"), seed=1, prefix="a").build(
+        root / "a", progress=False
+    )
+    SyntheticRecipe(samples=30, samples_per_shard=10, tasks=("count",), seed=2, prefix="b").build(
+        root / "b", progress=False
+    )
     return {"a": str(root / "a"), "b": str(root / "b")}
 
 
@@ -71,7 +75,9 @@ def test_tasks_within_a_source_mixed_with_config_weights(sources):
 def test_temperature_sampling_over_tasks(sources, temperature, expected):
     tasks = draw_tasks(sources, Mixing(by="task", temperature=temperature))
     assert_shares(tasks, expected)
-    assert plan_mixture(Mixing(by="task", temperature=temperature), [resolve_source(s, "x")[0] for s in sources.values()], "x").target == pytest.approx(expected)
+    assert plan_mixture(
+        Mixing(by="task", temperature=temperature), [resolve_source(s, "x")[0] for s in sources.values()], "x"
+    ).target == pytest.approx(expected)
 
 
 def test_draws_are_deterministic_per_seed_and_differ_across_ranks(sources):
@@ -84,7 +90,9 @@ def test_draws_are_deterministic_per_seed_and_differ_across_ranks(sources):
 
 def test_weights_must_name_exactly_the_sources_or_tasks(sources):
     resolved = [resolve_source(s, "x")[0] for s in sources.values()]
-    with pytest.raises(ConfigError, match=r"unknown task\(s\) 'colour'.*no weight for 'color'.*the tasks are 'color', 'count', 'shape'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown task\(s\) 'colour'.*no weight for 'color'.*the tasks are 'color', 'count', 'shape'"
+    ):
         plan_mixture(Mixing(by="task", weights={"colour": 1, "shape": 1, "count": 1}), resolved, "data.train")
     with pytest.raises(ConfigError, match=r"no weight for '.*/b'"):
         plan_mixture(Mixing(by="source", weights={sources["a"]: 1}), resolved, "data.train")
@@ -101,9 +109,15 @@ def test_mixing_needs_index_counts(sources, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_epoch_is_epoch_steps_batches_of_the_mixture(tiny_model_dirs, sources, workers):
     dm = ShardDataModule(
-        train=list(sources.values()), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256,
-        num_workers=workers, shuffle_buffer=8, seed=3, mixing={"by": "task", "weights": {"color": 0, "shape": 1, "count": 1}, "epoch_steps": 5},
-    )  # fmt: skip
+        train=list(sources.values()),
+        processor=tiny_model_dirs["llava"],
+        batch_size=4,
+        max_length=256,
+        num_workers=workers,
+        shuffle_buffer=8,
+        seed=3,
+        mixing={"by": "task", "weights": {"color": 0, "shape": 1, "count": 1}, "epoch_steps": 5},
+    )
     dm.setup("fit")
     assert dm.tasks == ["color", "count", "shape"]
     loader = dm.train_dataloader()

@@ -86,9 +86,10 @@ def test_asymlora_and_moelora_equal_their_per_expert_loops():
     moe = MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=2, alpha=8, dropout=0.0, experts=4))
     torch.nn.init.normal_(moe.B)
     gate = torch.softmax(x @ moe.router.weight.T, -1)  # (2, 5, 4)
-    loop = sum(
-        gate[..., e : e + 1] * (x @ moe.A[2 * e : 2 * e + 2].T @ moe.B[:, 2 * e : 2 * e + 2].T) for e in range(4)
-    ) * moe.scaling
+    loop = (
+        sum(gate[..., e : e + 1] * (x @ moe.A[2 * e : 2 * e + 2].T @ moe.B[:, 2 * e : 2 * e + 2].T) for e in range(4))
+        * moe.scaling
+    )
     torch.testing.assert_close(moe(x), loop, rtol=1e-5, atol=1e-6)
     assert math.isclose(moe.scaling, 4.0)
 
@@ -109,11 +110,16 @@ def test_mixlora_equals_its_per_instance_dense_update_and_routes_on_the_prompt()
         out = adapter(x)
         index_a, weight_a, index_b, weight_b = adapter.route(x)
     for i in range(3):
-        delta_w = sum(weight_b[i, k] * weight_a[i, k] * torch.outer(adapter.B[:, index_b[i, k]], adapter.A[index_a[i, k]]) for k in range(R))
+        delta_w = sum(
+            weight_b[i, k] * weight_a[i, k] * torch.outer(adapter.B[:, index_b[i, k]], adapter.A[index_a[i, k]])
+            for k in range(R)
+        )
         torch.testing.assert_close(out[i], x[i] @ delta_w.T * adapter.scaling, rtol=1e-5, atol=1e-6)
     # The reference B scores: instance softmax plus the summed softmaxes of the chosen A-factors' projections.
     h = x[:, :4].mean(1)  # (3, d_in): pooled over the prompt only
-    scores_b = torch.softmax(h @ adapter.router_b.weight.T, -1) + torch.softmax(adapter.A[index_a] @ adapter.condition.T, -1).sum(1)
+    scores_b = torch.softmax(h @ adapter.router_b.weight.T, -1) + torch.softmax(
+        adapter.A[index_a] @ adapter.condition.T, -1
+    ).sum(1)
     assert torch.equal(index_b, scores_b.topk(R, -1).indices)
     assert torch.equal(index_a, (h @ adapter.router_a.weight.T).topk(R, -1).indices)
     # Changing the answer tokens changes nothing about the routing.
@@ -159,7 +165,9 @@ def test_mixlora_stays_finite_when_its_routers_saturate():
 
 # -- routing losses against direct computations on hand-made tensors -------------------------
 
-LOGITS = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], [[0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]])  # (2 samples, 2 tokens, 3 experts)
+LOGITS = torch.tensor(
+    [[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], [[0.0, 0.0, 3.0], [1.0, -2.0, 0.5]]]
+)  # (2 samples, 2 tokens, 3 experts)
 MASK = torch.tensor([[True, True], [True, False]])  # sample 1's second token is padding
 TASKS = torch.tensor([0, 1])
 
@@ -207,8 +215,19 @@ def test_mutual_information_by_hand():
     expected = p_t[0] * entropy(p_e_given_0) + p_t[1] * entropy(p_e_given_1) - entropy(p_e)
     assert torch.isclose(mutual_information_loss(record(), MASK, TASKS, 2), expected, atol=1e-6)
     # Perfectly specialised routing reaches -log(2), the most information two tasks can carry.
-    hard = RouterRecord("l", torch.zeros(2, 1, 2), torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), torch.ones(2, 1, 2, dtype=torch.bool), 2, "token")
-    assert torch.isclose(mutual_information_loss(hard, torch.ones(2, 1, dtype=torch.bool), TASKS, 2), torch.tensor(-math.log(2)), atol=1e-5)
+    hard = RouterRecord(
+        "l",
+        torch.zeros(2, 1, 2),
+        torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]),
+        torch.ones(2, 1, 2, dtype=torch.bool),
+        2,
+        "token",
+    )
+    assert torch.isclose(
+        mutual_information_loss(hard, torch.ones(2, 1, dtype=torch.bool), TASKS, 2),
+        torch.tensor(-math.log(2)),
+        atol=1e-5,
+    )
 
 
 # -- generation -----------------------------------------------------------------------------
@@ -238,12 +257,18 @@ def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_mo
     model = load_backbone(Backbone(pretrained=tiny_model_dirs[family]), torch.device("cpu")).eval()
     context = RoutingContext()
     torch.manual_seed(0)
-    inject_adapters(language_model(model), [AdapterGroup("mixlora", ["all-linear"], {"r": 2, "factors": 6, "dropout": 0.0})], context)
+    inject_adapters(
+        language_model(model),
+        [AdapterGroup("mixlora", ["all-linear"], {"r": 2, "factors": 6, "dropout": 0.0})],
+        context,
+    )
     randomise_b(model, seed=3)
     inputs = _batch(tiny_model_dirs[family])["inputs"]
     # Generate from the first sample's full chat (it is not padded).
     n = int(inputs["attention_mask"][0].sum())
-    prompt = {k: (v[:1, :n] if v.dim() == 2 and v.shape[1] == inputs["input_ids"].shape[1] else v) for k, v in inputs.items()}
+    prompt = {
+        k: (v[:1, :n] if v.dim() == 2 and v.shape[1] == inputs["input_ids"].shape[1] else v) for k, v in inputs.items()
+    }
     if "image_grid_thw" in prompt:
         first = int(prompt["image_grid_thw"][0].prod())
         prompt["image_grid_thw"], prompt["pixel_values"] = prompt["image_grid_thw"][:1], prompt["pixel_values"][:first]
@@ -251,8 +276,12 @@ def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_mo
         prompt["pixel_values"] = prompt["pixel_values"][:1]
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
     snapshots = [RoutingSnapshots(context), RoutingSnapshots(context)]
-    with_cache = context.generate(model, **prompt, use_cache=True, stopping_criteria=StoppingCriteriaList([snapshots[0]]), **kwargs)
-    without_cache = context.generate(model, **prompt, use_cache=False, stopping_criteria=StoppingCriteriaList([snapshots[1]]), **kwargs)
+    with_cache = context.generate(
+        model, **prompt, use_cache=True, stopping_criteria=StoppingCriteriaList([snapshots[0]]), **kwargs
+    )
+    without_cache = context.generate(
+        model, **prompt, use_cache=False, stopping_criteria=StoppingCriteriaList([snapshots[1]]), **kwargs
+    )
     assert with_cache.shape == (1, n + 8)
     assert torch.equal(with_cache, without_cache)
     # Each MixLoRA layer routes once, on the prompt, and every new token reuses that routing.

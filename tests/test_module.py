@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
+from test_backbone import _batch
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft.adapters import AdapterGroup, inject_adapters
@@ -15,8 +16,6 @@ from mmpeft.data.datamodule import ShardDataModule
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 from mmpeft.module import MMPeftModule, Optim, lm_loss, next_token_targets
-
-from test_backbone import _batch
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -57,14 +56,26 @@ def test_fit_with_each_optimizer_and_warmup_cosine_schedule(tmp_path, tiny_model
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordLR()], default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordLR()],
+        default_root_dir=tmp_path,
     )
     trainer.fit(module, data)
     opt = trainer.optimizers[0]
-    expected = {"adamw": torch.optim.AdamW, "adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}
+    expected = {
+        "adamw": torch.optim.AdamW,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }
     assert type(opt) is expected[optimizer]
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in module.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in module.parameters() if p.requires_grad
+    }
     if optimizer != "adamw":
         assert any(s["state1"].dtype == torch.uint8 for s in opt.state.values())
     # Linear warmup over 2 steps to the peak, then half a cosine down to 0 at step 6.
@@ -74,7 +85,14 @@ def test_fit_with_each_optimizer_and_warmup_cosine_schedule(tmp_path, tiny_model
 
 def test_a_run_without_max_steps_is_refused_by_name(tmp_path, tiny_model_dirs, small_shards):
     path = tiny_model_dirs["llava"]
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ConfigError, match=r"trainer\.max_steps is not set"):
         trainer.fit(MMPeftModule(Backbone(pretrained=path)), ShardDataModule(train=small_shards, processor=path))
 
@@ -82,9 +100,9 @@ def test_a_run_without_max_steps_is_refused_by_name(tmp_path, tiny_model_dirs, s
 def test_per_group_adapters_train_with_their_routing_losses_logged(tmp_path, tiny_model_dirs, small_shards):
     """HydraLoRA's recipe: plain LoRA on attention, AsymLoRA on the MLP; every auxiliary loss is logged."""
     from lightning.pytorch.loggers import TensorBoardLogger
+    from test_cli import scalars
 
     from mmpeft.adapters.routing import RoutingLosses
-    from test_cli import scalars
 
     path = tiny_model_dirs["llava"]
     module = MMPeftModule(
@@ -95,7 +113,14 @@ def test_per_group_adapters_train_with_their_routing_losses_logged(tmp_path, tin
     )
     data = ShardDataModule(train=small_shards, processor=path, batch_size=4, max_length=256)
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=logger, log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     trainer.fit(module, data)
     assert module.routing_context.num_tasks == len(data.tasks) == 4
     for name in ("load_balance", "z_loss", "localized_balance", "mutual_information"):

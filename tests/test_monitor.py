@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import demo_config, mmpeft
 
 from data_recipes.synthetic import SyntheticRecipe
 from mmpeft import plots
@@ -23,8 +24,6 @@ from mmpeft.adapters.routing import RouterRecord, RoutingContext, RoutingStats
 from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.module import lm_loss, lm_losses
 from mmpeft.monitor import Monitor, RunSummary, TokensProgressBar, default_callbacks
-
-from test_cli import demo_config, mmpeft
 
 E = 3
 
@@ -43,8 +42,14 @@ def test_routing_stats_by_hand():
     """Two routed layers in one group, a top-1 instance router in another, a task with no sample, padding left out."""
     context = RoutingContext()
     context.groups = {"layers.0.mlp": "g", "layers.1.mlp": "g", "layers.0.attn": "h"}
-    layer0 = [[[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]], [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05]]]
-    layer1 = [[[0.1, 0.1, 0.8], [0.4, 0.4, 0.2], [0.6, 0.2, 0.2]], [[0.3, 0.3, 0.4], [0.25, 0.25, 0.5], [0.2, 0.2, 0.6]]]
+    layer0 = [
+        [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]],
+        [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05]],
+    ]
+    layer1 = [
+        [[0.1, 0.1, 0.8], [0.4, 0.4, 0.2], [0.6, 0.2, 0.2]],
+        [[0.3, 0.3, 0.4], [0.25, 0.25, 0.5], [0.2, 0.2, 0.6]],
+    ]
     with context.step(torch.tensor([[1, 1, 1], [1, 1, 0]]), task_ids=torch.tensor([0, 2])):
         context.record(record("layers.0.mlp", layer0))
         context.record(record("layers.1.mlp", layer1))
@@ -65,7 +70,9 @@ def test_routing_stats_by_hand():
     assert float(g.load.sum()) == pytest.approx(1.0)
     # Task 0 is sample 0 (3 tokens per layer), task 2 is sample 1 (2 real tokens per layer), task 1 has no sample.
     for task, sample, n in ((0, 0, 3), (2, 1, 2)):
-        expected = [sum(layer[sample][t][e] for layer in (layer0, layer1) for t in range(n)) / (2 * n) for e in range(E)]
+        expected = [
+            sum(layer[sample][t][e] for layer in (layer0, layer1) for t in range(n)) / (2 * n) for e in range(E)
+        ]
         assert g.task_expert[task].tolist() == pytest.approx(expected)
     assert torch.isnan(g.task_expert[1]).all()
 
@@ -112,7 +119,9 @@ def test_router_groups_are_named_after_the_config_and_seen_by_observers(tiny_lla
     assert results["asymlora.1"].load.shape == (2,) and results["mixlora/router_b"].load.shape == (5,)
     for group in results.values():
         assert float(group.load.sum()) == pytest.approx(1.0) and 0.0 < group.entropy <= 1.0
-        assert torch.isnan(group.task_expert[0]).all() and group.task_expert[1].tolist() == pytest.approx(group.load.tolist())
+        assert torch.isnan(group.task_expert[0]).all() and group.task_expert[1].tolist() == pytest.approx(
+            group.load.tolist()
+        )
 
 
 def test_per_sample_losses_equal_each_sample_alone(tiny_llama):
@@ -163,9 +172,16 @@ def parse_table(markdown: str) -> tuple[list[str], list[list[float]]]:
 def test_fit_logs_task_losses_throughput_memory_and_routing(tmp_path, tiny_model_dirs):
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=4)
     result = mmpeft(
-        "fit", "--config", str(config), "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "1",
-        "--model.adapters", '[{"name": "asymlora", "config": {"r": 4, "heads": 3}}]',
-    )  # fmt: skip
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.adapters",
+        '[{"name": "asymlora", "config": {"r": 4, "heads": 3}}]',
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs" / "demo").iterdir()
     events = read_events(run_dir)
@@ -201,7 +217,9 @@ def test_fit_logs_task_losses_throughput_memory_and_routing(tmp_path, tiny_model
     (table,) = events.Tensors("routing/asymlora/task_expert/text_summary")[-1:]
     rows, matrix = parse_table(table.tensor_proto.string_val[0].decode())
     assert rows == tasks and all(len(row) == 3 for row in matrix)
-    assert [sum(row) for row in matrix] == pytest.approx([1.0] * 4, abs=1e-3)  # every validation batch has every task here
+    assert [sum(row) for row in matrix] == pytest.approx(
+        [1.0] * 4, abs=1e-3
+    )  # every validation batch has every task here
 
     # The summary, after the progress bar (which shows tokens/s).
     out = result.stdout
@@ -229,13 +247,23 @@ def test_a_lora_run_logs_no_routing(tmp_path, tiny_model_dirs):
     shards = tmp_path / "shards"
     SyntheticRecipe(samples=24, samples_per_shard=24, seed=5).build(shards, progress=False)
     path = tiny_model_dirs["qwen2_vl"]
-    module = MMPeftModule(Backbone(pretrained=path), [AdapterGroup("lora", ["mlp"], {"r": 4})], Optim(lr=1e-3, warmup=0))
+    module = MMPeftModule(
+        Backbone(pretrained=path), [AdapterGroup("lora", ["mlp"], {"r": 4})], Optim(lr=1e-3, warmup=0)
+    )
     data = ShardDataModule(train=str(shards), val=str(shards), processor=path, batch_size=4, max_length=256)
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=logger, log_every_n_steps=1, val_check_interval=2, limit_val_batches=1,
-        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Monitor()],
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=2,
+        logger=logger,
+        log_every_n_steps=1,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Monitor()],
+    )
     trainer.fit(module, data)
     events = read_events(tmp_path / "run" / "version_0")
     tags = events.Tags()

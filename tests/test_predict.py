@@ -11,6 +11,9 @@ import torch
 import webdataset as wds
 import yaml
 from PIL import Image
+from test_adapters_common import randomise_b
+from test_cli import demo_config, mmpeft, run_main
+from test_mixtures import RoutingSnapshots
 from transformers import StoppingCriteriaList
 
 from data_recipes.synthetic import SyntheticRecipe
@@ -23,10 +26,6 @@ from mmpeft.generation import Generation, JsonlWriter
 from mmpeft.models.backbone import Backbone, language_model, load_backbone, load_processor
 from mmpeft.module import MMPeftModule
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, save_adapter, trainable_tensors
-
-from test_adapters_common import randomise_b
-from test_cli import demo_config, mmpeft, run_main
-from test_mixtures import RoutingSnapshots
 
 CPU = torch.device("cpu")
 BATCH = 3  # the shards hold 3 samples each, and a batch never spans two shards
@@ -64,13 +63,24 @@ def adapter_dirs(tiny_model_dirs, tmp_path_factory, shards) -> dict[tuple[str, s
 
 def module(tiny_model_dirs, adapter_dirs, family: str = "llava", name: str = "lora", **generation) -> MMPeftModule:
     generation = Generation(**{"max_new_tokens": NEW_TOKENS, **generation})
-    return MMPeftModule(Backbone(pretrained=tiny_model_dirs[family]), init_adapter=adapter_dirs[family, name], generation=generation)
+    return MMPeftModule(
+        Backbone(pretrained=tiny_model_dirs[family]), init_adapter=adapter_dirs[family, name], generation=generation
+    )
 
 
-def predict(model: MMPeftModule, data: ShardDataModule, root: Path, *callbacks: L.Callback, output: Path | None = None) -> list[dict]:
+def predict(
+    model: MMPeftModule, data: ShardDataModule, root: Path, *callbacks: L.Callback, output: Path | None = None
+) -> list[dict]:
     """``trainer.predict`` as the CLI runs it (the JSONL writer as a callback); the file's rows."""
     writer = JsonlWriter(None if output is None else str(output))
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=str(root), callbacks=[writer, *callbacks])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(root),
+        callbacks=[writer, *callbacks],
+    )
     trainer.predict(model, data, return_predictions=False)
     assert writer.path == (output or root / "predictions.jsonl") and not Path(f"{writer.path}.partial").exists()
     return [json.loads(line) for line in writer.path.read_text(encoding="utf-8").splitlines()]
@@ -103,14 +113,18 @@ def test_cli_predict_on_shards_gives_what_transformers_generate_gives(tmp_path, 
     assert not Path(f"{output}.partial").exists()
 
     # The same prompts, batched and left-padded by the processor itself, through transformers' generate.
-    samples = [parse_sample(raw) for raw in wds.tarfile_samples([{"url": url} for url in resolve_shards(shards, "shards")])]
+    samples = [
+        parse_sample(raw) for raw in wds.tarfile_samples([{"url": url} for url in resolve_shards(shards, "shards")])
+    ]
     processor = load_processor(tiny_model_dirs["llava"])
     model = load_backbone(Backbone(pretrained=tiny_model_dirs["llava"]), CPU).eval()
     apply_adapter(model, adapter_dirs["llava", "lora"])
     expected = []
     for start in range(0, len(samples), BATCH):
         chunk = samples[start : start + BATCH]
-        texts = [processor.apply_chat_template(s.messages[:-1], tokenize=False, add_generation_prompt=True) for s in chunk]
+        texts = [
+            processor.apply_chat_template(s.messages[:-1], tokenize=False, add_generation_prompt=True) for s in chunk
+        ]
         images = [image for s in chunk for image in s.images]
         inputs = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
         tokens = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -123,14 +137,18 @@ def test_cli_predict_on_shards_gives_what_transformers_generate_gives(tmp_path, 
     assert [r["task"] for r in rows] == [s.task for s in samples]
     last_text = lambda message: "\n".join(p["text"] for p in message["content"] if p["type"] == "text")  # noqa: E731
     assert [r["reference"] for r in rows] == [last_text(s.messages[-1]) for s in samples]
-    assert [r["prompt"] for r in rows] == [last_text([m for m in s.messages if m["role"] == "user"][-1]) for s in samples]
+    assert [r["prompt"] for r in rows] == [
+        last_text([m for m in s.messages if m["role"] == "user"][-1]) for s in samples
+    ]
 
 
 # -- every adapter ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("family", "name"), [("llava", name) for name in ADAPTERS] + [("qwen2_vl", "mixlora")])
-def test_every_adapter_predicts_what_uncached_generation_gives_and_not_the_base_models_answers(tmp_path, tiny_model_dirs, adapter_dirs, shards, family, name):
+def test_every_adapter_predicts_what_uncached_generation_gives_and_not_the_base_models_answers(
+    tmp_path, tiny_model_dirs, adapter_dirs, shards, family, name
+):
     model = module(tiny_model_dirs, adapter_dirs, family, name)
     dm = data(tiny_model_dirs, shards, family)
     rows = predict(model, dm, tmp_path)
@@ -143,9 +161,13 @@ def test_every_adapter_predicts_what_uncached_generation_gives_and_not_the_base_
     base = load_backbone(Backbone(pretrained=tiny_model_dirs[family]), CPU).eval()
     for batch in dm.predict_dataloader():
         inputs, prompt_len = batch["inputs"], batch["inputs"]["input_ids"].shape[1]
-        tokens = model.routing_context.generate(model.model, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
+        tokens = model.routing_context.generate(
+            model.model, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False
+        )
         uncached += decode(processor, tokens, prompt_len)
-        base_answers += decode(processor, base.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False), prompt_len)
+        base_answers += decode(
+            processor, base.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False), prompt_len
+        )
     answers = [r["answer"] for r in rows]
     assert answers == uncached
     assert sum(a != b for a, b in zip(answers, base_answers)) >= 3, (answers, base_answers)
@@ -162,10 +184,18 @@ def test_beam_search_routes_every_beam_as_its_own_prompt(tmp_path, tiny_model_di
     routed = {}
     for beams in (1, 2):
         snapshots = RoutingSnapshots(model.routing_context)
-        model.routing_context.generate(model.model, **inputs, max_new_tokens=3, num_beams=beams, stopping_criteria=StoppingCriteriaList([snapshots]))
+        model.routing_context.generate(
+            model.model,
+            **inputs,
+            max_new_tokens=3,
+            num_beams=beams,
+            stopping_criteria=StoppingCriteriaList([snapshots]),
+        )
         assert snapshots.reused()
         routed[beams] = snapshots.steps[0]
-    assert len(routed[1]) == sum(isinstance(m, Router) for m in model.model.modules()) > 0  # one instance router per adapted layer
+    assert (
+        len(routed[1]) == sum(isinstance(m, Router) for m in model.model.modules()) > 0
+    )  # one instance router per adapted layer
     for router, gate in routed[1].items():  # (batch, 1, heads)
         torch.testing.assert_close(routed[2][router], gate.repeat_interleave(2, dim=0))
 
@@ -184,14 +214,32 @@ def test_jsonl_prompts_with_image_paths(tmp_path, tiny_model_dirs, adapter_dirs)
     write_png(folder / "img" / "red.png", (220, 20, 20))
     blue = write_png(tmp_path / "elsewhere" / "blue.png", (20, 20, 220))
     records = [
-        {"id": "q1", "task": "color", "images": ["img/red.png"], "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]},
-            {"role": "assistant", "content": "red"}]},
-        {"messages": [{"role": "user", "content": [{"type": "image", "image": str(blue)}, {"type": "text", "text": "Où est le carré ?"}]}]},
-        {"id": "q3", "images": ["img/red.png", str(blue)], "messages": [
-            {"role": "system", "content": "Answer briefly."},
-            {"role": "user", "content": "<image><image>Same colour?"}]},
-    ]  # fmt: skip
+        {
+            "id": "q1",
+            "task": "color",
+            "images": ["img/red.png"],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it?"}]},
+                {"role": "assistant", "content": "red"},
+            ],
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": str(blue)}, {"type": "text", "text": "Où est le carré ?"}],
+                }
+            ]
+        },
+        {
+            "id": "q3",
+            "images": ["img/red.png", str(blue)],
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "<image><image>Same colour?"},
+            ],
+        },
+    ]
     prompts = folder / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
@@ -199,7 +247,11 @@ def test_jsonl_prompts_with_image_paths(tmp_path, tiny_model_dirs, adapter_dirs)
     dm = data(tiny_model_dirs, str(prompts), batch_size=1, num_workers=2)
     rows = predict(module(tiny_model_dirs, adapter_dirs), dm, tmp_path)  # to the default output
     assert [r["key"] for r in rows] == ["q1", "line 2", "q3"]
-    assert [r["task"] for r in rows] == ["color", "prompts", "prompts"]  # no task: the file's stem, as the chat recipe does
+    assert [r["task"] for r in rows] == [
+        "color",
+        "prompts",
+        "prompts",
+    ]  # no task: the file's stem, as the chat recipe does
     assert [r["prompt"] for r in rows] == ["What color is it?", "Où est le carré ?", "Same colour?"]
     assert [r.get("reference") for r in rows] == ["red", None, None]
     assert all(r["answer"] for r in rows)
@@ -209,23 +261,43 @@ def test_jsonl_prompts_with_image_paths(tmp_path, tiny_model_dirs, adapter_dirs)
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ({"id": "q2", "images": ["img/missing.png"], "messages": [{"role": "user", "content": "<image>Hi?"}]}, "line 2 (id 'q2'): missing_image: {folder}/img/missing.png"),
-        ({"id": "q2", "images": [], "messages": [{"role": "user", "content": "<image>Hi?"}]}, "line 2 (id 'q2'): image_count_mismatch"),
+        (
+            {"id": "q2", "images": ["img/missing.png"], "messages": [{"role": "user", "content": "<image>Hi?"}]},
+            "line 2 (id 'q2'): missing_image: {folder}/img/missing.png",
+        ),
+        (
+            {"id": "q2", "images": [], "messages": [{"role": "user", "content": "<image>Hi?"}]},
+            "line 2 (id 'q2'): image_count_mismatch",
+        ),
         ('{"id": "q2", "messages": [', "line 2: bad_json"),
     ],
     ids=["missing-image", "image-count", "malformed-json"],
 )
-def test_a_bad_jsonl_line_stops_the_cli_naming_file_line_and_id(tmp_path, tiny_model_dirs, adapter_dirs, capsys, line, message):
+def test_a_bad_jsonl_line_stops_the_cli_naming_file_line_and_id(
+    tmp_path, tiny_model_dirs, adapter_dirs, capsys, line, message
+):
     folder = tmp_path / "in"
     write_png(folder / "img" / "red.png", (220, 20, 20))
     good = {"id": "q1", "images": ["img/red.png"], "messages": [{"role": "user", "content": "<image>What?"}]}
     prompts = folder / "prompts.jsonl"
-    prompts.write_text(json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n", encoding="utf-8")
+    prompts.write_text(
+        json.dumps(good) + "\n" + (line if isinstance(line, str) else json.dumps(line)) + "\n", encoding="utf-8"
+    )
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     code, stderr = run_main(
-        capsys, "predict", "--config", str(config), "--model.init_adapter", adapter_dirs["llava", "lora"],
-        "--data.prepare", "[]", "--data.predict", str(prompts), "--predictions.output", str(tmp_path / "out.jsonl"),
-    )  # fmt: skip
+        capsys,
+        "predict",
+        "--config",
+        str(config),
+        "--model.init_adapter",
+        adapter_dirs["llava", "lora"],
+        "--data.prepare",
+        "[]",
+        "--data.predict",
+        str(prompts),
+        "--predictions.output",
+        str(tmp_path / "out.jsonl"),
+    )
     assert code == 2, stderr[-2000:]
     assert f"error: {prompts}, " + message.format(folder=folder) in stderr
     assert "Traceback" not in stderr
@@ -253,7 +325,13 @@ class FailAfterFirstBatch(L.Callback):
 def test_a_crash_leaves_the_partial_file_and_no_final_one(tmp_path, tiny_model_dirs, adapter_dirs, shards):
     output = tmp_path / "answers.jsonl"
     with pytest.raises(RuntimeError, match="crash after the first batch"):
-        predict(module(tiny_model_dirs, adapter_dirs), data(tiny_model_dirs, shards), tmp_path, FailAfterFirstBatch(), output=output)
+        predict(
+            module(tiny_model_dirs, adapter_dirs),
+            data(tiny_model_dirs, shards),
+            tmp_path,
+            FailAfterFirstBatch(),
+            output=output,
+        )
     assert not output.exists()
     partial = [json.loads(line) for line in Path(f"{output}.partial").read_text(encoding="utf-8").splitlines()]
     assert len(partial) == BATCH and all(r["answer"] for r in partial)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from conftest import fake_distribution
+
 from mmpeft import registry
 from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.cli import main

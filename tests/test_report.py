@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli import run_main
 from torch.utils.tensorboard import SummaryWriter
 
 from mmpeft import plots
 from mmpeft.report import best_point, lower_is_better, read_run, task_table
-
-from test_cli import run_main
 
 TASKS = ["caption", "vqa"]
 CONFIG = "model:\n  adapters:\n  - name: asymlora  # <routed> & logged\n"

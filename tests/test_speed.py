@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_backbone import _batch
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext
@@ -14,8 +15,6 @@ from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import VISION_PATHS, Backbone, get_path, language_model, load_backbone
 from mmpeft.module import MMPeftModule, lm_losses
 from mmpeft.speed import ChunkedLinearCrossEntropy, Speed, apply_to_adapters, output_head
-
-from test_backbone import _batch
 
 CPU = torch.device("cpu")
 # Every lever off: the step as PEFT's path takes it (whole logits, out-of-place add, input grads, every layer recomputed).
@@ -28,7 +27,9 @@ LEVERS = {
 }
 
 
-def step(model_dir: str, quantization: str, speed: Speed, adapter: str) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+def step(
+    model_dir: str, quantization: str, speed: Speed, adapter: str
+) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss, per-sample losses and every adapter gradient of one training step, from the same initial adapter weights."""
     model = load_backbone(Backbone(pretrained=model_dir, quantization=quantization), CPU, speed)
     context = RoutingContext()
@@ -54,7 +55,13 @@ def step(model_dir: str, quantization: str, speed: Speed, adapter: str) -> tuple
 
 @pytest.mark.parametrize(
     "family,quantization,adapter",
-    [("llava", "nf4", "lora"), ("llava", "none", "asymlora"), ("llava", "int8", "lora"), ("qwen2_vl", "nf4", "moelora"), ("qwen2_vl", "fp4", "mixlora")],
+    [
+        ("llava", "nf4", "lora"),
+        ("llava", "none", "asymlora"),
+        ("llava", "int8", "lora"),
+        ("qwen2_vl", "nf4", "moelora"),
+        ("qwen2_vl", "fp4", "mixlora"),
+    ],
 )
 def test_each_lever_and_all_together_keep_loss_and_gradients(tiny_model_dirs, family, quantization, adapter):
     path = tiny_model_dirs[family]
@@ -69,7 +76,13 @@ def test_each_lever_and_all_together_keep_loss_and_gradients(tiny_model_dirs, fa
         for key in grads0:
             # Summation order differs (chunks): an element near zero may differ by float32 noise of the tensor's scale.
             scale = grads0[key].abs().max().item()
-            torch.testing.assert_close(grads[key], grads0[key], rtol=1e-4, atol=max(1e-7, 1e-6 * scale), msg=lambda m: f"{name}: {key}: {m}")
+            torch.testing.assert_close(
+                grads[key],
+                grads0[key],
+                rtol=1e-4,
+                atol=max(1e-7, 1e-6 * scale),
+                msg=lambda m, name=name, key=key: f"{name}: {key}: {m}",
+            )
 
 
 def test_chunked_cross_entropy_matches_whole_logits_in_value_and_gradient():
@@ -109,10 +122,15 @@ def test_gradients_and_recomputation_stay_out_of_the_frozen_vision_tower(tiny_mo
         model = load_backbone(Backbone(pretrained=path), CPU, speed)
         vision = get_path(model, VISION_PATHS, "vision tower")[1]
         lm = language_model(model)
-        flags = lambda tower: [m.gradient_checkpointing for m in tower.modules() if isinstance(m, GradientCheckpointingLayer)]  # noqa: E731
+
+        def flags(tower):
+            return [m.gradient_checkpointing for m in tower.modules() if isinstance(m, GradientCheckpointingLayer)]
+
         seen[name] = (flags(vision), flags(lm))
         out = {}
-        vision.register_forward_hook(lambda module, args, output: out.update(grad=output[0].requires_grad))  # returns None: output kept
+        vision.register_forward_hook(
+            lambda module, args, output, out=out: out.update(grad=output[0].requires_grad)
+        )  # returns None: output kept
         inject_adapters(lm, [AdapterGroup("lora", ["all-linear"], {"r": 2})])
         model.train()
         batch = _batch(path)

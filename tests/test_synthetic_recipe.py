@@ -33,7 +33,9 @@ def decoded(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 def assistant_answers(messages: list[dict[str, Any]]) -> list[str]:
-    return ["".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "assistant"]
+    return [
+        "".join(p["text"] for p in m["content"] if p["type"] == "text") for m in messages if m["role"] == "assistant"
+    ]
 
 
 def image_parts(messages: list[dict[str, Any]]) -> int:
@@ -179,7 +181,9 @@ def test_answers_match_the_pixels(built: tuple[Path, dict[str, Any], list[dict[s
             assert image.getpixel((0, 0)) == BACKGROUNDS[background]
 
 
-def test_caption_answers_are_longer_than_color_answers(built: tuple[Path, dict[str, Any], list[dict[str, Any]]]) -> None:
+def test_caption_answers_are_longer_than_color_answers(
+    built: tuple[Path, dict[str, Any], list[dict[str, Any]]],
+) -> None:
     _, _, samples = built
     lengths: dict[str, list[int]] = {"caption": [], "color": []}
     for record in (json.loads(s["json"]) for s in samples):
@@ -285,5 +289,10 @@ def test_rebuild_removes_stale_shards(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not ours")
     # Another build's data set is replaced only when asked (tests/test_issue14_data.py: refused otherwise).
     manifest = SyntheticRecipe(samples=40, samples_per_shard=20).build(tmp_path, progress=False, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "notes.txt", "train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dataset.json",
+        "notes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
     assert len(read_shards(tmp_path, 2)) == manifest["samples"] == 40

@@ -49,7 +49,6 @@ from mmpeft.saving import AdapterSpec, base_summary, save_adapter, trainable_ten
 # ----------------------------------------------------------------------------------------------
 
 
-
 def last_line(err: str) -> str:
     return (err.strip().splitlines() or [""])[-1]
 
@@ -95,7 +94,13 @@ def test_build_refuses_a_folder_with_tar_files_it_did_not_write(tmp_path, capsys
     before = snapshot(out)
     code, err = build(capsys, out, "--samples", "10", "--samples_per_shard", "10")
     line = last_line(err)
-    assert code == 2 and line.startswith("error: ") and "photos.tar" in line and "train-000003.tar" in line and "--overwrite" in line
+    assert (
+        code == 2
+        and line.startswith("error: ")
+        and "photos.tar" in line
+        and "train-000003.tar" in line
+        and "--overwrite" in line
+    )
     assert snapshot(out) == before
 
     code, err = build(capsys, out, "--samples", "10", "--samples_per_shard", "10", "--overwrite")
@@ -135,7 +140,9 @@ def test_an_interrupted_build_of_the_same_arguments_still_resumes(tmp_path, caps
     code, err = build(capsys, out, "--samples", "30", "--samples_per_shard", "10", "--seed", "4")
     assert code == 0, err
     assert (out / "train-000000.tar").stat().st_mtime_ns == kept
-    assert json.loads((out / "dataset.json").read_text()) == SyntheticRecipe(**args).build(tmp_path / "clean", progress=False)
+    assert json.loads((out / "dataset.json").read_text()) == SyntheticRecipe(**args).build(
+        tmp_path / "clean", progress=False
+    )
     # A finished build run again with the same arguments is fine too.
     assert build(capsys, out, "--samples", "30", "--samples_per_shard", "10", "--seed", "4")[0] == 0
 
@@ -146,17 +153,25 @@ def test_data_prepare_refuses_another_data_set_unless_its_entry_says_overwrite(t
     write are refused unless the entry says `overwrite: true`."""
     out = tmp_path / "prepared"
     src = tmp_path / "chat.jsonl"
-    src.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}) + "\n")
+    src.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]})
+        + "\n"
+    )
     from data_recipes.chat import ChatRecipe
 
     ChatRecipe(src=str(src)).build(out, progress=False)
     (out / "photos.tar").write_bytes(b"an archive" * 100)
     before = snapshot(out)
     run = RecipeRun(recipe="synthetic", out=str(out), args={"samples": 10, "samples_per_shard": 10, "seed": 9})
-    with pytest.raises(ConfigError, match=r"data\.prepare \(synthetic\): .*data set of the 'chat' recipe \(dataset\.json, 1 shard\(s\)\) and 1 tar file\(s\) this build did not write \(photos\.tar\).*overwrite: true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.prepare \(synthetic\): .*data set of the 'chat' recipe \(dataset\.json, 1 shard\(s\)\) and 1 tar file\(s\) this build did not write \(photos\.tar\).*overwrite: true",
+    ):
         run.run()
     assert snapshot(out) == before
-    RecipeRun(recipe="synthetic", out=str(out), args={"samples": 10, "samples_per_shard": 10, "seed": 9}, overwrite=True).run()
+    RecipeRun(
+        recipe="synthetic", out=str(out), args={"samples": 10, "samples_per_shard": 10, "seed": 9}, overwrite=True
+    ).run()
     assert json.loads((out / "dataset.json").read_text())["args"]["seed"] == 9
     assert (out / "photos.tar").read_bytes() == before["photos.tar"]
     # Already built with these arguments: nothing is rebuilt.
@@ -187,7 +202,9 @@ def truncated(tmp_path) -> tuple[Path, Path, int, int, int]:
 
 def test_inspect_fails_on_a_truncated_shard_naming_it_and_both_sizes(truncated, tmp_path, capsys):
     out, shard, size, cut, complete = truncated
-    code, stdout, err = run_cli(capsys, "data", "inspect", str(out), "--no-progress", "--json", str(tmp_path / "r.json"))
+    code, stdout, err = run_cli(
+        capsys, "data", "inspect", str(out), "--no-progress", "--json", str(tmp_path / "r.json")
+    )
     assert code == 2
     line = last_line(err)
     assert line.startswith("error: ") and "train-000001.tar" in line and str(size) in line and str(cut) in line
@@ -215,15 +232,27 @@ def test_fit_refuses_a_truncated_shard_unless_allowed(truncated, tiny_model_dirs
     with caplog.at_level("WARNING", logger="mmpeft.data"):
         code, err = run_main(capsys, *common, "--data.allow_damaged_shards", "true")
     assert code == 0, err[-3000:]
-    assert f"data.train: shard {shard} is {cut} bytes, but {out / 'dataset.json'} records {size} bytes; reading what is left" in caplog.text
+    assert (
+        f"data.train: shard {shard} is {cut} bytes, but {out / 'dataset.json'} records {size} bytes; reading what is left"
+        in caplog.text
+    )
 
 
 def test_an_allowed_damaged_shard_counts_its_lost_samples_as_skipped(truncated, tiny_model_dirs, caplog):
     out, shard, size, cut, complete = truncated
-    dm = ShardDataModule(train=str(out), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256, shuffle_buffer=1)
+    dm = ShardDataModule(
+        train=str(out), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256, shuffle_buffer=1
+    )
     with pytest.raises(DataError, match=rf"data\.train: shard {shard} is {cut} bytes, .*records {size} bytes"):
         dm.setup("fit")
-    dm = ShardDataModule(train=str(out), processor=tiny_model_dirs["llava"], batch_size=4, max_length=256, shuffle_buffer=1, allow_damaged_shards=True)
+    dm = ShardDataModule(
+        train=str(out),
+        processor=tiny_model_dirs["llava"],
+        batch_size=4,
+        max_length=256,
+        shuffle_buffer=1,
+        allow_damaged_shards=True,
+    )
     with caplog.at_level("WARNING", logger="mmpeft.data"):
         dm.setup("fit")
         batches = list(dm.train_dataloader())
@@ -266,7 +295,13 @@ def test_no_good_sample_from_a_non_empty_source_is_an_error(tmp_path, capsys, re
     out = tmp_path / "out"
     code, err = run_main(capsys, "data", "build", recipe, "--src", str(src), "--out", str(out), "--progress", "false")
     line = last_line(err)
-    assert code == 2 and line.startswith("error: ") and str(src) in line and reason in line and f"{len(records)} record" in line
+    assert (
+        code == 2
+        and line.startswith("error: ")
+        and str(src) in line
+        and reason in line
+        and f"{len(records)} record" in line
+    )
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -283,7 +318,10 @@ class _AllBad(ShardRecipe):
 
 def test_no_good_sample_is_an_error_for_any_recipe(tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(DataError, match=r"all_bad: none of its 3 record\(s\) became a sample: bad_image 3 \(e\.g\. 0: bad_image: image 0 is broken\)"):
+    with pytest.raises(
+        DataError,
+        match=r"all_bad: none of its 3 record\(s\) became a sample: bad_image 3 \(e\.g\. 0: bad_image: image 0 is broken\)",
+    ):
         _AllBad(samples_per_shard=2).build(tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -303,7 +341,13 @@ def test_a_broken_shard_is_reported_as_a_readable_line(tmp_path, tiny_model_dirs
     assert "BufferedReader" not in stdout + err and "('" not in problem
     assert "zz-000000.tar" in last_line(err)
 
-    dm = ShardDataModule(train=f"{out}/*.tar", processor=tiny_model_dirs["llava"], tasks=sorted(SyntheticRecipe().tasks), batch_size=4, shuffle_buffer=1)
+    dm = ShardDataModule(
+        train=f"{out}/*.tar",
+        processor=tiny_model_dirs["llava"],
+        tasks=sorted(SyntheticRecipe().tasks),
+        batch_size=4,
+        shuffle_buffer=1,
+    )
     dm.setup("fit")
     with caplog.at_level("WARNING", logger="mmpeft.data"):
         batches = list(dm.train_dataloader())
@@ -322,13 +366,18 @@ def test_predict_and_merge_name_a_broken_shard_in_words(tmp_path, tiny_model_dir
     broken = tmp_path / "zz-000000.tar"
     broken.write_bytes(b"this is not a tar file " * 40)
     processor = load_processor(tiny_model_dirs["llava"])
-    stream = PromptStream([Source(str(broken), (Shard(str(broken)),))], ChatEncoder(processor, ["color"], 256), 2, rank=0, world=1)
+    stream = PromptStream(
+        [Source(str(broken), (Shard(str(broken)),))], ChatEncoder(processor, ["color"], 256), 2, rank=0, world=1
+    )
     with pytest.raises(DataError) as caught:
         list(stream)
     assert str(caught.value) == f"shard {broken} cannot be read: not a tar file, or a damaged one (invalid header)"
     with pytest.raises(DataError) as caught:
         task_batches(str(broken), processor, ["color"], None, 4, 2, 256)
-    assert str(caught.value) == f"--data {str(broken)!r}: cannot read a shard: {broken}: not a tar file, or a damaged one (invalid header)"
+    assert (
+        str(caught.value)
+        == f"--data {str(broken)!r}: cannot read a shard: {broken}: not a tar file, or a damaged one (invalid header)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,7 +448,19 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(capsys, w
     out = workspace[first] / rest if rest else workspace[first]
     before = {name: digest(path) for name, path in workspace.items()}
     extra = ["--format", "peft"] if tool == "export" else ["--dtype", "fp32"]
-    code, err = run_main(capsys, tool, *extra, "--adapter", str(workspace["adapter"]), "--out", str(out), "--quantization", "none", "--data", str(workspace["shards"]))
+    code, err = run_main(
+        capsys,
+        tool,
+        *extra,
+        "--adapter",
+        str(workspace["adapter"]),
+        "--out",
+        str(out),
+        "--quantization",
+        "none",
+        "--data",
+        str(workspace["shards"]),
+    )
     assert code == 2, err[-2000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: --out ") and str(out) in line and str(workspace[what]) in line, line
@@ -410,10 +471,14 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(capsys, w
 def test_merge_and_export_beside_their_inputs_still_write(capsys, workspace):
     before = {name: digest(path) for name, path in workspace.items()}
     out = workspace["models"] / "peft"  # a sibling of the base: nothing of it is replaced
-    code, err = run_main(capsys, "export", "--format", "peft", "--adapter", str(workspace["adapter"]), "--out", str(out))
+    code, err = run_main(
+        capsys, "export", "--format", "peft", "--adapter", str(workspace["adapter"]), "--out", str(out)
+    )
     assert code == 0, err[-2000:]
     assert (out / "adapter_model.safetensors").is_file()
-    assert {name: digest(path) for name, path in workspace.items() if name != "models"} == {k: v for k, v in before.items() if k != "models"}
+    assert {name: digest(path) for name, path in workspace.items() if name != "models"} == {
+        k: v for k, v in before.items() if k != "models"
+    }
 
 
 def tensorboard_run(run_dir: Path) -> None:
@@ -447,16 +512,25 @@ def test_report_refuses_to_write_over_the_run_it_reads(capsys, tmp_path, where):
 # -- 2. the base named by an adapter works from any folder ----------------------------------------
 
 
-def test_an_adapter_saved_with_a_relative_base_loads_from_another_folder(capsys, monkeypatch, tmp_path, tiny_model_dirs, trained):
+def test_an_adapter_saved_with_a_relative_base_loads_from_another_folder(
+    capsys, monkeypatch, tmp_path, tiny_model_dirs, trained
+):
     training = tmp_path / "project"
     shutil.copytree(tiny_model_dirs["llava"], training / ".cache" / "mmpeft" / "tiny-llava")
     spec, tensors = trained
     monkeypatch.chdir(training)  # fit ran here, with model.backbone.pretrained relative to it
-    save_adapter("runs/demo/version_0/adapter", dataclasses.replace(spec, base_model=".cache/mmpeft/tiny-llava"), tensors)
+    save_adapter(
+        "runs/demo/version_0/adapter", dataclasses.replace(spec, base_model=".cache/mmpeft/tiny-llava"), tensors
+    )
     save_adapter("hub-adapter", dataclasses.replace(spec, base_model="llava-hf/llava-1.5-7b-hf"), tensors)
-    recorded = json.loads((training / "runs/demo/version_0/adapter/adapter_config.json").read_text())["base_model"]["name_or_path"]
+    recorded = json.loads((training / "runs/demo/version_0/adapter/adapter_config.json").read_text())["base_model"][
+        "name_or_path"
+    ]
     assert recorded == str(training / ".cache" / "mmpeft" / "tiny-llava")  # absolute
-    assert json.loads((training / "hub-adapter/adapter_config.json").read_text())["base_model"]["name_or_path"] == "llava-hf/llava-1.5-7b-hf"
+    assert (
+        json.loads((training / "hub-adapter/adapter_config.json").read_text())["base_model"]["name_or_path"]
+        == "llava-hf/llava-1.5-7b-hf"
+    )
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -468,7 +542,9 @@ def test_an_adapter_saved_with_a_relative_base_loads_from_another_folder(capsys,
 
 
 @pytest.mark.parametrize("recorded", [".cache/mmpeft/tiny-llava", "models/tiny-llava"])
-def test_an_old_adapter_with_a_relative_base_says_which_path_was_tried(capsys, monkeypatch, tmp_path, trained, recorded):
+def test_an_old_adapter_with_a_relative_base_says_which_path_was_tried(
+    capsys, monkeypatch, tmp_path, trained, recorded
+):
     spec, tensors = trained
     adapter = save_adapter(tmp_path / "adapter", spec, tensors)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -501,8 +577,17 @@ def test_every_written_file_has_the_umasks_mode(capsys, tmp_path, workspace, usu
     assert run_main(capsys, "export", "--format", "peft", *common, "--out", str(out["peft"]))[0] == 0
     assert run_main(capsys, "merge", *common, "--dtype", "fp32", "--out", str(out["merged"]))[0] == 0
     assert run_main(capsys, "tiny-model", "--family", "llava", "--out", str(out["tiny"]))[0] == 0
-    modes = {f"{name}/{p.name}": oct(stat.S_IMODE(p.stat().st_mode)) for name, folder in out.items() for p in folder.iterdir()}
-    assert {"adapter/adapter.safetensors", "peft/adapter_model.safetensors", "merged/model.safetensors", "tiny/model.safetensors"} <= set(modes)
+    modes = {
+        f"{name}/{p.name}": oct(stat.S_IMODE(p.stat().st_mode))
+        for name, folder in out.items()
+        for p in folder.iterdir()
+    }
+    assert {
+        "adapter/adapter.safetensors",
+        "peft/adapter_model.safetensors",
+        "merged/model.safetensors",
+        "tiny/model.safetensors",
+    } <= set(modes)
     assert modes == dict.fromkeys(modes, oct(usual_umask))
     assert {oct(stat.S_IMODE(folder.stat().st_mode)) for folder in out.values()} == {"0o755"}
 
@@ -515,7 +600,9 @@ def _spec_and_tensors(workspace: dict[str, Path]) -> tuple[AdapterSpec, dict]:
 
 def test_export_writes_target_modules_sorted(capsys, tmp_path, workspace):
     out = tmp_path / "peft"
-    code, err = run_main(capsys, "export", "--format", "peft", "--adapter", str(workspace["adapter"]), "--out", str(out))
+    code, err = run_main(
+        capsys, "export", "--format", "peft", "--adapter", str(workspace["adapter"]), "--out", str(out)
+    )
     assert code == 0, err[-2000:]
     modules = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert len(modules) == 2 * 4 and modules == sorted(modules)  # q, k, v, o of 2 layers, in one order on every run
@@ -524,23 +611,52 @@ def test_export_writes_target_modules_sorted(capsys, tmp_path, workspace):
 # -- 5. one spelling of every flag in --help, both accepted ---------------------------------------
 
 
-
 @pytest.mark.parametrize("spelling", ["--batch-size", "--batch_size"])
 @pytest.mark.parametrize("tool", ["merge", "export"])
 def test_merge_and_export_take_both_spellings(capsys, tmp_path, tool, spelling):
     extra = ["--format", "peft"] if tool == "export" else []
-    code, err = run_main(capsys, tool, *extra, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o"), spelling, "0", "--max_length", "64")
-    assert code == 2 and err.strip().splitlines()[-1] == "error: --samples and --batch-size must be >= 1, got 64 and 0", err[-2000:]
+    code, err = run_main(
+        capsys,
+        tool,
+        *extra,
+        "--adapter",
+        str(tmp_path / "a"),
+        "--out",
+        str(tmp_path / "o"),
+        spelling,
+        "0",
+        "--max_length",
+        "64",
+    )
+    assert (
+        code == 2 and err.strip().splitlines()[-1] == "error: --samples and --batch-size must be >= 1, got 64 and 0"
+    ), err[-2000:]
 
 
 @pytest.mark.parametrize(
     ("command", "shown", "hidden"),
     [
-        (["merge"], ["--batch-size", "--max-length", "--double-quant", "--merge-into", "--trust-remote-code"], ["--batch_size", "--max_length"]),
+        (
+            ["merge"],
+            ["--batch-size", "--max-length", "--double-quant", "--merge-into", "--trust-remote-code"],
+            ["--batch_size", "--max_length"],
+        ),
         (["export"], ["--batch-size", "--max-length"], ["--batch_size", "--max_length"]),
-        (["data", "inspect"], ["--max-length", "--trust-remote-code", "--no-progress"], ["--max_length", "--trust_remote_code"]),
-        (["data", "build", "synthetic"], ["--samples-per-shard", "--image-size"], ["--samples_per_shard", "--image_size"]),
-        (["data", "build", "llava"], ["--samples-per-shard", "--task-map", "--task-field"], ["--samples_per_shard", "--task_map", "--task_field"]),
+        (
+            ["data", "inspect"],
+            ["--max-length", "--trust-remote-code", "--no-progress"],
+            ["--max_length", "--trust_remote_code"],
+        ),
+        (
+            ["data", "build", "synthetic"],
+            ["--samples-per-shard", "--image-size"],
+            ["--samples_per_shard", "--image_size"],
+        ),
+        (
+            ["data", "build", "llava"],
+            ["--samples-per-shard", "--task-map", "--task-field"],
+            ["--samples_per_shard", "--task_map", "--task_field"],
+        ),
         (["report"], ["--out"], []),
         (["tiny-model"], ["--family", "--out"], []),
     ],
@@ -552,10 +668,14 @@ def test_help_shows_each_flag_with_dashes_only(capsys, command, shown, hidden):
     assert not [flag for flag in hidden if flag in out], out
 
 
-@pytest.mark.parametrize("spelling", [["--samples-per-shard", "4", "--image-size", "24"], ["--samples_per_shard", "4", "--image_size", "24"]])
+@pytest.mark.parametrize(
+    "spelling", [["--samples-per-shard", "4", "--image-size", "24"], ["--samples_per_shard", "4", "--image_size", "24"]]
+)
 def test_data_build_and_inspect_take_both_spellings(capsys, tmp_path, spelling):
     out = tmp_path / "shards"
-    code, err = run_main(capsys, "data", "build", "synthetic", "--out", str(out), "--samples", "8", *spelling, "--progress", "false")
+    code, err = run_main(
+        capsys, "data", "build", "synthetic", "--out", str(out), "--samples", "8", *spelling, "--progress", "false"
+    )
     assert code == 0, err[-2000:]
     index = json.loads((out / "dataset.json").read_text())
     assert len(index["shards"]) == 2 and index["args"]["samples_per_shard"] == 4 and index["args"]["image_size"] == 24
@@ -596,7 +716,9 @@ def build_shards(capsys, folder: Path, tasks: list[str], per_task: int = 2) -> P
             lines.append(json.dumps({"id": f"r{t}x{n}", "task": task, "images": [name], "messages": messages}))
     (src / "chats.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = folder / "shards"
-    code, _, err = run_cli(capsys, "data", "build", "chat", "--src", str(src / "chats.jsonl"), "--out", str(out), "--progress", "false")
+    code, _, err = run_cli(
+        capsys, "data", "build", "chat", "--src", str(src / "chats.jsonl"), "--out", str(out), "--progress", "false"
+    )
     assert code == 0, err
     assert sorted(json.loads((out / "dataset.json").read_text(encoding="utf-8"))["tasks"]) == sorted(tasks)
     return out
@@ -634,12 +756,18 @@ data:
   max_length: 4096
   max_skip_fraction: 0.0
 """
-LORA_AND_ASYMLORA = "[{name: lora, targets: [attention], config: {r: 4}}, {name: asymlora, targets: [mlp], config: {r: 4, heads: 2}}]"
+LORA_AND_ASYMLORA = (
+    "[{name: lora, targets: [attention], config: {r: 4}}, {name: asymlora, targets: [mlp], config: {r: 4, heads: 2}}]"
+)
 
 
-def write_config(root: Path, base: str, train: Path, val: Path, steps: int = 2, adapters: str = LORA_AND_ASYMLORA) -> Path:
+def write_config(
+    root: Path, base: str, train: Path, val: Path, steps: int = 2, adapters: str = LORA_AND_ASYMLORA
+) -> Path:
     path = root / "fit.yaml"
-    path.write_text(CONFIG.format(root=root, base=base, train=train, val=val, steps=steps, adapters=adapters), encoding="utf-8")
+    path.write_text(
+        CONFIG.format(root=root, base=base, train=train, val=val, steps=steps, adapters=adapters), encoding="utf-8"
+    )
     return path
 
 
@@ -687,12 +815,16 @@ def test_figures_draw_any_task_name_as_it_is():
     assert plots.rgb(heatmap).shape[:2] == plots.heatmap_size(NAMES, 2)[::-1]
     assert [label.get_text() for label in heatmap.axes[0].get_yticklabels()] == NAMES
     texts = heatmap.findobj(Text)
-    assert NAMES[1] in [t.get_text() for t in texts] and not any(t.get_parse_math() or t.get_usetex() for t in texts)  # drawn as it is
+    assert NAMES[1] in [t.get_text() for t in texts] and not any(
+        t.get_parse_math() or t.get_usetex() for t in texts
+    )  # drawn as it is
     chart = plots.line_chart({name: ([0, 1], [1.0, 0.5]) for name in NAMES}, "loss of $x$", "$")
     assert Image.open(io.BytesIO(plots.png(chart))).size == (700, 360)
     # Nor is it TeX where the user's matplotlibrc asks for it (this machine has no LaTeX: TeX would fail).
     with matplotlib.rc_context({"text.usetex": True}):
-        assert Image.open(io.BytesIO(plots.png(plots.heatmap(np.eye(2), ["a_b", "50%"], "#1 & more")))).size == plots.heatmap_size(["a_b", "50%"], 2)
+        assert Image.open(
+            io.BytesIO(plots.png(plots.heatmap(np.eye(2), ["a_b", "50%"], "#1 & more")))
+        ).size == plots.heatmap_size(["a_b", "50%"], 2)
 
 
 def test_task_expert_table_keeps_every_name_in_its_own_cell():
@@ -732,7 +864,9 @@ def test_score_table_prints_any_task_name_as_it_is():
     from mmpeft.metrics import Results
 
     names = [*NAMES, "[/x]", "[b]y"]
-    results = Results({name: {"samples": 1.0, "loss": float(i)} for i, name in enumerate(names)}, {"samples": 7.0, "loss": 3.0})
+    results = Results(
+        {name: {"samples": 1.0, "loss": float(i)} for i, name in enumerate(names)}, {"samples": 7.0, "loss": 3.0}
+    )
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(results.table("validation: [/scores] per task"))
     text = console.export_text()
@@ -746,7 +880,9 @@ def test_score_table_prints_any_task_name_as_it_is():
 @pytest.mark.slow
 def test_any_task_name_works_in_fit_tensorboard_and_report(tiny_model_dirs, tmp_path, capsys):
     shards = build_shards(capsys, tmp_path / "data", NAMES)
-    config = write_config(tmp_path, tiny_model_dirs["llava"], shards, shards, steps=5)  # 5 batches of 2: every sample trained on
+    config = write_config(
+        tmp_path, tiny_model_dirs["llava"], shards, shards, steps=5
+    )  # 5 batches of 2: every sample trained on
     code, _, err = run_cli(capsys, "fit", "--config", str(config))
     assert code == 0, err[-3000:]
     run = tmp_path / "runs" / "fit" / "version_0"
@@ -770,7 +906,9 @@ def test_any_task_name_works_in_fit_tensorboard_and_report(tiny_model_dirs, tmp_
         assert f"<td>{html.escape(name)}</td>" in page  # escaped once, in its cell
     assert "<i>|&" not in page
     # The charts: losses, per-task training losses, auxiliary losses, the heatmap, router entropy.
-    assert {"loss", "training loss per task", "asymlora task x expert", "router entropy / log(experts)"} <= set(parser.images), parser.images
+    assert {"loss", "training loss per task", "asymlora task x expert", "router entropy / log(experts)"} <= set(
+        parser.images
+    ), parser.images
     assert heatmap == "routing/asymlora/task_expert"
 
 
@@ -780,7 +918,9 @@ def test_evaluation_scores_tasks_the_adapter_never_saw_and_the_resume_advice_wor
     base = tiny_model_dirs["llava"]
     old = build_shards(capsys, tmp_path / "old", ["color", "shape"])
     new = build_shards(capsys, tmp_path / "new", ["ocr", "a/b c"])
-    config = write_config(tmp_path, base, old, old, steps=1, adapters="[{name: asymlora, targets: [mlp], config: {r: 4, heads: 2}}]")
+    config = write_config(
+        tmp_path, base, old, old, steps=1, adapters="[{name: asymlora, targets: [mlp], config: {r: 4, heads: 2}}]"
+    )
     code, _, err = run_cli(capsys, "fit", "--config", str(config), "--trainer.limit_val_batches", "0")
     assert code == 0, err[-3000:]
     adapter = tmp_path / "runs" / "fit" / "version_0" / "adapter"
@@ -802,14 +942,44 @@ def test_evaluation_scores_tasks_the_adapter_never_saw_and_the_resume_advice_wor
 
     # predict answers them too (generation uses no task id).
     answers = tmp_path / "answers.jsonl"
-    code, _, err = run_cli(capsys, "predict", "--config", str(config), "--model.init_adapter", str(adapter), "--data.predict", str(new),
-                           "--predictions.output", str(answers), "--model.generation.max_new_tokens", "2")  # fmt: skip
+    code, _, err = run_cli(
+        capsys,
+        "predict",
+        "--config",
+        str(config),
+        "--model.init_adapter",
+        str(adapter),
+        "--data.predict",
+        str(new),
+        "--predictions.output",
+        str(answers),
+        "--model.generation.max_new_tokens",
+        "2",
+    )
     assert code == 0, err[-3000:]
-    assert sorted(json.loads(line)["task"] for line in answers.read_text().splitlines()) == ["a/b c", "a/b c", "ocr", "ocr"]
+    assert sorted(json.loads(line)["task"] for line in answers.read_text().splitlines()) == [
+        "a/b c",
+        "a/b c",
+        "ocr",
+        "ocr",
+    ]
 
     # Training on from the adapter keeps its task ids: a task it lacks is refused, with advice that works.
-    args = ("fit", "--config", str(config), "--model.init_adapter", str(adapter), "--data.train", str(new), "--data.val", str(new),
-            "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path / "more"))  # fmt: skip
+    args = (
+        "fit",
+        "--config",
+        str(config),
+        "--model.init_adapter",
+        str(adapter),
+        "--data.train",
+        str(new),
+        "--data.val",
+        str(new),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path / "more"),
+    )
     code, _, err = run_cli(capsys, *args)
     line = error_line(err)
     assert code == 2 and "['color', 'shape']" in line and "['a/b c', 'ocr']" in line, line
@@ -818,8 +988,12 @@ def test_evaluation_scores_tasks_the_adapter_never_saw_and_the_resume_advice_wor
     assert json.loads(advice.group(1)) == ["color", "shape", "a/b c", "ocr"]  # the old ids kept, the new appended
     code, _, err = run_cli(capsys, *args, "--data.tasks", "[ocr, a/b c, color, shape]")  # renumbers the adapter's tasks
     line = error_line(err)
-    assert code == 2 and line.startswith("error: data.tasks ['ocr', 'a/b c', 'color', 'shape'] changes the task ids of model.init_adapter"), line
-    assert 'set data.tasks to ["color", "shape", "ocr", "a/b c"]' in line  # the adapter's tasks first, then the new in the order given
+    assert code == 2 and line.startswith(
+        "error: data.tasks ['ocr', 'a/b c', 'color', 'shape'] changes the task ids of model.init_adapter"
+    ), line
+    assert (
+        'set data.tasks to ["color", "shape", "ocr", "a/b c"]' in line
+    )  # the adapter's tasks first, then the new in the order given
     code, _, err = run_cli(capsys, *args, "--data.tasks", advice.group(1))
     assert code == 0, err[-3000:]
     (adapter2,) = set((tmp_path / "runs" / "fit").glob("version_*/adapter")) - {adapter}
@@ -846,11 +1020,9 @@ NOISE = [
 ]
 """Lines every command printed: bitsandbytes' CPU kernel message (and kernels' offline note), Lightning's tips, a deprecation, transformers' loading bars."""
 
-PLAIN = re.compile(r"^step (\d+)/(\d+)  loss (\d+\.\d+)  ([\d,]+) tokens/s  elapsed (\d+:\d\d:\d\d)  eta (\d+:\d\d:\d\d)$")
-
-
-
-
+PLAIN = re.compile(
+    r"^step (\d+)/(\d+)  loss (\d+\.\d+)  ([\d,]+) tokens/s  elapsed (\d+:\d\d:\d\d)  eta (\d+:\d\d:\d\d)$"
+)
 
 
 def noise_in(text: str) -> list[str]:
@@ -914,7 +1086,9 @@ def test_the_bar_counts_steps_of_max_steps_with_eta_loss_and_tokens_but_no_v_num
     shards = tmp_path / "shards"
     SyntheticRecipe(samples=40, samples_per_shard=40, seed=5).build(shards, progress=False)
     path = tiny_model_dirs["llava"]
-    module = MMPeftModule(Backbone(pretrained=path), [AdapterGroup("lora", ["mlp"], {"r": 4})], Optim(lr=1e-3, warmup=0))
+    module = MMPeftModule(
+        Backbone(pretrained=path), [AdapterGroup("lora", ["mlp"], {"r": 4})], Optim(lr=1e-3, warmup=0)
+    )
     data = ShardDataModule(train=str(shards), processor=path, batch_size=4, max_length=256)
     screen = io.StringIO()
     bar = TokensProgressBar(console_kwargs={"file": screen, "force_terminal": True, "width": 200})
@@ -927,9 +1101,15 @@ def test_the_bar_counts_steps_of_max_steps_with_eta_loss_and_tokens_but_no_v_num
             rows[trainer.global_step] = console.file.getvalue().strip()
 
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, max_epochs=1, logger=TensorBoardLogger(tmp_path, name="run"), log_every_n_steps=1,
-        limit_val_batches=0, enable_checkpointing=False, callbacks=[bar, *default_callbacks([bar]), Snapshot()],
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=4,
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        callbacks=[bar, *default_callbacks([bar]), Snapshot()],
+    )
     try:
         trainer.fit(module, data)
     finally:
@@ -969,7 +1149,11 @@ def test_only_the_exact_known_messages_are_silenced():
 
     gemm = "Failed to load CPU gemm_4bit_forward from kernels-community: offline. Please make sure you already `pip install kernels`"
     tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/)"
-    for name, known in (("bitsandbytes.backends.cpu.ops", gemm), ("lightning.pytorch.utilities.rank_zero", tip), ("mmpeft", gemm)):
+    for name, known in (
+        ("bitsandbytes.backends.cpu.ops", gemm),
+        ("lightning.pytorch.utilities.rank_zero", tip),
+        ("mmpeft", gemm),
+    ):
         logger = logging.getLogger(name)
         handler = Keep()
         logger.addHandler(handler)
@@ -979,14 +1163,25 @@ def test_only_the_exact_known_messages_are_silenced():
         finally:
             logger.removeHandler(handler)
     # Only the known message of each exact logger is dropped: the same text elsewhere still shows.
-    assert seen == ["a real warning from bitsandbytes.backends.cpu.ops", "a real warning from lightning.pytorch.utilities.rank_zero", gemm, "a real warning from mmpeft"]
+    assert seen == [
+        "a real warning from bitsandbytes.backends.cpu.ops",
+        "a real warning from lightning.pytorch.utilities.rank_zero",
+        gemm,
+        "a real warning from mmpeft",
+    ]
 
     with warnings.catch_warnings(record=True) as caught:
         quiet_known_noise()  # pytest resets the warning filters for each test: set them again inside
         warnings.simplefilter("always")
         quiet_known_noise()
         module = "lightning.pytorch.utilities._pytree"
-        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.", FutureWarning, "_pytree.py", 21, module)
+        warnings.warn_explicit(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.",
+            FutureWarning,
+            "_pytree.py",
+            21,
+            module,
+        )
         warnings.warn_explicit("something else is deprecated", FutureWarning, "_pytree.py", 22, module)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
 
@@ -1010,7 +1205,9 @@ def test_resume_continues_the_run_folder_and_the_summary_counts_its_own_steps(fi
     run = root / "runs" / "demo" / "version_0"
     steps = scalar_steps(run, "train/loss")
     assert steps == [4, 9, 14], steps  # every 5 steps (at Lightning's step - 1), before and after the resume, once each
-    assert re.search(rf"fit: 4 steps \(resumed at step {STEPS}, now at step 16\) in \d+m \d\ds", resumed.stdout), resumed.stdout
+    assert re.search(rf"fit: 4 steps \(resumed at step {STEPS}, now at step 16\) in \d+m \d\ds", resumed.stdout), (
+        resumed.stdout
+    )
     assert [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")] == ["15/16", "16/16"]
     assert f"logs:        {run.resolve()}" in resumed.stdout and (run / "adapter" / "adapter_config.json").is_file()
 
@@ -1046,13 +1243,26 @@ def test_evaluation_commands_make_no_training_run_folder_and_predict_says_where_
     before = versions(root)
     output = root / "answers" / "val.jsonl"
     code, out, err = run_cli(
-        capsys, "predict", "--config", str(config), "--model.init_adapter", str(root / "runs" / "demo" / "version_0" / "adapter"),
-        "--data.predict", str(root / "shards" / "val"), "--model.generation.max_new_tokens", "2", "--trainer.limit_predict_batches", "1",
-        "--predictions.output", str(output),
-    )  # fmt: skip
+        capsys,
+        "predict",
+        "--config",
+        str(config),
+        "--model.init_adapter",
+        str(root / "runs" / "demo" / "version_0" / "adapter"),
+        "--data.predict",
+        str(root / "shards" / "val"),
+        "--model.generation.max_new_tokens",
+        "2",
+        "--trainer.limit_predict_batches",
+        "1",
+        "--predictions.output",
+        str(output),
+    )
     assert code == 0, err[-3000:]
     assert versions(root) == before  # predict logs nothing
-    assert config.read_bytes() == config_bytes and not list(root.glob("runs/demo/*.yaml"))  # no config saved over the user's
+    assert config.read_bytes() == config_bytes and not list(
+        root.glob("runs/demo/*.yaml")
+    )  # no config saved over the user's
     rows = output.read_text().splitlines()
     assert f"predictions: {output.resolve()} ({len(rows)} answers)" in out.splitlines()
 
@@ -1075,10 +1285,29 @@ def test_the_summary_counts_skipped_samples_by_reason(tmp_path, tiny_model_dirs,
     write_mixed_shard(shard, 14)  # 14 good, one malformed JSON, one missing image
     config = demo_config(tmp_path, tiny_model_dirs["llava"], "llava", steps=2)
     code, out, err = run_cli(
-        capsys, "fit", "--config", str(config), "--data.prepare", "[]", "--data.train", str(shard), "--data.val", "null",
-        "--data.tasks", "[color]", "--data.shuffle_buffer", "1", "--data.num_workers", "0", "--data.max_skip_fraction", "0.2",
-        "--trainer.max_steps", "3", "--trainer.val_check_interval", "null",
-    )  # fmt: skip
+        capsys,
+        "fit",
+        "--config",
+        str(config),
+        "--data.prepare",
+        "[]",
+        "--data.train",
+        str(shard),
+        "--data.val",
+        "null",
+        "--data.tasks",
+        "[color]",
+        "--data.shuffle_buffer",
+        "1",
+        "--data.num_workers",
+        "0",
+        "--data.max_skip_fraction",
+        "0.2",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "null",
+    )
     assert code == 0, err[-3000:]
     assert "skipped:     2 training samples (bad_json 1, image_count_mismatch 1)" in out.splitlines(), out
 
@@ -1119,8 +1348,19 @@ def test_lightning_and_os_errors_are_one_line(first_fit, tmp_path, capsys, permi
     else:  # a full disk, for real: the prediction file's .partial is /dev/full
         output = tmp_path / "answers.jsonl"
         Path(f"{output}.partial").symlink_to("/dev/full")
-        args = ["predict", "--config", str(config), "--data.predict", str(root / "shards" / "val"), "--predictions.output", str(output),
-                "--model.generation.max_new_tokens", "1", "--trainer.limit_predict_batches", "1"]  # fmt: skip
+        args = [
+            "predict",
+            "--config",
+            str(config),
+            "--data.predict",
+            str(root / "shards" / "val"),
+            "--predictions.output",
+            str(output),
+            "--model.generation.max_new_tokens",
+            "1",
+            "--trainer.limit_predict_batches",
+            "1",
+        ]
         expected = f"error: No space left on device: '{output}.partial'"
     code, out, err = run_cli(capsys, *args)
     assert code == 2, err[-3000:]
@@ -1128,7 +1368,9 @@ def test_lightning_and_os_errors_are_one_line(first_fit, tmp_path, capsys, permi
     assert line.startswith(expected), line
     assert "Traceback" not in err
     if case == "permission-denied":
-        assert str(permission_denied).split("/")[1] in line and ("Permission denied" in line or "Operation not permitted" in line), line
+        assert str(permission_denied).split("/")[1] in line and (
+            "Permission denied" in line or "Operation not permitted" in line
+        ), line
     if case == "last-without-checkpoint":
         assert "Set `ModelCheckpoint" not in err  # not Lightning's warning, and it did not train from scratch
     assert versions(root) == before
@@ -1166,10 +1408,25 @@ def test_a_mistyped_command_lists_the_tools_too(capsys):
     assert code == 2
     line = error_line(err)
     assert line.startswith("error: unknown command 'fitt'") and "did you mean 'fit'?" in line, line
-    for command in ("fit", "validate", "test", "predict", "adapters", "tiny-model", "data", "merge", "export", "report"):
-        assert f" {command}," in line or f" {command} " in line or line.endswith(f" {command}") or f" {command};" in line, (command, line)
+    for command in (
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "adapters",
+        "tiny-model",
+        "data",
+        "merge",
+        "export",
+        "report",
+    ):
+        assert (
+            f" {command}," in line or f" {command} " in line or line.endswith(f" {command}") or f" {command};" in line
+        ), (command, line)
     code, out, err = run_cli(capsys)  # no command at all: the same list
-    assert code == 2 and error_line(err).startswith("error: no command given; commands: fit, validate, test, predict, adapters, tiny-model")
+    assert code == 2 and error_line(err).startswith(
+        "error: no command given; commands: fit, validate, test, predict, adapters, tiny-model"
+    )
 
 
 def test_generated_answers_do_not_start_with_a_space(tiny_model_dirs):
@@ -1186,9 +1443,16 @@ def test_generated_answers_do_not_start_with_a_space(tiny_model_dirs):
     module.tokenizer = processor.tokenizer
     # A word token that decodes with a leading space, forced by a logits bias (greedy decoding picks it).
     vocab = processor.tokenizer.get_vocab()
-    word = next(i for t, i in sorted(vocab.items()) if processor.tokenizer.decode([i]).startswith(" ") and processor.tokenizer.decode([i]).strip().isalpha())
+    word = next(
+        i
+        for t, i in sorted(vocab.items())
+        if processor.tokenizer.decode([i]).startswith(" ") and processor.tokenizer.decode([i]).strip().isalpha()
+    )
     assert processor.tokenizer.decode([word, word]).startswith(" ")  # what decode gives: a leading space
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}], add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+        add_generation_prompt=True,
+    )
     inputs = processor(text=[text], images=[Image.new("RGB", (32, 32), (200, 10, 10))], return_tensors="pt")
     (answer,) = module.generate_answers(dict(inputs), max_new_tokens=2, do_sample=False, sequence_bias={(word,): 100.0})
     assert answer == processor.tokenizer.decode([word, word]).lstrip() and not answer[0].isspace()

@@ -99,8 +99,14 @@ def _model_and_processor(settings: BaseSettings):
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = s.text_hidden, s.text_intermediate, s.text_layers
     text.num_attention_heads, text.num_key_value_heads = s.text_heads, s.text_kv_heads
     text.head_dim = s.text_hidden // s.text_heads
-    text.initializer_range = 0.02  # trained in full here, so the usual init (the tiny demo's 0.1 is for a frozen random head)
-    vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = s.vision_hidden, s.vision_intermediate, s.vision_layers
+    text.initializer_range = (
+        0.02  # trained in full here, so the usual init (the tiny demo's 0.1 is for a frozen random head)
+    )
+    vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = (
+        s.vision_hidden,
+        s.vision_intermediate,
+        s.vision_layers,
+    )
     vision.projection_dim = s.vision_hidden
     torch.manual_seed(s.seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
@@ -151,7 +157,10 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
         losses.append(loss.item())
         if progress and ((step + 1) % report == 0 or step + 1 == s.steps):
             recent = losses[-report:]
-            print(f"  base pretraining step {step + 1}/{s.steps}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  base pretraining step {step + 1}/{s.steps}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     trained = time.perf_counter() - started
 
     accuracy = general_accuracy(model, encoder, held_out)

@@ -76,14 +76,20 @@ TASKS = tuple(DOMAINS)
 PROMPTS: dict[str, tuple[str, ...]] = {
     "count": ("How many shapes are in the picture?", "How many objects can you see?", "Count the shapes."),
     "left": ("What is on the left?", "What is on the left side?", "Tell me what is on the left."),
-    "corner": ("Which corner is the {colour} {shape} in?", "In which corner is the {colour} {shape}?", "Where is the {colour} {shape}? Name the corner."),
+    "corner": (
+        "Which corner is the {colour} {shape} in?",
+        "In which corner is the {colour} {shape}?",
+        "Where is the {colour} {shape}? Name the corner.",
+    ),
 }
 
 
 # -- rendering --------------------------------------------------------------------------------
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]
+) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -93,7 +99,12 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
-def render(rng: random.Random, background: tuple[int, int, int], items: dict[int, tuple[str, str]], border: tuple[int, int, int] | None = None) -> Image.Image:
+def render(
+    rng: random.Random,
+    background: tuple[int, int, int],
+    items: dict[int, tuple[str, str]],
+    border: tuple[int, int, int] | None = None,
+) -> Image.Image:
     """``items`` maps a grid cell (0..3, row-major) to ``(shape, colour)``; each shape fills 9 to 12 px of its 16 px cell."""
     image = Image.new("RGB", (SIZE, SIZE), background)
     draw = ImageDraw.Draw(image)
@@ -166,7 +177,11 @@ def general_sample(rng: random.Random) -> tuple[list[dict[str, Any]], Image.Imag
     if kind in (3, 4):
         items, left, right = left_right_items(rng)
         side, (shape, colour) = rng.choice((("left", left), ("right", right)))
-        question, answer = (f"What color is the shape on the {side}?", colour) if kind == 3 else (f"What shape is on the {side}?", shape)
+        question, answer = (
+            (f"What color is the shape on the {side}?", colour)
+            if kind == 3
+            else (f"What shape is on the {side}?", shape)
+        )
         return chat(question, answer), render(rng, background, items)
     if kind == 5:
         items = distinct_items(rng, rng.randint(1, 4))

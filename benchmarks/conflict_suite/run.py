@@ -54,8 +54,8 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import torch  # noqa: E402
-
 from adapter_overhead import loadavg, start_run  # noqa: E402
+
 from benchmarks.conflict_suite.base import BaseSettings, ensure_base  # noqa: E402
 from benchmarks.conflict_suite.data import TASKS, ConflictRecipe  # noqa: E402
 
@@ -93,14 +93,31 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "check": Mode(BaseSettings(steps=150, pool=1500, held_out=50, warmup=15), 40, 6, 6, steps=4, batch=8, lrs=(1e-3, 3e-3), seeds=(0, 1, 2)),
+    "check": Mode(
+        BaseSettings(steps=150, pool=1500, held_out=50, warmup=15),
+        40,
+        6,
+        6,
+        steps=4,
+        batch=8,
+        lrs=(1e-3, 3e-3),
+        seeds=(0, 1, 2),
+    ),
     "quick": Mode(BaseSettings(), 400, 20, 20, steps=60, batch=16, lrs=(3e-3,), seeds=(0, 1, 2)),
     "full": Mode(BaseSettings(), 1500, 40, 80, steps=450, batch=16, lrs=(1e-3, 3e-3, 1e-2), seeds=(0, 1, 2)),
 }
 
 
 def quiet() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mmpeft", "mmpeft.data", "transformers", "bitsandbytes"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "mmpeft",
+        "mmpeft.data",
+        "transformers",
+        "bitsandbytes",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
@@ -112,7 +129,11 @@ def build_splits(mode: Mode, name: str) -> dict[str, Path]:
     from mmpeft.data.build import is_built
 
     dirs = {}
-    for split, per_task, seed in (("train", mode.train_per_task, 1), ("val", mode.val_per_task, 2), ("test", mode.test_per_task, 3)):
+    for split, per_task, seed in (
+        ("train", mode.train_per_task, 1),
+        ("val", mode.val_per_task, 2),
+        ("test", mode.test_per_task, 3),
+    ):
         recipe = ConflictRecipe(samples_per_task=per_task, seed=seed, prefix=split)
         out = CACHE / f"shards-{name}" / split
         if not is_built(out, recipe):
@@ -142,21 +163,39 @@ def trainer(root: Path, steps: int | None = None):
 
     kwargs = dict(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0) if steps else {}
     return L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )
 
 
 def evaluate(module, data, root: Path, stage: str, log: io.StringIO) -> dict[str, float]:
     """``trainer.validate`` or ``trainer.test``: each task's exact match and the mean over tasks (the table the module prints goes to ``log``)."""
     with contextlib.redirect_stdout(log):
-        (scores,) = (trainer(root).validate if stage == "val" else trainer(root).test)(module, datamodule=data, verbose=False)
+        (scores,) = (trainer(root).validate if stage == "val" else trainer(root).test)(
+            module, datamodule=data, verbose=False
+        )
     out = {task: float(scores[f"{stage}/{task}/exact_match"]) for task in TASKS}
     out["mean"] = float(scores[f"{stage}/exact_match"])
     return out
 
 
-def run_one(base: Path, dirs: dict[str, Path], adapter: str, lr: float, seed: int, mode: Mode, stages: tuple[str, ...], log: io.StringIO, train: bool = True) -> dict[str, Any]:
+def run_one(
+    base: Path,
+    dirs: dict[str, Path],
+    adapter: str,
+    lr: float,
+    seed: int,
+    mode: Mode,
+    stages: tuple[str, ...],
+    log: io.StringIO,
+    train: bool = True,
+) -> dict[str, Any]:
     """Fit one adapter (unless ``train`` is off: the base alone) and score it on ``stages``."""
     import lightning as L
 
@@ -166,9 +205,16 @@ def run_one(base: Path, dirs: dict[str, Path], adapter: str, lr: float, seed: in
     started = time.perf_counter()
     module = module_for(base, adapter, lr, mode)
     data = ShardDataModule(
-        train=str(dirs["train"]), val=str(dirs["val"]), test=str(dirs["test"]), processor=str(base),
-        batch_size=mode.batch, max_length=96, num_workers=0, shuffle_buffer=500, seed=seed,
-    )  # fmt: skip
+        train=str(dirs["train"]),
+        val=str(dirs["val"]),
+        test=str(dirs["test"]),
+        processor=str(base),
+        batch_size=mode.batch,
+        max_length=96,
+        num_workers=0,
+        shuffle_buffer=500,
+        seed=seed,
+    )
     result: dict[str, Any] = {"adapter": adapter, "lr": lr, "seed": seed}
     with tempfile.TemporaryDirectory() as tmp:
         if train:
@@ -199,7 +245,9 @@ def count_parameters(base: Path) -> dict[str, int]:
     counts = {}
     for adapter in ADAPTERS:
         model = load_backbone(Backbone(pretrained=str(base)), torch.device("cpu"))
-        inject_adapters(language_model(model), [AdapterGroup(name=adapter, config=dict(ADAPTER_CONFIGS[adapter]))], RoutingContext())
+        inject_adapters(
+            language_model(model), [AdapterGroup(name=adapter, config=dict(ADAPTER_CONFIGS[adapter]))], RoutingContext()
+        )
         counts[adapter] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return counts
 
@@ -221,16 +269,30 @@ def spread(values: list[float]) -> str:
 
 
 def table(report: dict[str, Any]) -> str:
-    head = ["adapter", "config", "trainable params", "vs LoRA", "LR chosen (val mean per LR)"] + list(TASKS) + ["mean ± std", "mean min-max"]
+    head = (
+        ["adapter", "config", "trainable params", "vs LoRA", "LR chosen (val mean per LR)"]
+        + list(TASKS)
+        + ["mean ± std", "mean min-max"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = report["base_model"]["test"]
-    lines.append("| base (no adapter) | - | 0 | - | - | " + " | ".join(f"{base[t]:.3f}" for t in TASKS) + f" | {base['mean']:.3f} | - |")
+    lines.append(
+        "| base (no adapter) | - | 0 | - | - | "
+        + " | ".join(f"{base[t]:.3f}" for t in TASKS)
+        + f" | {base['mean']:.3f} | - |"
+    )
     lora = report["adapters"]["lora"]["trainable_params"]
     for adapter in ADAPTERS:
         a = report["adapters"][adapter]
         tests = [run["test"] for run in a["runs"]]
         search = ", ".join(f"{lr:g}: {v:.3f}" for lr, v in a["lr_search"].items()) or "one LR, no search"
-        cells = [adapter, describe(adapter), f"{a['trainable_params']:,}", f"{a['trainable_params'] / lora - 1:+.1%}", f"{a['chosen_lr']:g} ({search})"]
+        cells = [
+            adapter,
+            describe(adapter),
+            f"{a['trainable_params']:,}",
+            f"{a['trainable_params'] / lora - 1:+.1%}",
+            f"{a['chosen_lr']:g} ({search})",
+        ]
         cells += [spread([t[task] for t in tests]) for task in TASKS]
         means = [t["mean"] for t in tests]
         cells += [spread(means), f"{min(means):.3f}-{max(means):.3f}"]
@@ -241,12 +303,44 @@ def table(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--check", action="store_const", dest="mode", const="check", help="smoke run (seconds, after a small base build)")
-    group.add_argument("--quick", action="store_const", dest="mode", const="quick", help="the default: under 5 minutes once the base is cached")
-    group.add_argument("--full", action="store_const", dest="mode", const="full", help="the full benchmark (under an hour on 2 CPU cores)")
-    group.add_argument("--table", type=Path, metavar="RESULTS_JSON", help="print the table of a finished run from its --out JSON, and exit")
-    p.add_argument("--out", type=Path, help="write the results as JSON here (and the runs' Lightning output beside it, with the suffix .lightning.log)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads stall whenever one is preempted)")
+    group.add_argument(
+        "--check",
+        action="store_const",
+        dest="mode",
+        const="check",
+        help="smoke run (seconds, after a small base build)",
+    )
+    group.add_argument(
+        "--quick",
+        action="store_const",
+        dest="mode",
+        const="quick",
+        help="the default: under 5 minutes once the base is cached",
+    )
+    group.add_argument(
+        "--full",
+        action="store_const",
+        dest="mode",
+        const="full",
+        help="the full benchmark (under an hour on 2 CPU cores)",
+    )
+    group.add_argument(
+        "--table",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="print the table of a finished run from its --out JSON, and exit",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write the results as JSON here (and the runs' Lightning output beside it, with the suffix .lightning.log)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads stall whenever one is preempted)",
+    )
     args = p.parse_args(argv)
     args.mode = args.mode or ("table" if args.table else "quick")
     return args
@@ -261,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"results of: {report['command']} ({report['seconds']['total']:.0f} s)")
         print(table(report))
         return report
-    command = "python benchmarks/conflict_suite/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python benchmarks/conflict_suite/run.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
     device, env, started = start_run("cpu", args.threads, command)
     quiet()
     mode = MODES[args.mode]
@@ -277,20 +373,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = count_parameters(base)
     lora = counts["lora"]
     for adapter in ADAPTERS:
-        print(f"trainable parameters: {adapter} ({describe(adapter)}) {counts[adapter]:,} ({counts[adapter] / lora - 1:+.2%} vs LoRA)", flush=True)
+        print(
+            f"trainable parameters: {adapter} ({describe(adapter)}) {counts[adapter]:,} ({counts[adapter] / lora - 1:+.2%} vs LoRA)",
+            flush=True,
+        )
     worst = max(abs(c / lora - 1) for c in counts.values())
     if worst > PARAM_TOLERANCE:
         raise SystemExit(f"trainable parameters differ by {worst:.1%} > {PARAM_TOLERANCE:.0%}: fix ADAPTER_CONFIGS")
     setup = {
-        "mode": args.mode, "tasks": list(TASKS), "train/val/test per task": (mode.train_per_task, mode.val_per_task, mode.test_per_task),
-        "steps": mode.steps, "batch": mode.batch, "lr grid": list(mode.lrs), "seeds": list(mode.seeds), "max_length": 96,
-        "max_new_tokens": mode.max_new_tokens, "quantization": "nf4 + double quant", "routing_losses": "defaults (load_balance 0.01, z_loss 0.001)",
-    }  # fmt: skip
+        "mode": args.mode,
+        "tasks": list(TASKS),
+        "train/val/test per task": (mode.train_per_task, mode.val_per_task, mode.test_per_task),
+        "steps": mode.steps,
+        "batch": mode.batch,
+        "lr grid": list(mode.lrs),
+        "seeds": list(mode.seeds),
+        "max_length": 96,
+        "max_new_tokens": mode.max_new_tokens,
+        "quantization": "nf4 + double quant",
+        "routing_losses": "defaults (load_balance 0.01, z_loss 0.001)",
+    }
     print("setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()), flush=True)
     log = io.StringIO()
-    report: dict[str, Any] = {"command": command, "environment": env, "setup": setup, "base": base_info, "param_counts": counts, "adapters": {}}
+    report: dict[str, Any] = {
+        "command": command,
+        "environment": env,
+        "setup": setup,
+        "base": base_info,
+        "param_counts": counts,
+        "adapters": {},
+    }
     report["base_model"] = run_one(base, dirs, "lora", mode.lrs[0], 0, mode, ("test",), log, train=False)
-    print(f"base model (no adapter): test mean {report['base_model']['test']['mean']:.3f} ({report['base_model']['total_s']} s)", flush=True)
+    print(
+        f"base model (no adapter): test mean {report['base_model']['test']['mean']:.3f} ({report['base_model']['total_s']} s)",
+        flush=True,
+    )
 
     total_runs = len(ADAPTERS) * (len(mode.lrs) + len(mode.seeds) - 1)
     done = 0
@@ -318,11 +435,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "runs": runs,
         }
     total = time.perf_counter() - started
-    report["seconds"] = {"total": round(total, 1), "base_model_step": round(base_s, 1), "excluding_base_build": round(total - (0 if base_info["cached"] else base_s), 1)}
+    report["seconds"] = {
+        "total": round(total, 1),
+        "base_model_step": round(base_s, 1),
+        "excluding_base_build": round(total - (0 if base_info["cached"] else base_s), 1),
+    }
     print()
     print(table(report))
     print()
-    print(f"total {total:.0f} s (base {'cached' if base_info['cached'] else f'built in {base_s:.0f} s'}); load average at end: {loadavg()}")
+    print(
+        f"total {total:.0f} s (base {'cached' if base_info['cached'] else f'built in {base_s:.0f} s'}); load average at end: {loadavg()}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -88,7 +88,9 @@ def inject_adapters(
     owner: dict[str, int] = {}
     for i, group in enumerate(groups):
         for target in group.targets:
-            hits = [name for name in candidates if any(_matches(name, pattern) for pattern in ALIASES.get(target, [target]))]
+            hits = [
+                name for name in candidates if any(_matches(name, pattern) for pattern in ALIASES.get(target, [target]))
+            ]
             if not hits:
                 raise ConfigError(
                     f"adapters[{i}] ({group.name}): target {target!r} matches no linear layer of the "

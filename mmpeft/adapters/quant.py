@@ -8,10 +8,9 @@ backend means extending these functions, not writing a layer class per adapter.
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
-
-import bitsandbytes as bnb
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -55,7 +54,7 @@ def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if isinstance(layer, bnb.nn.Linear8bitLt) and getattr(weight, "SCB", None) is not None:
-        return (weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0)
+        return weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
     return weight.detach().float()
 
 

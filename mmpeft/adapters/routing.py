@@ -137,7 +137,11 @@ class RoutingContext:
         mask = kwargs.get("attention_mask")
         config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
         beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
-        copies = beams if beams > 1 else kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+        copies = (
+            beams
+            if beams > 1
+            else kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+        )
         if mask is not None and copies > 1:
             mask = mask.repeat_interleave(copies, dim=0)  # (batch * copies, prompt_len), as generate expands the inputs
         with self.generation(mask):
@@ -156,7 +160,9 @@ class RoutingContext:
         """
         if x.dim() != 3:
             raise ValueError(f"instance routing needs (batch, seq, features) inputs, got shape {tuple(x.shape)}")
-        mask = next((m for m in (self.prompt_mask, self.attention_mask) if m is not None and m.shape == x.shape[:2]), None)
+        mask = next(
+            (m for m in (self.prompt_mask, self.attention_mask) if m is not None and m.shape == x.shape[:2]), None
+        )
         if mask is None:
             return x.mean(dim=1)
         weights = mask.to(x.dtype).unsqueeze(-1)  # (batch, seq, 1)
@@ -263,6 +269,7 @@ def bind_routers(module: nn.Module, context: RoutingContext, name: str, group: s
 # -- auxiliary losses -----------------------------------------------------------------------
 # Each takes one record and returns a scalar; masks are (batch, T) bool over real tokens.
 
+
 @dataclass
 class GroupStats:
     """One router group's routing over the batches a :class:`RoutingStats` saw."""
@@ -334,7 +341,9 @@ class RoutingStats:
             task_expert = None
             if "task_gate" in sums:
                 seen = sums["task_count"].unsqueeze(1)  # (tasks, 1)
-                task_expert = torch.where(seen > 0, sums["task_gate"] / seen.clamp(min=1), math.nan).float().cpu()  # (tasks, E)
+                task_expert = (
+                    torch.where(seen > 0, sums["task_gate"] / seen.clamp(min=1), math.nan).float().cpu()
+                )  # (tasks, E)
             load = (sums["gate"] / count).float().cpu()  # (E,)
             out[group] = GroupStats(load, float(sums["entropy"] / count), task_expert, int(sums["count"]))
         return out
@@ -374,7 +383,6 @@ def expert_gate(gate: torch.Tensor | None, experts: int, what: str) -> torch.Ten
     if gate.numel() != experts:
         raise ValueError(f"{what}: the gate has {gate.numel()} weights for {experts} experts")
     return gate
-
 
 
 def _mask(record: RouterRecord, context: RoutingContext) -> torch.Tensor:
@@ -432,7 +440,9 @@ def localized_balance_loss(
     return weighted.var(unbiased=False) / weighted.mean() ** 2
 
 
-def mutual_information_loss(record: RouterRecord, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def mutual_information_loss(
+    record: RouterRecord, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int
+) -> torch.Tensor:
     """Mod-Squad's loss: ``-I(expert; task) = H(expert | task) - H(expert)``.
 
     ``p(e | t)`` is the mean routing probability over the real tokens of task ``t``'s samples,
@@ -490,7 +500,10 @@ def routing_losses(context: RoutingContext, coefficients: RoutingLosses) -> dict
             add("z_loss", z_loss(record, mask))
         if task_ids is not None and num_tasks:
             if coefficients.localized_balance:
-                add("localized_balance", localized_balance_loss(record, mask, task_ids, num_tasks, coefficients.localized_delta))
+                add(
+                    "localized_balance",
+                    localized_balance_loss(record, mask, task_ids, num_tasks, coefficients.localized_delta),
+                )
             if coefficients.mutual_information:
                 add("mutual_information", mutual_information_loss(record, mask, task_ids, num_tasks))
     return losses

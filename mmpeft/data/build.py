@@ -170,7 +170,9 @@ class ShardRecipe:
     def _identity(self) -> dict[str, Any]:
         return {"format": FORMAT, "recipe": self.name, "args": self.args()}
 
-    def _write_shard(self, out: Path, shard: int, bad: list[dict[str, str]], bar: Progress, bar_task: Any) -> dict[str, Any]:
+    def _write_shard(
+        self, out: Path, shard: int, bad: list[dict[str, str]], bar: Progress, bar_task: Any
+    ) -> dict[str, Any]:
         name = self.shard_name(shard)
         counts: Counter[str] = Counter()
         start = shard * self.samples_per_shard
@@ -188,7 +190,12 @@ class ShardRecipe:
                         if len(bad) <= REPORT_FIRST:
                             log.warning("bad record %s (%s): %s", self.record_id(i), self.name, exc)
                     bar.advance(bar_task)
-        return {"name": name, "samples": sum(counts.values()), "bytes": (out / name).stat().st_size, "tasks": dict(sorted(counts.items()))}
+        return {
+            "name": name,
+            "samples": sum(counts.values()),
+            "bytes": (out / name).stat().st_size,
+            "tasks": dict(sorted(counts.items())),
+        }
 
     def describe_source(self) -> str:
         """How errors about the whole source name it (a source recipe: its file)."""
@@ -232,7 +239,9 @@ class ShardRecipe:
             else:
                 other = " with other arguments" if same_recipe else ""
                 found.append(f"{what} of the {value.get('recipe')!r} recipe{other} ({name}, {len(shards)} shard(s))")
-        tars = sorted(p.name for p in out.glob("*.tar") if p.name not in listed and not (own and self._is_shard_name(p.name)))
+        tars = sorted(
+            p.name for p in out.glob("*.tar") if p.name not in listed and not (own and self._is_shard_name(p.name))
+        )
         if tars:
             more = f" and {len(tars) - 5} more" if len(tars) > 5 else ""
             found.append(f"{len(tars)} tar file(s) this build did not write ({', '.join(tars[:5])}{more})")
@@ -250,14 +259,22 @@ class ShardRecipe:
                 pass
 
     def _no_sample_error(self, total: int, bad: list[dict[str, str]]) -> DataError:
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(b["reason"] for b in bad).items(), key=lambda rn: (-rn[1], rn[0])))
+        reasons = ", ".join(
+            f"{r} {n}" for r, n in sorted(Counter(b["reason"] for b in bad).items(), key=lambda rn: (-rn[1], rn[0]))
+        )
         example = f" (e.g. {bad[0]['id']}: {bad[0]['detail']:.300})" if bad else ""
         return DataError(
             f"{self.describe_source()}: none of its {total} record(s) became a sample: {reasons or 'no reason recorded'}{example}"
             + self.no_sample_hint()
         )
 
-    def build(self, out_dir: str | os.PathLike, progress: bool = True, overwrite: bool = False, replace_own_recipe: bool = False) -> dict[str, Any]:
+    def build(
+        self,
+        out_dir: str | os.PathLike,
+        progress: bool = True,
+        overwrite: bool = False,
+        replace_own_recipe: bool = False,
+    ) -> dict[str, Any]:
         """Write the shards and ``dataset.json`` into ``out_dir`` (resuming an interrupted build); return the index.
 
         Raises :class:`OutputInUse` when ``out_dir`` holds another data set, unless ``overwrite``.
@@ -281,7 +298,11 @@ class ShardRecipe:
         if isinstance(partial, dict) and {k: partial.get(k) for k in identity} == identity:
             for shard in partial.get("shards", []):  # keep the finished shards that are intact, in order
                 path = out / shard["name"]
-                if shard["name"] != self.shard_name(len(done)) or not path.is_file() or path.stat().st_size != shard["bytes"]:
+                if (
+                    shard["name"] != self.shard_name(len(done))
+                    or not path.is_file()
+                    or path.stat().st_size != shard["bytes"]
+                ):
                     break
                 done.append(shard)
             bad = [b for b in partial.get("bad", []) if int(b.get("shard", -1)) < len(done)]
@@ -289,7 +310,13 @@ class ShardRecipe:
                 log.info("resuming the build in %s: %d shard(s) already written", out, len(done))
         total = len(self)
         n_shards = max(1, -(-total // self.samples_per_shard))
-        columns = (TextColumn(f"[bold]{self.name}[/bold] {{task.description}}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn(f"[bold]{self.name}[/bold] {{task.description}}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         # Listed before the first shard is written, so that a build killed at any moment finds its own files again.
         write_json(out / PARTIAL, {**identity, "shards": done, "bad": bad})
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:

@@ -110,8 +110,13 @@ def _index_metrics(directory: Path, index: dict) -> dict[str, tuple[str, ...]]:
 
     metrics = index.get("metrics") or {}
     if not isinstance(metrics, dict):
-        raise ConfigError(f"{directory / INDEX}: 'metrics' must map task names to lists of metric names, got {metrics!r:.120}")
-    return {task: tuple(check_metric_names(names, f"{directory / INDEX}: metrics[{task!r}]")) for task, names in metrics.items()}
+        raise ConfigError(
+            f"{directory / INDEX}: 'metrics' must map task names to lists of metric names, got {metrics!r:.120}"
+        )
+    return {
+        task: tuple(check_metric_names(names, f"{directory / INDEX}: metrics[{task!r}]"))
+        for task, names in metrics.items()
+    }
 
 
 def _size_problem(url: str, entry: dict) -> str | None:
@@ -144,7 +149,10 @@ def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[S
                 tasks = tasks or index.get("tasks")
                 if Path(url).parent not in read:
                     read.add(Path(url).parent)
-                    metrics = {**_index_metrics(Path(url).parent, index), **metrics}  # the first index naming a task wins
+                    metrics = {
+                        **_index_metrics(Path(url).parent, index),
+                        **metrics,
+                    }  # the first index naming a task wins
         if entry is None:
             shards.append(Shard(url))
         else:
@@ -154,14 +162,24 @@ def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[S
             shards.append(Shard(url, int(entry["samples"]), tuple(sorted(entry.get("tasks", {}).items())), problem))
     if damaged and not allow_damaged:
         more = f" (and {len(damaged) - 1} more damaged shard(s))" if len(damaged) > 1 else ""
-        allow = "; to read what is left, set data.allow_damaged_shards: true (the lost samples are counted as skipped)" if what.startswith("data.") else ""
-        raise DataError(f"{what}: {damaged[0]}{more}: cut short by an interrupted copy, or changed since it was built; copy or build it again{allow}")
+        allow = (
+            "; to read what is left, set data.allow_damaged_shards: true (the lost samples are counted as skipped)"
+            if what.startswith("data.")
+            else ""
+        )
+        raise DataError(
+            f"{what}: {damaged[0]}{more}: cut short by an interrupted copy, or changed since it was built; copy or build it again{allow}"
+        )
     return Source(spec, tuple(shards), tuple(sorted(metrics.items()))), (list(tasks) if tasks else None)
 
 
 def _warn_damaged(sources: list[Source], what: str) -> None:
     for shard in (shard for source in sources for shard in source.shards if shard.damaged is not None):
-        log.warning("%s: %s; reading what is left (data.allow_damaged_shards), the lost samples are counted as skipped (damaged_shard)", what, shard.damaged)
+        log.warning(
+            "%s: %s; reading what is left (data.allow_damaged_shards), the lost samples are counted as skipped (damaged_shard)",
+            what,
+            shard.damaged,
+        )
 
 
 # Which splits each Lightning stage reads; the first is required.
@@ -226,7 +244,9 @@ class ShardDataModule(L.LightningDataModule):
         if not 0 <= max_skip_fraction <= 1:
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if group_by_length < 0:
-            raise ConfigError(f"data.group_by_length must be >= 0 (0 or 1: off; k >= 2: pools of k batches), got {group_by_length}")
+            raise ConfigError(
+                f"data.group_by_length must be >= 0 (0 or 1: off; k >= 2: pools of k batches), got {group_by_length}"
+            )
         self.sources: dict[str, list[Source]] = {}
         """Resolved sources per split, filled by ``setup``."""
         self.prompt_inputs: list[Any] = []
@@ -246,7 +266,10 @@ class ShardDataModule(L.LightningDataModule):
     @property
     def urls(self) -> dict[str, list[str]]:
         """Resolved shard files per split."""
-        return {split: [shard.url for source in sources for shard in source.shards] for split, sources in self.sources.items()}
+        return {
+            split: [shard.url for source in sources for shard in source.shards]
+            for split, sources in self.sources.items()
+        }
 
     def prepare_data(self) -> None:
         for run in self.prepare_runs:
@@ -259,7 +282,9 @@ class ShardDataModule(L.LightningDataModule):
         for split in STAGE_SPLITS[stage]:
             spec = getattr(hp, split)
             if spec is None and split == required:
-                raise ConfigError(f"data.{split} is not set; `{getattr(stage, 'value', stage)}` needs it")  # `fit`, not `TrainerFn.FITTING`
+                raise ConfigError(
+                    f"data.{split} is not set; `{getattr(stage, 'value', stage)}` needs it"
+                )  # `fit`, not `TrainerFn.FITTING`
             if spec is not None and split not in self.sources:
                 specs = [spec] if isinstance(spec, str) else list(spec)
                 if not specs:
@@ -267,7 +292,10 @@ class ShardDataModule(L.LightningDataModule):
                 what = [f"data.{split}" + (f"[{i}]" if len(specs) > 1 else "") for i in range(len(specs))]
                 allow = hp.get("allow_damaged_shards", False)
                 if split == "predict":
-                    self.prompt_inputs = [open_prompt_file(s, w) if is_prompt_file(s) else resolve_source(s, w, allow)[0] for s, w in zip(specs, what)]
+                    self.prompt_inputs = [
+                        open_prompt_file(s, w) if is_prompt_file(s) else resolve_source(s, w, allow)[0]
+                        for s, w in zip(specs, what)
+                    ]
                     self.sources[split] = [source for source in self.prompt_inputs if isinstance(source, Source)]
                     _warn_damaged(self.sources[split], f"data.{split}")
                     continue
@@ -296,7 +324,11 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # Every rank builds the checkpoint, one writes it: the stream positions of all ranks go in.
         positions = [self.position.to_dict()]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             positions = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(positions, self.position.to_dict())
         return {"tasks": list(self.tasks or []), "stream": positions}
@@ -314,7 +346,11 @@ class ShardDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if positions:
             if len(positions) != (self.trainer.world_size if self.trainer is not None else 1):
-                log.warning("the checkpoint holds the data streams of %d ranks, this run has %d: each epoch restarts from its beginning", len(positions), self.trainer.world_size)
+                log.warning(
+                    "the checkpoint holds the data streams of %d ranks, this run has %d: each epoch restarts from its beginning",
+                    len(positions),
+                    self.trainer.world_size,
+                )
             else:
                 self._resume = StreamPosition.from_dict(positions[rank])
         saved = list(state.get("tasks") or [])
@@ -322,7 +358,13 @@ class ShardDataModule(L.LightningDataModule):
         if not saved or saved == self.tasks:
             return
         if self.trainer is not None and self.trainer.state.fn != TrainerFn.FITTING:
-            log.info("%s was trained on tasks %s; this %s uses the data's: %s", source, saved, self.trainer.state.fn.value, self.tasks)
+            log.info(
+                "%s was trained on tasks %s; this %s uses the data's: %s",
+                source,
+                saved,
+                self.trainer.state.fn.value,
+                self.tasks,
+            )
             return
         self.keep_task_ids(saved, source)
 
@@ -342,8 +384,12 @@ class ShardDataModule(L.LightningDataModule):
         else:
             advice = f"set data.tasks to {json.dumps(saved + new, ensure_ascii=False)} (its tasks first, in its order, then the new ones), or start a new run without {source}"
             if wanted:
-                raise ConfigError(f"data.tasks {wanted} changes the task ids of {source}, trained on the task vocabulary {saved}; task ids must not change when training goes on: {advice}")
-            raise ConfigError(f"{source} was trained on the task vocabulary {saved}, which lacks task(s) {new} of the data; task ids must not change when training goes on: {advice}")
+                raise ConfigError(
+                    f"data.tasks {wanted} changes the task ids of {source}, trained on the task vocabulary {saved}; task ids must not change when training goes on: {advice}"
+                )
+            raise ConfigError(
+                f"{source} was trained on the task vocabulary {saved}, which lacks task(s) {new} of the data; task ids must not change when training goes on: {advice}"
+            )
         log.info("task vocabulary from %s: %s", source, vocabulary)
         self.tasks = vocabulary
         if self.encoder is not None:
@@ -362,10 +408,19 @@ class ShardDataModule(L.LightningDataModule):
                 samples = sum(s.samples or 0 for source in self.sources[split] for s in source.shards)
                 epoch_steps = max(1, samples // (hp.batch_size * (world or 1)))
         dataset = ShardStream(
-            self.sources[split], self.encoder, hp.batch_size, train=train, seed=hp.seed, shuffle_buffer=hp.shuffle_buffer,
-            rank=rank, world=world, plan=plan, epoch_steps=epoch_steps, prompts=not train and self.eval_prompts,
+            self.sources[split],
+            self.encoder,
+            hp.batch_size,
+            train=train,
+            seed=hp.seed,
+            shuffle_buffer=hp.shuffle_buffer,
+            rank=rank,
+            world=world,
+            plan=plan,
+            epoch_steps=epoch_steps,
+            prompts=not train and self.eval_prompts,
             group_by_length=hp.group_by_length if train else 0,
-        )  # fmt: skip
+        )
         if train and self._resume is not None:
             dataset.resume_at(self._resume)  # before the workers start: they take a copy of the dataset
             self._resume = None

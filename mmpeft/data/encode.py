@@ -67,7 +67,12 @@ class ChatEncoder:
     """Callable for a WebDataset pipeline: raw sample -> encoded sample, or ``None`` when skipped (and counted)."""
 
     def __init__(
-        self, processor: Any, tasks: list[str], max_length: int, max_skip_fraction: float = 1.0, skip_check_after: int = SKIP_CHECK_AFTER
+        self,
+        processor: Any,
+        tasks: list[str],
+        max_length: int,
+        max_skip_fraction: float = 1.0,
+        skip_check_after: int = SKIP_CHECK_AFTER,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -84,7 +89,9 @@ class ChatEncoder:
         self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
         """Every token id the processor uses for images (placeholders, soft tokens, wrappers)."""
         # Longest first, so that an end-of-turn token is never taken for a shorter one it starts with.
-        self._special_tokens = sorted(set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True)
+        self._special_tokens = sorted(
+            set(self.tokenizer.all_special_tokens) | set(self.tokenizer.get_added_vocab()), key=len, reverse=True
+        )
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.skipped: Counter[str] = Counter()
@@ -131,7 +138,11 @@ class ChatEncoder:
         Checked from ``skip_check_after`` samples on, and at the end of a pass whatever the count.
         """
         skipped = sum(self.skipped_total.values())
-        if not skipped or skipped <= self.max_skip_fraction * self.seen or (self.seen < self.skip_check_after and not final):
+        if (
+            not skipped
+            or skipped <= self.max_skip_fraction * self.seen
+            or (self.seen < self.skip_check_after and not final)
+        ):
             return
         shard, bad = self.skipped_by_shard.most_common(1)[0]
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped_total.items(), key=lambda rn: (-rn[1], rn[0])))
@@ -161,14 +172,20 @@ class ChatEncoder:
             if message["role"] != "assistant":
                 continue
             start = cursor
-            for prefix in (apply(messages[:i], tokenize=False, add_generation_prompt=True), apply(messages[:i], tokenize=False) if i else ""):
+            for prefix in (
+                apply(messages[:i], tokenize=False, add_generation_prompt=True),
+                apply(messages[:i], tokenize=False) if i else "",
+            ):
                 if text.startswith(prefix) and len(prefix) >= cursor:
                     start = len(prefix)
                     break
             answer = message_text(message).strip()
             begin = text.find(answer, start) if answer else -1
             if begin < 0:
-                raise SampleError("template_changes_answer", f"assistant turn {len(spans) + 1}'s text is not in the chat as its template renders it")
+                raise SampleError(
+                    "template_changes_answer",
+                    f"assistant turn {len(spans) + 1}'s text is not in the chat as its template renders it",
+                )
             end = begin + len(answer)
             spans.append((begin, end + len(self._end_of_turn(text, end))))
             cursor = spans[-1][1]
@@ -186,7 +203,9 @@ class ChatEncoder:
     def _process(self, text: str, images: list[Any]) -> tuple[dict[str, Any], bool]:
         """The processor's encoding of one rendered chat, and whether special tokens (BOS) were added."""
         add_special = self.adds_special_tokens(text)
-        enc = self._call_processor(text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special)
+        enc = self._call_processor(
+            text=[text], images=[images] if images else None, return_tensors="pt", add_special_tokens=add_special
+        )
         return enc, add_special
 
     def _call_processor(self, **kwargs: Any) -> dict[str, Any]:
@@ -242,7 +261,10 @@ class ChatEncoder:
         length = ids.numel()
         exc = None
         if length > self.max_length and is_image[self.max_length :].any():
-            exc = SampleError("cuts_image_tokens", f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens")
+            exc = SampleError(
+                "cuts_image_tokens",
+                f"{length} tokens and cutting to max_length={self.max_length} would cut image tokens",
+            )
         elif not target[: self.max_length].any():
             exc = SampleError("no_target_tokens", f"no assistant token left within max_length={self.max_length}")
         if exc is not None:
@@ -276,7 +298,10 @@ class ChatEncoder:
             hits = [i for i, (start, end) in enumerate(offsets) if end > start and start < b and end > a]
             where = position[hits]
             if not hits or (where < 0).any():
-                raise SampleError("tokenization_mismatch", f"the processor's tokens of assistant turn {turn} differ from the tokenizer's")
+                raise SampleError(
+                    "tokenization_mismatch",
+                    f"the processor's tokens of assistant turn {turn} differ from the tokenizer's",
+                )
             target[where] = True
         from_text = torch.zeros_like(target)
         from_text[position[position >= 0]] = True
@@ -292,7 +317,9 @@ class ChatEncoder:
         """
         messages, answer = split_reference(sample.messages)
         prefix = self.prefix(messages)
-        enc = self._call_processor(text=[prefix], images=[sample.images] if sample.images else None, suffix=[answer or ""], return_tensors="pt")
+        enc = self._call_processor(
+            text=[prefix], images=[sample.images] if sample.images else None, suffix=[answer or ""], return_tensors="pt"
+        )
         labels = enc.pop("labels")[0]
         return prefix, enc, labels != IGNORE_INDEX, torch.ones_like(labels, dtype=torch.bool)
 
@@ -358,17 +385,30 @@ class ChatEncoder:
             fill = self.pad_token_id if name == "input_ids" else 0
             like = next(item["tokens"][name] for item in items if name in item["tokens"])
             # A sample may lack one (no cross-attention mask without images): zeros, as the processor pads it.
-            rows = [item["tokens"].get(name, like.new_zeros((item["tokens"]["input_ids"].shape[0],) + (0,) * (like.dim() - 1))) for item in items]
+            rows = [
+                item["tokens"].get(
+                    name, like.new_zeros((item["tokens"]["input_ids"].shape[0],) + (0,) * (like.dim() - 1))
+                )
+                for item in items
+            ]
             inputs[name] = _stack_padded(rows, longest, fill, left)  # (batch, seq, ...)
         names = list(dict.fromkeys(name for item in items for name in item["images"]))
         simple = all(
-            all(name in item["images"] for item in items) and len({item["images"][name].shape[1:] for item in items}) == 1 for name in names
+            all(name in item["images"] for item in items)
+            and len({item["images"][name].shape[1:] for item in items}) == 1
+            for name in names
         )
         if simple:
             inputs.update({name: torch.cat([item["images"][name] for item in items]) for name in names})
         elif names:
             text = [item["text"] for item in items]
-            enc = self.processor(text=text, images=[item["pictures"] for item in items], padding=True, return_tensors="pt", add_special_tokens=self.adds_special_tokens(text[0]))
+            enc = self.processor(
+                text=text,
+                images=[item["pictures"] for item in items],
+                padding=True,
+                return_tensors="pt",
+                add_special_tokens=self.adds_special_tokens(text[0]),
+            )
             # Only its image inputs: its per-token ones are padded on the processor's side and uncut.
             tokens = enc["input_ids"].shape  # (batch, seq)
             inputs.update({name: value for name, value in enc.items() if name in names and value.shape[:2] != tokens})

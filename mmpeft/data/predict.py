@@ -42,7 +42,9 @@ def is_prompt_file(spec: str) -> bool:
 
 def open_prompt_file(path: str, what: str) -> ChatPrompts:
     """The records of the JSONL file ``path``, every one checked (images included); errors name the file and line."""
-    from data_recipes.chat import ChatPrompts  # the chat recipe's record format; imported late (the recipes import mmpeft.data)
+    from data_recipes.chat import (
+        ChatPrompts,
+    )  # the chat recipe's record format; imported late (the recipes import mmpeft.data)
 
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"{what}: no such file {path!r}")
@@ -81,7 +83,12 @@ class PromptStream(IterableDataset):
     """Left-padded batches of prompts (:meth:`ChatEncoder.collate_prompts`) for one rank."""
 
     def __init__(
-        self, inputs: list[Source | ChatPrompts], encoder: ChatEncoder, batch_size: int, rank: int | None = None, world: int | None = None
+        self,
+        inputs: list[Source | ChatPrompts],
+        encoder: ChatEncoder,
+        batch_size: int,
+        rank: int | None = None,
+        world: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.batch_size = encoder, batch_size
@@ -94,7 +101,9 @@ class PromptStream(IterableDataset):
                 self.units += [_Unit(shard=shard.url) for shard in source.shards]
             else:
                 n = len(source)
-                self.units += [_Unit(prompts=source, indices=range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+                self.units += [
+                    _Unit(prompts=source, indices=range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)
+                ]
 
     def _samples(self, unit: _Unit) -> Iterator[tuple[Sample, str]]:
         """The unit's samples, each with where it comes from (for errors)."""
@@ -136,6 +145,7 @@ class PromptStream(IterableDataset):
                 if len(items) == self.batch_size:
                     yield self.encoder.collate_prompts(items)
                     items = []
-            if items:  # batches never span units: a JSONL unit is exactly one batch, so the workers' turns keep its order
+            if (
+                items
+            ):  # batches never span units: a JSONL unit is exactly one batch, so the workers' turns keep its order
                 yield self.encoder.collate_prompts(items)
-

@@ -71,7 +71,9 @@ def parse_sample(raw: dict[str, Any], assistant_required: bool = True) -> Sample
         task = meta["task"]
         messages = [{"role": m["role"], "content": _normalise_content(m["content"])} for m in meta["messages"]]
         references = meta.get("references")
-        if references is not None and not (isinstance(references, list) and references and all(isinstance(r, str) for r in references)):
+        if references is not None and not (
+            isinstance(references, list) and references and all(isinstance(r, str) for r in references)
+        ):
             raise SampleError("bad_json", f"'references' must be a non-empty list of strings, got {references!r:.120}")
     except SampleError:
         raise

@@ -119,7 +119,9 @@ def plan_mixture(mixing: Mixing, sources: list[Source], where: str) -> MixPlan:
     for source in sources:
         c = source.task_counts()
         if c is None:
-            raise ConfigError(f"{where}: data.mixing needs the sample counts of a dataset.json index; {source.spec!r} has none")
+            raise ConfigError(
+                f"{where}: data.mixing needs the sample counts of a dataset.json index; {source.spec!r} has none"
+            )
         counts.append(c)
     if mixing.by == "source":
         units = {s.spec: [(i, t, n) for t, n in counts[i].items()] for i, s in enumerate(sources)}
@@ -153,7 +155,10 @@ def plan_mixture(mixing: Mixing, sources: list[Source], where: str) -> MixPlan:
     for i, cell in enumerate(p):
         n_i = sum(counts[i].values())
         # Within source i, task t must appear with share p[i][t] / P_i instead of its natural n_it / n_i.
-        ratio = {t: (cell[t] / source_probs[i]) / (counts[i][t] / n_i) if source_probs[i] > 0 and counts[i][t] else 0.0 for t in cell}
+        ratio = {
+            t: (cell[t] / source_probs[i]) / (counts[i][t] / n_i) if source_probs[i] > 0 and counts[i][t] else 0.0
+            for t in cell
+        }
         top = max(ratio.values(), default=0.0)
         accept.append({t: r / top if top > 0 else 0.0 for t, r in ratio.items()})
     target: Counter[str] = Counter()
@@ -168,7 +173,10 @@ def batch_quotas(shards: list[Shard], world: int, workers: int, batch_size: int)
     Shards are dealt ``shards[rank::world][worker::workers]``. Each rank keeps the smallest
     rank's count of full batches, taking the surplus from its fullest workers first.
     """
-    quotas = [[sum(s.samples or 0 for s in shards[r::world][w::workers]) // batch_size for w in range(workers)] for r in range(world)]
+    quotas = [
+        [sum(s.samples or 0 for s in shards[r::world][w::workers]) // batch_size for w in range(workers)]
+        for r in range(world)
+    ]
     target = min(sum(row) for row in quotas)
     for row in quotas:
         for _ in range(sum(row) - target):
@@ -228,7 +236,14 @@ class StreamPosition:
         """Record a trained batch's ``stream`` tag."""
         group = tag.get("group", 1)
         if tag["epoch"] != self.epoch or workers != self.workers or group != self.group:
-            self.epoch, self.workers, self.group, self.drawn, self.batches, self.pooled = tag["epoch"], workers, group, {}, {}, {}
+            self.epoch, self.workers, self.group, self.drawn, self.batches, self.pooled = (
+                tag["epoch"],
+                workers,
+                group,
+                {},
+                {},
+                {},
+            )
         self.drawn[tag["worker"]] = tag["drawn"]
         self.batches[tag["worker"]] = tag["batches"]
         self.pooled[tag["worker"]] = tag.get("pooled", 0)
@@ -236,18 +251,28 @@ class StreamPosition:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "workers": self.workers, "drawn": dict(self.drawn), "batches": dict(self.batches),
-            "next_worker": self.next_worker, "pooled": dict(self.pooled), "group": self.group,
-        }  # fmt: skip
+            "epoch": self.epoch,
+            "workers": self.workers,
+            "drawn": dict(self.drawn),
+            "batches": dict(self.batches),
+            "next_worker": self.next_worker,
+            "pooled": dict(self.pooled),
+            "group": self.group,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamPosition:
         """Also reads positions saved before length grouping existed (no ``pooled``, no ``group``: ungrouped)."""
         as_ints = lambda d: {int(k): int(v) for k, v in d.items()}  # noqa: E731
         return cls(
-            int(data["epoch"]), int(data["workers"]), as_ints(data["drawn"]), as_ints(data["batches"]), int(data.get("next_worker", 0)),
-            as_ints(data.get("pooled") or {}), int(data.get("group", 1)),
-        )  # fmt: skip
+            int(data["epoch"]),
+            int(data["workers"]),
+            as_ints(data["drawn"]),
+            as_ints(data["batches"]),
+            int(data.get("next_worker", 0)),
+            as_ints(data.get("pooled") or {}),
+            int(data.get("group", 1)),
+        )
 
 
 _AT_STREAM = re.compile(r" @ <[^>]*>$")
@@ -307,8 +332,10 @@ class _LossCount:
         encoder.seen += lost
         log.warning(
             "damaged shard %s: %d of the %d samples its index records could not be read, counted as skipped (damaged_shard)",
-            url, lost, self.expected[url],
-        )  # fmt: skip
+            url,
+            lost,
+            self.expected[url],
+        )
         encoder.check_skip_limit()
 
 
@@ -374,7 +401,13 @@ class ShardStream(IterableDataset):
         return wds.tarfile_samples(({"url": u} for u in urls), handler=self._bad_shard)
 
     def _batch(
-        self, items_in: Iterator[dict[str, Any]], limit: int | None, epoch: int, worker: int, done: int = 0, pooled: int = 0
+        self,
+        items_in: Iterator[dict[str, Any]],
+        limit: int | None,
+        epoch: int,
+        worker: int,
+        done: int = 0,
+        pooled: int = 0,
     ) -> Iterator[dict[str, Any]]:
         """Batches of encoded samples; stop after ``limit`` full batches, else end with a partial one.
 
@@ -403,7 +436,9 @@ class ShardStream(IterableDataset):
             else:
                 groups = [list(range(len(pool)))]
             dropped, pooled = pooled, 0
-            if dropped:  # resumed inside this pool: its first batches were yielded, their skip counts reported with them
+            if (
+                dropped
+            ):  # resumed inside this pool: its first batches were yielded, their skip counts reported with them
                 done += dropped
                 self.encoder.skipped.clear()
             pool_number += 1
@@ -413,9 +448,13 @@ class ShardStream(IterableDataset):
                 batch = self.encoder.collate([pool[j] for j in groups[i]])
                 # After a pool's last batch the worker resumes after the pool, else at its start.
                 batch["stream"] = {
-                    "epoch": epoch, "worker": worker, "batches": done, "group": self.group,
-                    "drawn": self._drawn if last else start, "pooled": 0 if last else i + 1,
-                }  # fmt: skip
+                    "epoch": epoch,
+                    "worker": worker,
+                    "batches": done,
+                    "group": self.group,
+                    "drawn": self._drawn if last else start,
+                    "pooled": 0 if last else i + 1,
+                }
                 yield batch
             if len(pool) < size * self.batch_size:
                 return
@@ -428,7 +467,9 @@ class ShardStream(IterableDataset):
         one did, so everything after them (and every random draw) is the same.
         """
         if self.train and self.shuffle_buffer > 1:
-            raws = wds.filters._shuffle(raws, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+            raws = wds.filters._shuffle(
+                raws, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng
+            )
         for raw in raws:
             self._drawn += 1
             if self._drawn <= skip:
@@ -438,15 +479,20 @@ class ShardStream(IterableDataset):
                 yield item
         self.encoder.check_skip_limit(final=True)
 
-    def _refill(self, mine: list[Shard], quota: int, rng: random.Random, skip: int = 0, done: int = 0) -> Iterator[dict[str, Any]]:
+    def _refill(
+        self, mine: list[Shard], quota: int, rng: random.Random, skip: int = 0, done: int = 0
+    ) -> Iterator[dict[str, Any]]:
         """Encoded samples of this worker's shards; read again only if skipped samples left its quota short."""
         need = (quota - done) * self.batch_size
         for passes in range(1000):
             if passes:
                 log.warning(
                     "rank %d re-reads its shards (pass %d) to fill its %d batches after skipped samples; "
-                    "ranks stay in step, at the cost of repeating a few samples", self.rank, passes + 1, quota,
-                )  # fmt: skip
+                    "ranks stay in step, at the cost of repeating a few samples",
+                    self.rank,
+                    passes + 1,
+                    quota,
+                )
             kept = 0
             for item in self._encoded(self._samples([s.url for s in mine]), rng, skip):
                 kept += 1
@@ -465,7 +511,9 @@ class ShardStream(IterableDataset):
         batches = lambda items, limit: self._batch(items, limit, epoch, worker, done, pooled)  # noqa: E731
         if self.plan is not None:
             steps = self.epoch_steps or 1
-            yield from batches(self._encoded(self._resampled(rng), rng, skip), steps // workers + (worker < steps % workers))
+            yield from batches(
+                self._encoded(self._resampled(rng), rng, skip), steps // workers + (worker < steps % workers)
+            )
             return
         shards = list(self.shards)
         if self.train:  # the same order on every rank: the seed and epoch only
@@ -505,8 +553,10 @@ class ShardStream(IterableDataset):
         if changed:
             log.warning(
                 "resuming with %s: epoch %d restarts from its beginning (set %s to continue exactly where it stopped)",
-                " and ".join(changed), epoch, " and ".join(restore),
-            )  # fmt: skip
+                " and ".join(changed),
+                epoch,
+                " and ".join(restore),
+            )
             return worker, 0, 0, 0
         worker = (worker + position.next_worker) % workers
         pooled = position.pooled.get(worker, 0)

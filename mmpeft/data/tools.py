@@ -1,8 +1,8 @@
 """``python -m mmpeft data build|inspect``: make shards with a recipe, and look inside shards before training.
 
-    python -m mmpeft data build synthetic --out DIR --samples 2000
-    python -m mmpeft data build llava --src llava_instruct_150k.json --images coco/train2017 --out DIR
-    python -m mmpeft data inspect DIR --processor llava-hf/llava-1.5-7b-hf --max_length 2048
+python -m mmpeft data build synthetic --out DIR --samples 2000
+python -m mmpeft data build llava --src llava_instruct_150k.json --images coco/train2017 --out DIR
+python -m mmpeft data inspect DIR --processor llava-hf/llava-1.5-7b-hf --max_length 2048
 """
 
 from __future__ import annotations
@@ -29,21 +29,32 @@ EXAMPLES = 3
 PERCENTILES = (50, 90, 95, 99)
 
 
-
 def cmd_build(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser, set_parsing_settings
 
     names = [row.name for row in registry.describe(registry.DATA_RECIPES)]
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m mmpeft data build RECIPE --out DIR [recipe options]\nrecipes: {', '.join(names)}\n"
-              "(python -m mmpeft data build RECIPE --help lists a recipe's options)")  # fmt: skip
+        print(
+            f"usage: python -m mmpeft data build RECIPE --out DIR [recipe options]\nrecipes: {', '.join(names)}\n"
+            "(python -m mmpeft data build RECIPE --help lists a recipe's options)"
+        )
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     cls = registry.load(registry.DATA_RECIPES, name)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=f"python -m mmpeft data build {name}", description=(cls.__doc__ or "").strip().splitlines()[0])
-    parser.add_argument("--out", required=True, help="output directory (an interrupted build there is resumed; a folder holding another data set is refused)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the data set in --out (its index and its shards named like this build's; other files stay)")
+    parser = ArgumentParser(
+        prog=f"python -m mmpeft data build {name}", description=(cls.__doc__ or "").strip().splitlines()[0]
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (an interrupted build there is resumed; a folder holding another data set is refused)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the data set in --out (its index and its shards named like this build's; other files stay)",
+    )
     parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
     parser.add_class_arguments(cls, nested_key=None, as_group=False)
     args = parse(parser, rest).as_dict()  # --samples-per-shard or --samples_per_shard
@@ -55,7 +66,11 @@ def cmd_build(argv: list[str]) -> int:
     print(
         f"{out}: {len(index['shards'])} shard(s), {index['samples']} samples, {index.get('bytes', 0) / 2**20:.1f} MiB, "
         f"tasks: {', '.join(f'{t} {n}' for t, n in index['samples_per_task'].items())}"
-        + (f"; {bad['count']} bad record(s) left out: {bad['by_reason']} (listed in {Path(out) / 'dataset.json'})" if bad.get("count") else "")
+        + (
+            f"; {bad['count']} bad record(s) left out: {bad['by_reason']} (listed in {Path(out) / 'dataset.json'})"
+            if bad.get("count")
+            else ""
+        )
     )
     return 0
 
@@ -71,7 +86,13 @@ class _AnyTask(dict):
         return self[task]
 
 
-def inspect_shards(spec: str, processor: str | None = None, max_length: int = 1024, trust_remote_code: bool = False, progress: bool = True) -> dict[str, Any]:
+def inspect_shards(
+    spec: str,
+    processor: str | None = None,
+    max_length: int = 1024,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Read every sample of ``spec`` (a shard directory, pattern or glob) and describe what training would see."""
     import webdataset as wds
 
@@ -164,17 +185,21 @@ def inspect_shards(spec: str, processor: str | None = None, max_length: int = 10
         "skipped_examples": dict(sorted(examples.items())),
         "unreadable_shards": bad_shards,
         "damaged_shards": [shard.damaged for shard in source.shards if shard.damaged is not None],
-        "tokens": None if encoder is None else {
+        "tokens": None
+        if encoder is None
+        else {
             "max_length": max_length,
             "truncated": truncated,
             "all": stats(all_lengths),
             "per_task": {t: stats(v) for t, v in sorted(lengths.items())},
         },
-    }  # fmt: skip
+    }
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
-    console.print(f"[bold]{report['source']}[/bold]: {report['shards']} shard(s), {report['samples_read']} samples read, {report['usable']} usable")
+    console.print(
+        f"[bold]{report['source']}[/bold]: {report['shards']} shard(s), {report['samples_read']} samples read, {report['usable']} usable"
+    )
     table = Table("task", "samples", "in the index", title="samples per task")
     index = report["index_samples_per_task"] or {}
     for task in sorted(set(report["samples_per_task"]) | set(index)):
@@ -185,7 +210,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print("images per sample: " + ", ".join(f"{k}: {v}" for k, v in report["images_per_sample"].items()))
     tokens = report["tokens"]
     if tokens:
-        table = Table("task", *(f"p{p}" for p in PERCENTILES), "max", "mean", title=f"tokens per sample (max_length {tokens['max_length']})")
+        table = Table(
+            "task",
+            *(f"p{p}" for p in PERCENTILES),
+            "max",
+            "mean",
+            title=f"tokens per sample (max_length {tokens['max_length']})",
+        )
         for task, s in [*tokens["per_task"].items(), ("all", tokens["all"])]:
             if s:
                 table.add_row(task, *(f"{s[f'p{p}']:.0f}" for p in PERCENTILES), str(s["max"]), f"{s['mean']:.1f}")
@@ -197,7 +228,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             table.add_row(reason, str(n), ", ".join(report["skipped_examples"].get(reason, [])))
         console.print(table)
     else:
-        console.print("no sample would be dropped" + ("" if tokens else " (without --processor, token lengths are not checked)"))
+        console.print(
+            "no sample would be dropped" + ("" if tokens else " (without --processor, token lengths are not checked)")
+        )
     for problem in report["damaged_shards"]:
         console.print(f"[red]damaged shard[/red]: {problem}", soft_wrap=True, highlight=False)
     for problem in report["unreadable_shards"]:
@@ -205,11 +238,18 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def cmd_inspect(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmpeft data inspect", description="Describe shards: samples per task, images per sample, token lengths, what training would drop and why.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mmpeft data inspect",
+        description="Describe shards: samples per task, images per sample, token lengths, what training would drop and why.",
+    )
     parser.add_argument("source", help="shard directory (with dataset.json), brace pattern or glob")
-    parser.add_argument("--processor", help="checkpoint (local folder or hub name) whose processor measures token lengths")
+    parser.add_argument(
+        "--processor", help="checkpoint (local folder or hub name) whose processor measures token lengths"
+    )
     parser.add_argument("--max-length", type=int, default=1024, help="data.max_length to check against (default 1024)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the processor's repository")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from the processor's repository"
+    )
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parse(parser, argv)  # --max-length or --max_length
@@ -220,15 +260,19 @@ def cmd_inspect(argv: list[str]) -> int:
     problems = report["damaged_shards"] + report["unreadable_shards"]
     if problems:
         more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
-        raise DataError(f"data inspect {args.source}: {len(problems)} damaged or unreadable shard(s): {problems[0]}{more}")
+        raise DataError(
+            f"data inspect {args.source}: {len(problems)} damaged or unreadable shard(s): {problems[0]}{more}"
+        )
     return 0
 
 
 def cmd_data(argv: list[str]) -> int:
     commands = {"build": cmd_build, "inspect": cmd_inspect}
     if not argv or argv[0] not in commands:
-        print("usage: python -m mmpeft data {build,inspect} ...\n  build RECIPE --out DIR ...   make shards with a data recipe\n"
-              "  inspect DIR [--processor P]   what is in shards, and what training would drop")  # fmt: skip
+        print(
+            "usage: python -m mmpeft data {build,inspect} ...\n  build RECIPE --out DIR ...   make shards with a data recipe\n"
+            "  inspect DIR [--processor P]   what is in shards, and what training would drop"
+        )
         if argv and argv[0] not in ("-h", "--help"):
             raise ConfigError(f"unknown data command {argv[0]!r}; use one of: {', '.join(commands)}")
         return 0 if argv else 2

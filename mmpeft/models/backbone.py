@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoModelForMultimodalLM, AutoProcessor, BitsAndBytesConfig, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    ProcessorMixin,
+)
 from transformers.models.auto.configuration_auto import model_type_to_module_name
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
@@ -80,7 +87,9 @@ class Backbone:
             from mmpeft.models.tiny import FAMILIES
 
             if self.build_tiny not in FAMILIES:
-                raise ConfigError(f"model.backbone.build_tiny: unknown family {self.build_tiny!r}; one of {', '.join(FAMILIES)}")
+                raise ConfigError(
+                    f"model.backbone.build_tiny: unknown family {self.build_tiny!r}; one of {', '.join(FAMILIES)}"
+                )
             return  # built in prepare_data
         check_checkpoint(self.pretrained, "model.backbone.pretrained")
 
@@ -93,7 +102,9 @@ def check_checkpoint(pretrained: str, key: str) -> None:
         raise ConfigError(f"{key}: no checkpoint at {pretrained!r} (missing config.json)")
 
 
-def get_path(model: nn.Module, candidates: tuple[str, ...], what: str, required: bool = True) -> tuple[str, nn.Module] | None:
+def get_path(
+    model: nn.Module, candidates: tuple[str, ...], what: str, required: bool = True
+) -> tuple[str, nn.Module] | None:
     for path in candidates:
         try:
             return path, model.get_submodule(path)
@@ -149,13 +160,17 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
                 raise
             config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
             processor_class = PROCESSOR_MAPPING[type(config)]
-            if type(processor_class).__name__ == "DummyObject":  # transformers' stand-in for a class it could not import
+            if (
+                type(processor_class).__name__ == "DummyObject"
+            ):  # transformers' stand-in for a class it could not import
                 processor_class = _import_with_pil_helpers(processor_class.__name__)
             return _without_video(processor_class, pretrained).from_pretrained(pretrained, **kwargs)
     except (ImportError, ValueError) as exc:
         if isinstance(exc, ValueError) and "torchvision" not in str(exc).lower():
             raise
-        raise ConfigError(f"{key}: the processor of {pretrained!r} needs a package that is not installed: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(
+            f"{key}: the processor of {pretrained!r} needs a package that is not installed: {' '.join(str(exc).split())}"
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
 
@@ -177,14 +192,19 @@ def _import_with_pil_helpers(class_name: str) -> type[ProcessorMixin]:
         module = f"{package}.processing_{model_type_to_module_name(model_type)}"
         twin = f"{package}.image_processing_{model_type_to_module_name(model_type)}"
         tried.append(module)
-        if importlib.util.find_spec(module) is None or importlib.util.find_spec(twin.replace("image_processing_", "image_processing_pil_")) is None:
+        if (
+            importlib.util.find_spec(module) is None
+            or importlib.util.find_spec(twin.replace("image_processing_", "image_processing_pil_")) is None
+        ):
             continue
         sys.modules[twin] = importlib.import_module(twin.replace("image_processing_", "image_processing_pil_"))
         try:
             return getattr(importlib.import_module(module), class_name)
         finally:
             del sys.modules[twin]
-    raise ImportError(f"{class_name} needs torchvision and has no PIL image processor to stand in (looked in {', '.join(tried) or 'no module'})")
+    raise ImportError(
+        f"{class_name} needs torchvision and has no PIL image processor to stand in (looked in {', '.join(tried) or 'no module'})"
+    )
 
 
 class NoVideoProcessor:
@@ -217,9 +237,10 @@ def _without_video(processor_class: type[ProcessorMixin], pretrained: str) -> ty
     :class:`NoVideoProcessor` with the checkpoint's video settings.
     """
     parameters = [
-        p for name, p in inspect.signature(processor_class.__init__).parameters.items()
+        p
+        for name, p in inspect.signature(processor_class.__init__).parameters.items()
         if name not in ("self", "video_processor") and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    ]  # fmt: skip
+    ]
     defaults = {p.name: None if p.default is inspect.Parameter.empty else p.default for p in parameters}
     names = [p.name for p in parameters]
     source = (
@@ -230,7 +251,9 @@ def _without_video(processor_class: type[ProcessorMixin], pretrained: str) -> ty
     settings = _read_json(Path(pretrained) / "video_preprocessor_config.json")
     scope = {"_defaults": defaults, "_parent_init": processor_class.__init__, "_video": NoVideoProcessor(settings)}
     exec(source, scope)  # noqa: S102 - the parameter names come from the processor class, not from data
-    log.warning("torchvision is not installed: loading %s without its video processor (images only)", processor_class.__name__)
+    log.warning(
+        "torchvision is not installed: loading %s without its video processor (images only)", processor_class.__name__
+    )
     return type(processor_class.__name__, (processor_class,), {"__init__": scope["__init__"], "__module__": __name__})
 
 

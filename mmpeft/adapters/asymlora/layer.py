@@ -28,7 +28,9 @@ class AsymLoRA(nn.Module):
         self.r, self.heads = config.r, config.heads
         self.scaling = config.alpha / config.r
         self.A = nn.Parameter(torch.empty(config.r, in_features))  # (r, d_in), shared by every head
-        self.B = nn.Parameter(torch.zeros(out_features, config.heads * config.r))  # (d_out, N * r): head i is B[:, i*r:(i+1)*r]
+        self.B = nn.Parameter(
+            torch.zeros(out_features, config.heads * config.r)
+        )  # (d_out, N * r): head i is B[:, i*r:(i+1)*r]
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         level = "instance" if config.routing == "sequence" else "token"

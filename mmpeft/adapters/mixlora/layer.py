@@ -41,7 +41,9 @@ class MixLoRA(nn.Module):
         kwargs = {"level": "instance", "top_k": config.r, "temperature": config.temperature}
         self.router_a = Router(in_features, config.factors, **kwargs)  # instance router for A-factors
         self.router_b = Router(in_features, config.factors, **kwargs)  # instance part of the B router
-        self.condition = nn.Parameter(torch.zeros(config.factors, in_features))  # (E, d_in): C, chosen A-factor -> B logits
+        self.condition = nn.Parameter(
+            torch.zeros(config.factors, in_features)
+        )  # (E, d_in): C, chosen A-factor -> B logits
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices and weights of the chosen A- and B-factors, each ``(batch, r)``."""
@@ -54,13 +56,24 @@ class MixLoRA(nn.Module):
         chosen_a = self.A[index_a]  # (batch, r, d_in)
         logits_b = self.router_b.logits(h)  # (batch, E)
         log_b = torch.log_softmax(logits_b / t, dim=-1)  # (batch, E)
-        log_conditional = torch.log_softmax(F.linear(chosen_a, self.condition) / t, dim=-1)  # (batch, r, E): one per chosen A-factor
+        log_conditional = torch.log_softmax(
+            F.linear(chosen_a, self.condition) / t, dim=-1
+        )  # (batch, r, E): one per chosen A-factor
         # log(p_B + sum_k softmax(C a_k)): in log space, so that a saturated router (probabilities
         # that underflow to 0) still gives finite weights and gradients.
-        log_score_b, index_b = torch.logsumexp(torch.cat([log_b[:, None], log_conditional], dim=1), dim=1).topk(self.r, dim=-1)  # (batch, r)
-        for router, logits, log_probs, index in ((self.router_a, logits_a, log_a, index_a), (self.router_b, logits_b, log_b, index_b)):
+        log_score_b, index_b = torch.logsumexp(torch.cat([log_b[:, None], log_conditional], dim=1), dim=1).topk(
+            self.r, dim=-1
+        )  # (batch, r)
+        for router, logits, log_probs, index in (
+            (self.router_a, logits_a, log_a, index_a),
+            (self.router_b, logits_b, log_b, index_b),
+        ):
             selected = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, index, True)
-            context.record(RouterRecord(router.name, logits[:, None], log_probs.exp()[:, None], selected[:, None], self.r, "instance"))
+            context.record(
+                RouterRecord(
+                    router.name, logits[:, None], log_probs.exp()[:, None], selected[:, None], self.r, "instance"
+                )
+            )
         return index_a, self._weights(log_score_a), index_b, self._weights(log_score_b)
 
     def _weights(self, log_score: torch.Tensor) -> torch.Tensor:

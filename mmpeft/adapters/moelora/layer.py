@@ -27,7 +27,9 @@ class MoELoRA(nn.Module):
         self.config = config
         self.r, self.experts = config.r, config.experts
         self.scaling = config.alpha / config.r
-        self.A = nn.Parameter(torch.empty(config.experts * config.r, in_features))  # (N * r, d_in): expert e is A[e*r:(e+1)*r]
+        self.A = nn.Parameter(
+            torch.empty(config.experts * config.r, in_features)
+        )  # (N * r, d_in): expert e is A[e*r:(e+1)*r]
         self.B = nn.Parameter(torch.zeros(out_features, config.experts * config.r))  # (d_out, N * r)
         # Same bound as a separate kaiming init per expert: the fan-in is d_in either way.
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))

@@ -40,6 +40,7 @@ _TILES_PER_EDGE = 4
 _BOS, _EOS, _PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"
 _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 
+
 # The template of HuggingFaceM4/Idefics3-8B-Llama3 (opened with <|begin_of_text|>, which the
 # tokenizer adds once more) and of SmolVLM (opened with <|im_start|>). Quirks kept: "User:" takes no
 # space when the message starts with an image; the generation prompt "Assistant:" has no trailing
@@ -80,7 +81,9 @@ def vision_config(tile: int, patch: int) -> dict[str, Any]:
     return vision_sizes(image_size=tile, patch_size=patch)
 
 
-def llama_text_config(vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int, rope_theta: float) -> dict[str, Any]:
+def llama_text_config(
+    vocab_size: int, pad_token_id: int, bos_token_id: int, eos_token_id: int, rope_theta: float
+) -> dict[str, Any]:
     """The tiny Llama text model of Idefics3 (Llama 3) and SmolVLM (SmolLM2)."""
     return {
         "model_type": "llama",

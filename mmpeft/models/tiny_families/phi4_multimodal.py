@@ -46,10 +46,20 @@ from mmpeft.models.tiny import (
 # After the vocabulary, in the real order (199999 <|endoftext|>, 200010 <|image|>, 200011 <|audio|>,
 # 200019 <|assistant|> ... 200028 <|tag|>); the real reserved tokens in between are left out.
 _SPECIALS = (
-    "<|endoftext|>", "<|image|>", "<|audio|>",
-    "<|assistant|>", "<|end|>", "<|user|>", "<|system|>",
-    "<|tool|>", "<|/tool|>", "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|image|>",
+    "<|audio|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|user|>",
+    "<|system|>",
+    "<|tool|>",
+    "<|/tool|>",
+    "<|tool_call|>",
+    "<|/tool_call|>",
+    "<|tool_response|>",
+    "<|tag|>",
+)
 
 # A 64x64 crop (real: 448) of 2x2 patches (real: 14): the same 32x32 patch grid the image
 # processor's token count assumes.

@@ -25,13 +25,29 @@ from mmpeft.models.tiny import (
 # The added tokens of the Qwen2.5 tokenizer (Qwen2.5-VL, and InternVL3 and Qwen3-VL, which extend
 # it), in vocabulary order (151643-151664 in the real one).
 QWEN2_5_ADDED_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-    "<tool_call>", "</tool_call>",
-    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 # The last eight, from <tool_call> on, are single tokens but not special (skip_special_tokens keeps them).
 QWEN2_5_NOT_SPECIAL = frozenset(QWEN2_5_ADDED_TOKENS[QWEN2_5_ADDED_TOKENS.index("<tool_call>") :])
 

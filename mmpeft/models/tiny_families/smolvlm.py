@@ -44,8 +44,11 @@ _VIDEO_SAMPLING = {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": _T
 # 49189: <fake_token_around_image>, 49190: <image>, ... 49279: <end_of_utterance>).
 _ENDOFTEXT, _IM_START, _IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _GLOBAL_IMAGE, _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE = (
-    "<global-img>", "<fake_token_around_image>", "<image>", "<end_of_utterance>"
-)  # fmt: skip
+    "<global-img>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+)
 _ROW_COL = tuple(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7))
 _IMAGE_TOKENS = (_GLOBAL_IMAGE, *_ROW_COL, _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE)
 

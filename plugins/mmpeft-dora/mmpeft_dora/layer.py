@@ -63,7 +63,9 @@ class DoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._base is None:
-            raise RuntimeError("DoRA needs its base layer's weight: call attach_base(view) first (mmpeft's injection does)")
+            raise RuntimeError(
+                "DoRA needs its base layer's weight: call attach_base(view) first (mmpeft's injection does)"
+            )
         x = x.to(self.A.dtype)  # (..., d_in)
         weight = self._base.weight()  # (d_out, d_in), dequantized, no grad
         scale = self.m / self._row_norm(weight)  # (d_out,): the norm is a constant for backward (sec. 4.3)
