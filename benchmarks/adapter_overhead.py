@@ -78,9 +78,8 @@ from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig
 from mmpeft.adapters.mixlora import MixLoRA, MixLoRAConfig
 from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
 from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, bind_routers, routing_losses, weighted_sum
-from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.module import lm_loss
+from mmpeft.objective import IGNORE_INDEX, lm_loss
 from mmpeft.speed import Speed, apply_to_adapters
 
 ROOT = Path(__file__).resolve().parents[1]

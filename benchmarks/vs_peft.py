@@ -83,10 +83,12 @@ from adapter_overhead import (  # noqa: E402
 from mmpeft.adapters import AdaptedLinear  # noqa: E402
 from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
-from mmpeft.data.encode import IGNORE_INDEX  # noqa: E402
 from mmpeft.data.stream import length_groups  # noqa: E402
 from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
-from mmpeft.module import lm_loss  # noqa: E402
+from mmpeft.objective import (
+    IGNORE_INDEX,  # noqa: E402
+    lm_loss,  # noqa: E402
+)
 from mmpeft.speed import Speed  # noqa: E402
 
 TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most

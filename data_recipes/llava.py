@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from data_recipes._source import Message, SourceRecipe, image_paths, images_first, message, text_parts
 from mmpeft.data.build import BadRecord
+from mmpeft.data.records import Message, SourceRecipe, image_paths, images_first, message, text_parts
 
 __all__ = ["LlavaRecipe"]
 

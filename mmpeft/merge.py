@@ -62,6 +62,7 @@ from mmpeft.models.backbone import (
     load_processor,
     quantization_config,
 )
+from mmpeft.objective import routed
 from mmpeft.saving import AdapterError, AdapterSpec, apply_adapter, check_recorded_base, read_spec, read_tensors
 
 Factors = tuple[torch.Tensor, torch.Tensor, float]
@@ -328,10 +329,7 @@ def token_logits(
     if context is None:
         logits = model(**inputs, use_cache=False).logits
     else:
-        from mmpeft.data.encode import IGNORE_INDEX
-
-        prompt = (batch["labels"].to(param.device) == IGNORE_INDEX) & attention  # what instance routers pool over
-        with context.step(attention, prompt, batch["task_ids"].to(param.device), record=record):
+        with routed(context, {**batch, "inputs": inputs}, record=record):
             logits = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
     return logits[attention].float().cpu()  # (tokens, vocab)
 

@@ -29,8 +29,8 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.errors import ConfigError
+from mmpeft.objective import IGNORE_INDEX
 
 ARTICLES = frozenset({"a", "an", "the"})
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
@@ -102,7 +102,7 @@ class TokenMetric(TaskMean):
     """A score of each trained token under teacher forcing.
 
     ``update(logits, target, task_ids)``: ``logits`` ``(..., vocab)`` predicts ``target``
-    ``(...)`` position by position (already shifted: see ``mmpeft.module.next_token_targets``);
+    ``(...)`` position by position (already shifted: see ``mmpeft.objective.next_token_targets``);
     positions whose target is ``IGNORE_INDEX`` (-100) are left out. ``task_ids`` gives each
     position's task, shaped like ``target``, or ``(batch,)`` for ``(batch, seq)`` targets.
     """

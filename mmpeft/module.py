@@ -27,13 +27,14 @@ from transformers import get_cosine_schedule_with_warmup
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
-from mmpeft.data.encode import IGNORE_INDEX
+from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
 from mmpeft.generation import Generation
 from mmpeft.metrics import Evaluation, TaskMetrics, print_table
 from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
+from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
-from mmpeft.speed import Speed, apply_to_adapters, chunked_token_losses
+from mmpeft.speed import Speed, apply_to_adapters
 
 log = logging.getLogger("mmpeft")
 
@@ -56,47 +57,6 @@ class Optim:
 
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's moment decay rates."""
-
-
-def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which positions predict a trained token, and those tokens.
-
-    ``labels`` is ``(batch, seq)`` with ``IGNORE_INDEX`` where nothing is trained. Returns a
-    ``(batch, seq)`` bool mask of the positions whose *next* token is trained and the
-    ``(n_kept,)`` tokens they must predict, in the mask's row-major order.
-    """
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (batch, seq): the token each position predicts
-    keep = shifted != IGNORE_INDEX
-    return keep, shifted[keep]
-
-
-def lm_losses(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token cross-entropy over the assistant tokens, and each sample's own mean.
-
-    Logits are computed only where a trained token is predicted (``logits_to_keep``), so
-    prompts and image tokens never reach the LM head: with a 150k-token vocabulary the
-    full ``(batch, seq, vocab)`` logits would be the largest tensor of the step. With
-    ``chunk`` > 0 even those are computed ``chunk`` positions at a time and never kept
-    (:func:`mmpeft.speed.chunked_token_losses`; ``model.speed.loss_chunk``). The per-sample
-    means ``(batch,)`` (detached; NaN for a sample without trained tokens) come from the same
-    per-token losses, for the per-task losses of :mod:`mmpeft.monitor`.
-    """
-    keep, targets = next_token_targets(labels)
-    token_loss = chunked_token_losses(model, inputs, keep, targets, chunk) if chunk > 0 else None  # (n_kept,)
-    if token_loss is None:
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
-        token_loss = F.cross_entropy(logits.float(), targets, reduction="none")  # (n_kept,)
-    per_position = token_loss.new_zeros(keep.shape).masked_scatter(keep, token_loss.detach())  # (batch, seq)
-    return token_loss.mean(), per_position.sum(1) / keep.sum(1)  # (), (batch,)
-
-
-def lm_loss(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0
-) -> torch.Tensor:
-    """Mean next-token cross-entropy over the assistant tokens (see :func:`lm_losses`)."""
-    return lm_losses(model, inputs, labels, chunk)[0]
 
 
 class MMPeftModule(L.LightningModule):
@@ -177,10 +137,11 @@ class MMPeftModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        predicting = self._trainer is not None and self.trainer.predicting
+        trainer = self.attached_trainer()
+        predicting = trainer is not None and trainer.predicting
         # Gradient checkpointing only costs time when nothing is trained.
         backbone = dataclasses.replace(self.backbone, gradient_checkpointing=False) if predicting else self.backbone
-        model = load_backbone(backbone, self.trainer.strategy.root_device, self.speed)
+        model = load_backbone(backbone, trainer.strategy.root_device, self.speed)
         if self.init_spec is not None:
             apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)
         else:
@@ -190,36 +151,49 @@ class MMPeftModule(L.LightningModule):
         self.model = model.eval() if predicting else model.train()
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if (
-            stage == "fit"
-            and self.init_spec is not None
-            and self.init_spec.tasks
-            and hasattr(datamodule, "load_state_dict")
-        ):
+        trainer = self.attached_trainer()
+        data = self.data()
+        saved = self.init_spec.tasks if self.init_spec is not None else []
+        if stage == "fit" and saved and data is not None and saved != data.tasks:
             # Training on keeps the adapter's task ids (checked against the data); evaluation and
             # prediction take the data's tasks, whichever the adapter saw (docs/evaluation.md).
-            datamodule.load_state_dict(
-                {"tasks": self.init_spec.tasks, "from": f"model.init_adapter {self.hparams.init_adapter!r}"}
-            )
-        tasks = getattr(datamodule, "tasks", None)
+            data.keep_task_ids(saved, f"model.init_adapter {self.hparams.init_adapter!r}")
+        tasks = self.task_names()
         if tasks:
             self.routing_context.num_tasks = len(tasks)
         generates = self.evaluation.generates(fitting=stage == "fit")
-        if hasattr(datamodule, "eval_prompts"):
-            datamodule.eval_prompts = generates  # validation batches carry prompts only to generate from
+        if data is not None:
+            data.carry_prompts(generates)  # validation batches carry prompts only to generate from
         if (stage == "predict" or generates) and self.tokenizer is None:
-            encoder = getattr(datamodule, "encoder", None)
             self.tokenizer = (
-                encoder.tokenizer
-                if encoder is not None
+                data.tokenizer
+                if data is not None
                 else load_processor(
                     self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained"
                 ).tokenizer
             )
-        strategy = self.trainer.strategy if self._trainer is not None else None
+        strategy = trainer.strategy if trainer is not None else None
         if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()  # see mmpeft/checkpoint.py
+
+    # -- what callbacks and the data module see of this module -------------------------------------
+    def attached_trainer(self) -> L.Trainer | None:
+        """The trainer running this module, or ``None`` when it runs outside one (tests, ``merge``)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's documented answer for a module not attached to a Trainer
+            return None
+
+    def data(self) -> TaskData | None:
+        """The trainer's data module when it keeps the contract of :class:`mmpeft.data.contract.TaskData`."""
+        trainer = self.attached_trainer()
+        datamodule = trainer.datamodule if trainer is not None else None
+        return datamodule if isinstance(datamodule, TaskData) else None
+
+    def task_names(self) -> list[str]:
+        """The task vocabulary (task id = position): the data module's, else the one ``model.init_adapter`` was trained on."""
+        data = self.data()
+        return list((data.tasks if data is not None else None) or (self.init_spec.tasks if self.init_spec else []))
 
     def on_fit_start(self) -> None:
         low = sorted({str(p.dtype) for p in self.trainable_parameters() if p.dtype != torch.float32})
@@ -236,18 +210,9 @@ class MMPeftModule(L.LightningModule):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
 
-    def routing_step(self, batch: dict[str, Any]):
-        """The routing context for one forward pass over ``batch``: its real tokens, the prompt tokens instance routers pool over, the task ids."""
-        inputs, labels = batch["inputs"], batch["labels"]
-        attention = inputs.get("attention_mask")
-        prompt = labels == IGNORE_INDEX  # (batch, seq): what instance routers pool over
-        if attention is not None:
-            prompt &= attention.bool()
-        # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
-        return self.routing_context.step(attention, prompt, batch["task_ids"], record=True)
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        with self.routing_step(batch):
+        # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
+        with routed(self.routing_context, batch):
             loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk)
             aux = routing_losses(self.routing_context, self.routing)
         size = batch["labels"].shape[0]
@@ -291,8 +256,8 @@ class MMPeftModule(L.LightningModule):
             )
             metrics.update_answers(answers, batch["references"], task_ids)
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
-        with self.routing_step(batch):
-            logits = self.model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (n_kept, vocab)
+        with routed(self.routing_context, batch):
+            logits = kept_logits(self.model, inputs, keep)  # (n_kept, vocab)
         metrics.update_forced(logits, targets, task_ids[keep.nonzero(as_tuple=True)[0]], task_ids)
         self._count_skipped(batch)
         return F.cross_entropy(logits.float(), targets)
@@ -304,14 +269,14 @@ class MMPeftModule(L.LightningModule):
         self._start_evaluation()
 
     def _start_evaluation(self) -> None:
-        datamodule = self.trainer.datamodule
-        tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
+        tasks = self.task_names()
         if not tasks:
             raise ConfigError(
                 "validation and test report per task and need the task vocabulary: the data module has no `tasks` (set data.tasks)"
             )
         if self.evaluation.generates(fitting=self.trainer.state.fn == TrainerFn.FITTING):
-            chosen = self.evaluation.choose(tasks, getattr(datamodule, "index_metrics", None))
+            data = self.data()
+            chosen = self.evaluation.choose(tasks, data.index_metrics if data is not None else None)
         else:
             chosen = {task: [] for task in tasks}  # loss and token accuracy only
         if self.metrics is None or (self.metrics.tasks, self.metrics.chosen) != (tasks, chosen):
@@ -401,8 +366,7 @@ class MMPeftModule(L.LightningModule):
 
     def adapter_spec(self) -> AdapterSpec:
         """What ``adapter_config.json`` says of this model's adapter."""
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        tasks = list(getattr(datamodule, "tasks", None) or (self.init_spec.tasks if self.init_spec else []))
+        tasks = self.task_names()
         base = base_summary(self.model.config)
         b = self.backbone
         spec = AdapterSpec(

@@ -11,9 +11,8 @@ from test_backbone import _batch
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, adapter_state_dict, inject_adapters
 from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, routing_losses, weighted_sum
-from mmpeft.data.encode import IGNORE_INDEX
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.module import lm_loss
+from mmpeft.objective import IGNORE_INDEX, lm_loss
 
 CASES = {
     "lora": ("lora", {"r": 4, "dropout": 0.0}),

@@ -19,7 +19,7 @@ from mmpeft.models.backbone import (
     load_backbone,
     load_processor,
 )
-from mmpeft.module import lm_loss
+from mmpeft.objective import lm_loss
 
 FAMILIES = ["llava", "qwen2_vl"]
 CPU = torch.device("cpu")

@@ -26,7 +26,7 @@ from test_cli import demo_config, mmpeft
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, adapter_state_dict, inject_adapters
 from mmpeft.adapters.quant import BaseLayerView
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.module import lm_loss
+from mmpeft.objective import lm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "mmpeft-dora"

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmpeft.data.encode import IGNORE_INDEX, ChatEncoder
+from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample
 from mmpeft.models.backbone import load_processor
+from mmpeft.objective import IGNORE_INDEX
 
 FAMILIES = ["llava", "qwen2_vl"]
 # What each assistant turn is trained on: its text and the template's end-of-turn.

@@ -36,12 +36,12 @@ from test_encode import assistant, target_runs, user
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.base import AdaptedLinear
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
-from mmpeft.data.encode import IGNORE_INDEX, ChatEncoder
+from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample, SampleError
 from mmpeft.export import export_peft
 from mmpeft.models.backbone import Backbone, language_model, load_backbone, load_processor
 from mmpeft.models.tiny import FAMILIES
-from mmpeft.module import lm_losses
+from mmpeft.objective import IGNORE_INDEX, lm_losses, routed
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, save_adapter, trainable_tensors
 
 CPU = torch.device("cpu")
@@ -226,8 +226,7 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     model.train()
     inputs, labels = batch["inputs"], batch["labels"]
-    prompt = (labels == IGNORE_INDEX) & inputs["attention_mask"].bool()
-    with context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+    with routed(context, batch):
         loss, _ = lm_losses(model, inputs, labels)
         extra = weighted_sum(routing_losses(context, RoutingLosses()), RoutingLosses())
     total = loss + extra if extra is not None else loss
@@ -256,7 +255,7 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     with torch.no_grad():
         outputs = []
         for batch_inputs in (inputs, changed):
-            with context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+            with routed(context, batch):
                 outputs.append(model(**batch_inputs, use_cache=False).logits[0, :last])
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
     record(family, "causal")
@@ -273,12 +272,12 @@ def test_family_conformance(family, tiny_model_dirs, tmp_path, checked):
     # 8. save/load: the adapter directory gives a fresh NF4 model the same logits.
     spec = AdapterSpec(groups, base, base_summary(model.config), TASKS, False).resolved()
     directory = save_adapter(tmp_path / "adapter", spec, trainable_tensors(model))
-    with torch.no_grad(), context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+    with torch.no_grad(), routed(context, batch):
         before = model(**inputs, use_cache=False).logits
     fresh = load_backbone(Backbone(base, gradient_checkpointing=False), CPU).eval()
     fresh_context = routing_context()
     apply_adapter(fresh, directory, fresh_context)
-    with torch.no_grad(), fresh_context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+    with torch.no_grad(), routed(fresh_context, batch):
         after = fresh(**inputs, use_cache=False).logits
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     record(family, "save/load")

@@ -15,7 +15,8 @@ from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.data.datamodule import ShardDataModule
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.module import MMPeftModule, Optim, lm_loss, next_token_targets
+from mmpeft.module import MMPeftModule, Optim
+from mmpeft.objective import lm_loss, next_token_targets
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

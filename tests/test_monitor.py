@@ -21,9 +21,8 @@ from mmpeft import plots
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.inject import group_labels
 from mmpeft.adapters.routing import RouterRecord, RoutingContext, RoutingStats
-from mmpeft.data.encode import IGNORE_INDEX
-from mmpeft.module import lm_loss, lm_losses
 from mmpeft.monitor import Monitor, RunSummary, TokensProgressBar, default_callbacks
+from mmpeft.objective import IGNORE_INDEX, lm_loss, lm_losses
 
 E = 3
 

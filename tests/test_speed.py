@@ -13,8 +13,9 @@ from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import VISION_PATHS, Backbone, get_path, language_model, load_backbone
-from mmpeft.module import MMPeftModule, lm_losses
-from mmpeft.speed import ChunkedLinearCrossEntropy, Speed, apply_to_adapters, output_head
+from mmpeft.module import MMPeftModule
+from mmpeft.objective import ChunkedLinearCrossEntropy, lm_losses, output_head
+from mmpeft.speed import Speed, apply_to_adapters
 
 CPU = torch.device("cpu")
 # Every lever off: the step as PEFT's path takes it (whole logits, out-of-place add, input grads, every layer recomputed).

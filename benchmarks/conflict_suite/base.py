@@ -36,7 +36,7 @@ from mmpeft.data.encode import ChatEncoder
 from mmpeft.files import read_json, staged_dir
 from mmpeft.metrics import normalize_answer
 from mmpeft.models.tiny import build_tiny_model
-from mmpeft.module import lm_loss
+from mmpeft.objective import lm_loss
 
 log = logging.getLogger("conflict_suite")
 

@@ -27,6 +27,7 @@ from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.predict import PromptStream, is_prompt_file, open_prompt_file
 from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, StreamPosition, plan_mixture
 from mmpeft.errors import ConfigError, DataError
+from mmpeft.metrics import check_metric_names
 from mmpeft.models.backbone import load_processor
 
 log = logging.getLogger("mmpeft.data")
@@ -106,8 +107,6 @@ def _index(directory: Path, cache: dict[Path, dict | None]) -> dict | None:
 
 def _index_metrics(directory: Path, index: dict) -> dict[str, tuple[str, ...]]:
     """The generation metrics an index chooses per task, checked (an unknown name is an error naming the file)."""
-    from mmpeft.metrics import check_metric_names  # late: mmpeft.metrics imports mmpeft.data
-
     metrics = index.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ConfigError(
@@ -191,6 +190,8 @@ Spec = str | list[str] | None
 
 
 class ShardDataModule(L.LightningDataModule):
+    """Mixed-task WebDataset shards, encoded by the model's processor; implements :class:`mmpeft.data.contract.TaskData`."""
+
     def __init__(
         self,
         train: Spec = None,
@@ -255,13 +256,27 @@ class ShardDataModule(L.LightningDataModule):
         self.index_metrics: dict[str, list[str]] = {}
         """Generation metrics per task chosen by the ``dataset.json`` indexes of this stage's splits (docs/evaluation.md)."""
         self.tasks: list[str] | None = None
+        """The task vocabulary (task id = position), set by ``setup``."""
         self.eval_prompts = True
-        """Whether validation and test batches also carry each prompt for generation (``prompt_inputs``, ``references``); the module turns it off when it generates nothing."""
+        """Whether validation and test batches also carry each prompt for generation (``prompt_inputs``,
+        ``references``); the module turns it off through :meth:`carry_prompts` when it generates nothing."""
         self.plan: MixPlan | None = None
         self.encoder: ChatEncoder | None = None
         self.position = StreamPosition()
         """How far this rank's training stream got, from the batches trained on (saved in checkpoints)."""
         self._resume: StreamPosition | None = None
+
+    # -- the module/data-module contract (mmpeft.data.contract.TaskData) --------------------------
+    def carry_prompts(self, on: bool) -> None:
+        """Whether validation and test batches also carry each prompt to generate an answer from."""
+        self.eval_prompts = on
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the processor that encodes the batches (after ``setup``)."""
+        if self.encoder is None:
+            raise RuntimeError("the data module's tokenizer is known after its setup()")
+        return self.encoder.tokenizer
 
     @property
     def urls(self) -> dict[str, list[str]]:

@@ -24,8 +24,8 @@ import torch
 
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.errors import ConfigError, DataError
+from mmpeft.objective import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 REPORT_FIRST = 5
 """How many skipped samples per reason are reported with their shard and key."""
 SKIP_CHECK_AFTER = 100

@@ -20,19 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmpeft.data.build import BadRecord
+from mmpeft.data.chat import ChatPrompts
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.data.stream import Source, _rank_world, shard_problem
 from mmpeft.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from data_recipes.chat import ChatPrompts
 
 
 def is_prompt_file(spec: str) -> bool:
@@ -42,10 +40,6 @@ def is_prompt_file(spec: str) -> bool:
 
 def open_prompt_file(path: str, what: str) -> ChatPrompts:
     """The records of the JSONL file ``path``, every one checked (images included); errors name the file and line."""
-    from data_recipes.chat import (
-        ChatPrompts,
-    )  # the chat recipe's record format; imported late (the recipes import mmpeft.data)
-
     if not Path(path).expanduser().is_file():
         raise ConfigError(f"{what}: no such file {path!r}")
     prompts = ChatPrompts(src=str(Path(path).expanduser()))

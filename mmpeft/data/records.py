@@ -1,4 +1,7 @@
-"""Shared base of the recipes that read a source file of records plus image files.
+"""Source records plus image files: the shared base of the recipes that read them (``data_recipes/``).
+
+Part of the library because ``data.predict`` reads the ``chat`` record format (:mod:`mmpeft.data.chat`)
+itself; the recipes in ``data_recipes/`` build on it and nothing here imports them.
 
 A :class:`SourceRecipe` reads ``src`` (a JSON list of records, or JSONL: one record per line)
 once, on first use, and turns record ``i`` into sample ``i``. A subclass says only how one
