@@ -165,13 +165,12 @@ class MMPeftModule(L.LightningModule):
         if data is not None:
             data.carry_prompts(generates)  # validation batches carry prompts only to generate from
         if (stage == "predict" or generates) and self.tokenizer is None:
-            self.tokenizer = (
-                data.tokenizer
-                if data is not None
-                else load_processor(
-                    self.backbone.pretrained, self.backbone.trust_remote_code, "model.backbone.pretrained"
+            self.tokenizer = data.tokenizer if data is not None else None
+            if self.tokenizer is None:
+                b = self.backbone
+                self.tokenizer = load_processor(
+                    b.pretrained, b.trust_remote_code, "model.backbone.pretrained"
                 ).tokenizer
-            )
         strategy = trainer.strategy if trainer is not None else None
         if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()  # see mmpeft/checkpoint.py

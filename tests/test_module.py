@@ -129,3 +129,71 @@ def test_per_group_adapters_train_with_their_routing_losses_logged(tmp_path, tin
         assert len(values) == 4 and all(math.isfinite(v) for v in values), name
     # Summed over the 2 x 3 routed MLP layers, each in (0, heads]: 1 when balanced, 3 when one head takes all.
     assert 0.0 < scalars(tmp_path / "run" / "version_0", "train/aux/load_balance")[0] <= 6 * 3
+
+
+def test_the_module_asks_the_data_module_only_what_the_contract_lists(tmp_path, tiny_model_dirs, small_shards):
+    """A data module of one's own that keeps :class:`TaskData` (and nothing of ShardDataModule besides its loaders) fits
+    and validates; ShardDataModule keeps the contract too."""
+    from mmpeft.data.contract import TaskData
+
+    path = tiny_model_dirs["llava"]
+    shards = ShardDataModule(train=small_shards, val=small_shards, processor=path, batch_size=4, max_length=256)
+    assert isinstance(shards, TaskData)
+    calls: list[str] = []
+
+    class OwnData(L.LightningDataModule):
+        """Only the contract's members and the loaders, each call recorded."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tasks: list[str] | None = None
+            self.index_metrics: dict[str, list[str]] = {}
+
+        def setup(self, stage: str) -> None:
+            shards.trainer = self.trainer
+            shards.setup(stage)
+            self.tasks = shards.tasks
+
+        def keep_task_ids(self, saved: list[str], source: str) -> None:
+            calls.append("keep_task_ids")
+
+        def carry_prompts(self, on: bool) -> None:
+            calls.append(f"carry_prompts({on})")
+            shards.carry_prompts(on)
+
+        @property
+        def tokenizer(self):
+            calls.append("tokenizer")
+            return shards.tokenizer
+
+        def train_dataloader(self):
+            return shards.train_dataloader()
+
+        def val_dataloader(self):
+            return shards.val_dataloader()
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            return shards.on_before_batch_transfer(batch, dataloader_idx)
+
+    own = OwnData()
+    assert isinstance(own, TaskData)
+    module = MMPeftModule(Backbone(pretrained=path), [AdapterGroup("lora", ["mlp"], {"r": 4})], Optim(warmup=0))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, own)
+    assert module.task_names() == shards.tasks and len(shards.tasks) >= 2
+    assert module.routing_context.num_tasks == len(shards.tasks)
+    # Fitting generates nothing by default: no prompts in validation batches, and no tokenizer kept.
+    # (isinstance(own, TaskData) reads the tokenizer property, so those reads are not counted.)
+    assert [call for call in calls if call != "tokenizer"] == ["carry_prompts(False)"]
+    assert module.tokenizer is None
+    assert math.isfinite(trainer.callback_metrics["val/loss"].item())

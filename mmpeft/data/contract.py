@@ -31,5 +31,5 @@ class TaskData(Protocol):
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer of the processor that encodes the batches (decodes generated tokens); after ``setup``."""
+        """The tokenizer of the processor that encodes the batches (decodes generated tokens); ``None`` before ``setup``."""
         ...

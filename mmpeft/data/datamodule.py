@@ -273,10 +273,8 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer of the processor that encodes the batches (after ``setup``)."""
-        if self.encoder is None:
-            raise RuntimeError("the data module's tokenizer is known after its setup()")
-        return self.encoder.tokenizer
+        """The tokenizer of the processor that encodes the batches; ``None`` before ``setup``."""
+        return self.encoder.tokenizer if self.encoder is not None else None
 
     @property
     def urls(self) -> dict[str, list[str]]:
