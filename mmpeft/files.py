@@ -172,6 +172,7 @@ def refuse_output_over_inputs(out: str | os.PathLike, inputs: InputPaths, what: 
             else:
                 continue
             raise ConfigError(
-                f"{what} {str(out)!r} {relation} the input {name} {str(path)!r}: writing there would change or replace it; "
+                f"{what} {str(out)!r} {relation} the input {name} {str(path)!r}: "
+                "writing there would change or replace it; "
                 "give a path outside the inputs"
             )

@@ -32,7 +32,8 @@ class Generation:
     """Most tokens generated per answer (fewer when the model ends its turn)."""
 
     do_sample: bool = False
-    """Sample the next token (with ``temperature``, ``top_p``, ``top_k``); off: greedy, or beam search with ``num_beams`` > 1. Sampling follows ``seed_everything``."""
+    """Sample the next token (with ``temperature``, ``top_p``, ``top_k``); off: greedy, or beam search with
+    ``num_beams`` > 1. Sampling follows ``seed_everything``."""
 
     temperature: float = 1.0
     """Sampling only: logits are divided by it (< 1 sharpens, > 1 flattens)."""
@@ -41,7 +42,8 @@ class Generation:
     """Sampling only: keep the smallest set of tokens whose probability reaches ``top_p`` (1: all)."""
 
     top_k: int = 0
-    """Sampling only: keep the ``top_k`` most likely tokens (0: all). Set, so that a checkpoint's own ``generation_config`` does not silently restrict sampling."""
+    """Sampling only: keep the ``top_k`` most likely tokens (0: all). Set, so that a checkpoint's own
+    ``generation_config`` does not silently restrict sampling."""
 
     num_beams: int = 1
     """Beam search with this many beams (1: none)."""
@@ -60,7 +62,8 @@ class Generation:
                 raise ConfigError(f"model.generation.{key} must be {bound}, got {getattr(self, key)!r}")
 
     def kwargs(self) -> dict[str, Any]:
-        """The arguments of ``model.generate`` (sampling ones only when sampling, so greedy decoding warns about none)."""
+        """The arguments of ``model.generate`` (sampling ones only when sampling, so greedy decoding warns about
+        none)."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": self.do_sample,
@@ -86,7 +89,8 @@ class JsonlWriter(L.Callback):
     def __init__(self, output: str | None = None) -> None:
         """
         Args:
-            output: The JSONL file to write (its folder is created). Default: ``predictions.jsonl`` in ``trainer.default_root_dir``.
+            output: The JSONL file to write (its folder is created). Default: ``predictions.jsonl`` in
+                ``trainer.default_root_dir``.
         """
         super().__init__()
         self.output = output

@@ -57,7 +57,8 @@ def heatmap_size(rows: Sequence[str], columns: int) -> tuple[int, int]:
 def heatmap(
     matrix: np.ndarray, rows: Sequence[str], title: str, *, xlabel: str = "expert", value: str = "mean gate"
 ) -> Figure:
-    """A ``(rows, columns)`` matrix as coloured cells: row names on the y axis, column numbers on the x axis, a colour bar.
+    """A ``(rows, columns)`` matrix as coloured cells: row names on the y axis, column numbers on the x axis, a colour
+    bar.
 
     NaN cells (nothing seen) are grey and marked ``-``; small matrices have each value written in its cell.
     """
@@ -120,7 +121,8 @@ def png(fig: Figure) -> bytes:
 
 @_plain_text
 def rgb(fig: Figure) -> np.ndarray:
-    """The figure as a ``(height, width, 3)`` uint8 array, ``figsize * DPI`` pixels (what TensorBoard's ``add_image`` takes)."""
+    """The figure as a ``(height, width, 3)`` uint8 array, ``figsize * DPI`` pixels (what TensorBoard's ``add_image``
+    takes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)

@@ -124,7 +124,8 @@ class AdapterSpec:
             raise AdapterError(f'{where} is not an mmpeft adapter config (no "format": "{FORMAT}")')
         if data.get("format_version", 0) > FORMAT_VERSION:
             raise AdapterError(
-                f"{where} has format version {data['format_version']}; this mmpeft ({mmpeft.__version__}) reads up to {FORMAT_VERSION}"
+                f"{where} has format version {data['format_version']}; "
+                f"this mmpeft ({mmpeft.__version__}) reads up to {FORMAT_VERSION}"
             )
         try:
             groups = [
@@ -147,7 +148,8 @@ class AdapterSpec:
             raise AdapterError(f"{where}: malformed adapter config ({type(exc).__name__}: {exc})") from exc
 
     def resolved(self) -> AdapterSpec:
-        """A copy whose groups list every hyperparameter (defaults included) of their plugin's config; checks the plugins exist."""
+        """A copy whose groups list every hyperparameter (defaults included) of their plugin's config; checks the
+        plugins exist."""
         groups = []
         for i, group in enumerate(self.groups):
             _, config = group.resolve(i)
@@ -176,7 +178,8 @@ def stored_base(pretrained: str) -> str:
 
 
 def check_recorded_base(spec: AdapterSpec, adapter: str | os.PathLike, override: str) -> None:
-    """Fail, saying which folder was tried, when the base that the adapter directory ``adapter`` names is a missing local folder.
+    """Fail, saying which folder was tried, when the base that the adapter directory ``adapter`` names is a missing
+    local folder.
 
     Older adapter directories recorded a relative ``model.backbone.pretrained`` as it was given,
     relative to the folder training ran in. ``override`` is the option that gives the base instead.
@@ -188,12 +191,14 @@ def check_recorded_base(spec: AdapterSpec, adapter: str | os.PathLike, override:
     config = Path(adapter) / CONFIG_NAME
     if path.is_absolute():
         raise AdapterError(
-            f"{config} names the base model {name!r}, but there is no checkpoint there (missing config.json); if it has moved, give it with {override}"
+            f"{config} names the base model {name!r}, but there is no checkpoint there (missing config.json); "
+            f"if it has moved, give it with {override}"
         )
     if name.startswith((".", "~")) or path.exists() or name.count("/") > 1:  # a folder, not a hub id
         raise AdapterError(
             f"{config} names the base model {name!r}, a path relative to the folder training ran in; from here it is "
-            f"{os.path.abspath(path)}, which holds no checkpoint (missing config.json): run from the training folder or give {override}"
+            f"{os.path.abspath(path)}, which holds no checkpoint (missing config.json): "
+            f"run from the training folder or give {override}"
         )
 
 
@@ -238,7 +243,8 @@ def read_spec(path: str | os.PathLike) -> AdapterSpec:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of the adapter directory ``path`` (safetensors only; a missing or truncated file is an error naming it)."""
+    """The tensors of the adapter directory ``path`` (safetensors only; a missing or truncated file is an error naming
+    it)."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         raise AdapterError(f"{weights} is missing")
@@ -301,7 +307,8 @@ class AdaptedModel:
     processor: Any
     spec: AdapterSpec
     routing: RoutingContext
-    """The routers' shared context: ``routing.generate(model, **inputs)`` generates routing instances once per prompt."""
+    """The routers' shared context: ``routing.generate(model, **inputs)`` generates routing instances once per
+    prompt."""
 
 
 def load_adapted(
@@ -312,7 +319,8 @@ def load_adapted(
     trainable: bool = False,
     **backbone: Any,
 ) -> AdaptedModel:
-    """Load the base model (``pretrained``, by default the one the adapter was trained on) the QLoRA way and put the adapter directory ``path`` on it.
+    """Load the base model (``pretrained``, by default the one the adapter was trained on) the QLoRA way and put the
+    adapter directory ``path`` on it.
 
     ``backbone`` takes :class:`~mmpeft.models.backbone.Backbone` fields, e.g. ``quantization="none"``.
     """

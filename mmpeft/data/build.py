@@ -133,7 +133,8 @@ class ShardRecipe:
     name: ClassVar[str] = "?"
     """The recipe's registered name, written into the index."""
     metrics: ClassVar[dict[str, list[str]]] = {}
-    """Generation metrics per task that validation and test score (``mmpeft.metrics.METRICS``), written into the index."""
+    """Generation metrics per task that validation and test score (``mmpeft.metrics.METRICS``), written into the
+    index."""
 
     samples_per_shard: int = 1000
     """Source records per tar shard (bad ones are left out, so a shard may hold fewer samples)."""
@@ -263,10 +264,11 @@ class ShardRecipe:
             f"{r} {n}" for r, n in sorted(Counter(b["reason"] for b in bad).items(), key=lambda rn: (-rn[1], rn[0]))
         )
         example = f" (e.g. {bad[0]['id']}: {bad[0]['detail']:.300})" if bad else ""
-        return DataError(
-            f"{self.describe_source()}: none of its {total} record(s) became a sample: {reasons or 'no reason recorded'}{example}"
-            + self.no_sample_hint()
+        message = (
+            f"{self.describe_source()}: none of its {total} record(s) became a sample: "
+            f"{reasons or 'no reason recorded'}{example}"
         )
+        return DataError(message + self.no_sample_hint())
 
     def build(
         self,

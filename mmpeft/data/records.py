@@ -189,7 +189,8 @@ def _read_task_map(path: Path) -> dict[str, str]:
         raise ConfigError(f"task_map {path}: not UTF-8 text ({exc})") from exc
     if not isinstance(value, dict):
         raise ConfigError(
-            f"task_map {path} must hold a JSON object mapping record ids or labels to task names, got a {type(value).__name__}"
+            f"task_map {path} must hold a JSON object mapping record ids or labels to task names, "
+            f"got a {type(value).__name__}"
         )
     bad = [key for key, task in value.items() if not isinstance(task, str) or not task]
     if bad:
@@ -213,15 +214,18 @@ class SourceRecipe(ShardRecipe):
     """A record without an assistant turn is bad (``no_assistant_turn``); off for prompts to generate from."""
 
     src: str
-    """The source file: a JSON list of records, or JSONL (one record per line; a ``.jsonl`` name or a first character ``{``)."""
+    """The source file: a JSON list of records, or JSONL (one record per line; a ``.jsonl`` name or a first character
+    ``{``)."""
     images: str | None = None
     """Folder that relative image paths in the records are relative to (default: the folder of ``src``)."""
     task: str | None = None
     """One task label for every record, overriding ``task_map``, ``task_field`` and the recipe's rule."""
     task_map: str | None = None
-    """A JSON file ``{"<record id or raw label>": "<task name>"}``: renames the raw label (the record id is looked up first)."""
+    """A JSON file ``{"<record id or raw label>": "<task name>"}``: renames the raw label (the record id is looked up
+    first)."""
     task_field: str | None = "task"
-    """The record field holding the raw task label; a record without it (or ``null``) falls back to the recipe's rule. ``None``: always the rule."""
+    """The record field holding the raw task label; a record without it (or ``null``) falls back to the recipe's rule.
+    ``None``: always the rule."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -271,7 +275,10 @@ class SourceRecipe(ShardRecipe):
     def no_sample_hint(self) -> str:
         entries = self._source()
         if len(entries) == 1 and isinstance(entries[0].value, dict) and Path(self.src).suffix.lower() != ".jsonl":
-            return "; the file holds one JSON object, read as JSONL with one record: expected a JSON list of records, or JSONL (one record per line)"
+            return (
+                "; the file holds one JSON object, read as JSONL with one record: "
+                "expected a JSON list of records, or JSONL (one record per line)"
+            )
         return ""
 
     def __len__(self) -> int:

@@ -47,7 +47,8 @@ _FAKE_IMAGE, _IMAGE, _END_OF_UTTERANCE = "<fake_token_around_image>", "<image>",
 # space, while a finished assistant turn is "Assistant: " + text; string content is not supported
 # (it renders as an empty message); a system message becomes "System: ...".
 def chat_template(start: str, extra_parts: str = "") -> str:
-    """The Idefics3/SmolVLM template opened with ``start``; ``extra_parts`` adds ``{% elif %}`` branches for other part types."""
+    """The Idefics3/SmolVLM template opened with ``start``; ``extra_parts`` adds ``{% elif %}`` branches for other
+    part types."""
     return (
         start + "{% for message in messages %}{{message['role'] | capitalize}}"
         "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"

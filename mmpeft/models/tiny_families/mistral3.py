@@ -66,7 +66,8 @@ _IMAGE_TOKENS = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "im
 # Tekken's pre-tokenisation (tiktoken style; case-aware words, single digits).
 _PRETOKENIZE_REGEX = (
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"""
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # mistralai/Mistral-Small-3.1-24B-Instruct-2503's chat_template.json, as is. Its quirks: it
@@ -125,7 +126,7 @@ _CHAT_TEMPLATE = """{%- set today = strftime_now("%Y-%m-%d") %}
     {%- else %}
         {{- raise_exception('Only user, system and assistant roles are supported!') }}
     {%- endif %}
-{%- endfor %}"""
+{%- endfor %}"""  # noqa: E501  the template's own lines, kept as is
 
 
 def build(out: pathlib.Path, seed: int) -> None:

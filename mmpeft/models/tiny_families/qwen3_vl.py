@@ -87,7 +87,7 @@ _CHAT_TEMPLATE = (
 {%- else %}
     {%- if messages[0].role == 'system' %}
         {{- '<|im_start|>system\n' }}
-"""
+"""  # noqa: E501  the template's own lines, kept as is
     + _SYSTEM_TEXT
     + r"""        {{- '<|im_end|>\n' }}
     {%- endif %}
