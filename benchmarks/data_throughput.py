@@ -263,7 +263,8 @@ def close(iterator: Any) -> None:
 
 
 def children_cpu() -> float:
-    """CPU seconds of this process's child processes that have ended and been waited for (DataLoader workers, once shut down)."""
+    """CPU seconds of this process's child processes that have ended and been waited for (DataLoader workers, once
+    shut down)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -359,7 +360,8 @@ def measure_fed(
 
 
 def check_same_batches(pipes: Pipelines) -> int:
-    """Every sample comes once out of the shard pipeline, in a batch equal to the folder dataset's collate of the same keys."""
+    """Every sample comes once out of the shard pipeline, in a batch equal to the folder dataset's collate of the same
+    keys."""
     by_key = {record["id"]: i for i, record in enumerate(pipes.folder_dataset.records)}
     seen: list[str] = []
     iterator = iter(pipes.loader("shards", 0))
@@ -375,7 +377,8 @@ def check_same_batches(pipes: Pipelines) -> int:
         seen += batch["keys"]
     if sorted(seen) != sorted(by_key):
         raise AssertionError(
-            f"the shard pipeline yielded {len(seen)} samples ({len(set(seen))} distinct), the folder holds {len(by_key)}"
+            f"the shard pipeline yielded {len(seen)} samples ({len(set(seen))} distinct), "
+            f"the folder holds {len(by_key)}"
         )
     return len(seen)
 
@@ -439,7 +442,10 @@ def breakdown(pipes: Pipelines, limit: int, repeats: int = 3) -> list[dict[str, 
     rows.insert(
         names.index("ChatEncoder.encode, all") + 1,
         {
-            "stage": "ChatEncoder.encode minus the two above (processor text and image tokens, tokenizer offsets, label mask)",
+            "stage": (
+                "ChatEncoder.encode minus the two above "
+                "(processor text and image tokens, tokenizer offsets, label mask)"
+            ),
             "cpu_ms_per_sample": rest,
         },
     )
@@ -482,7 +488,8 @@ def profile_epoch(pipes: Pipelines, pipeline: str, rows: int = 15) -> str:
 
 
 def schedule(workers: list[int], round_index: int) -> list[tuple[str, int]]:
-    """One round's loader measurements: a ``shards, folder`` pair per worker count, pairs rotated, pair order swapped every other round."""
+    """One round's loader measurements: a ``shards, folder`` pair per worker count, pairs rotated, pair order swapped
+    every other round."""
     groups = [[("shards", w), ("folder", w)] for w in workers]
     shift = round_index % len(groups)
     sequence: list[tuple[str, int]] = []
@@ -554,7 +561,8 @@ def loader_table(results: dict[str, list[dict[str, float]]], workers: list[int])
             rows.append(row)
             lines.append(
                 f"| {pipeline} | {w} | {spread(rates[pipeline], '.1f')} | {statistics.median(per_batch):.1f} | "
-                f"{statistics.median(first):.2f} | {statistics.median(cpu[pipeline]):.2f} | {ratio} | {fastest} | {cpu_ratio} |"
+                f"{statistics.median(first):.2f} | {statistics.median(cpu[pipeline]):.2f} | "
+                f"{ratio} | {fastest} | {cpu_ratio} |"
             )
     return "\n".join(lines), rows
 
@@ -600,7 +608,8 @@ def train_table(train: dict[str, list[dict[str, float]]], names: list[str]) -> t
             ratio, fastest = ci(x), f"{min(per_step) / best_cached:.3f}x"
         rows.append(row)
         lines.append(
-            f"| {name} | {spread(per_step, '.4f')} | {statistics.median(cpu):.4f} | {statistics.median(wait):.1f} | {ratio} | {fastest} |"
+            f"| {name} | {spread(per_step, '.4f')} | {statistics.median(cpu):.4f} | {statistics.median(wait):.1f} | "
+            f"{ratio} | {fastest} |"
         )
     return "\n".join(lines), rows
 
@@ -685,7 +694,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan(args: argparse.Namespace) -> dict[str, int]:
-    """Timed batches per worker count (whole worker cycles, 0 for the rest of the epoch); refuses settings that would run a loader dry."""
+    """Timed batches per worker count (whole worker cycles, 0 for the rest of the epoch); refuses settings that would
+    run a loader dry."""
     n_shards = math.ceil(args.samples / args.samples_per_shard)
     sizes = [min(args.samples_per_shard, args.samples - j * args.samples_per_shard) for j in range(n_shards)]
     timed = {}
@@ -700,7 +710,8 @@ def plan(args: argparse.Namespace) -> dict[str, int]:
         full = k * min(sum(sizes[i::k]) // args.batch for i in range(k))
         if taken > full:
             raise SystemExit(
-                f"with {w} workers a measurement takes {taken} batches of {args.batch}; {args.samples} samples give {full}: raise --samples"
+                f"with {w} workers a measurement takes {taken} batches of {args.batch}; "
+                f"{args.samples} samples give {full}: raise --samples"
             )
     return timed
 
@@ -823,7 +834,8 @@ def main(argv: list[str] | None = None) -> None:
                     step = statistics.fmean(r["seconds"] / r["steps"] for r in train["cached"][-2:])
                     bottleneck.append(load["seconds"] / load["batches"] / step)
             print(
-                f"round {round_index + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})",
+                f"round {round_index + 1}/{args.rounds} done "
+                f"({time.perf_counter() - started:.0f} s, load average {loadavg()})",
                 flush=True,
             )
 
@@ -875,12 +887,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header("target", "median [95% CI]", "met", "fastest")))
     for t in targets:
         print(
-            f"| {t['target']} | {t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}] | {t['met']} | {t['fastest']:.3f}x |"
+            f"| {t['target']} | {t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}] | "
+            f"{t['met']} | {t['fastest']:.3f}x |"
         )
     if stages:
         print()
         print(
-            f"where a sample's time goes (each stage alone, serially in this process, over {min(args.breakdown, setup['samples'])} samples; least of 3 passes):"
+            "where a sample's time goes (each stage alone, serially in this process, "
+            f"over {min(args.breakdown, setup['samples'])} samples; least of 3 passes):"
         )
         print()
         print("\n".join(header("stage", "CPU ms / sample")))
@@ -890,7 +904,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {elapsed:.0f} s; load average at end: {loadavg()}")
     if profile:
         print(
-            f"\nprofile of one epoch of the {args.profile} pipeline, 0 workers (cProfile, 15 functions with the most own time):\n{profile}"
+            f"\nprofile of one epoch of the {args.profile} pipeline, 0 workers "
+            f"(cProfile, 15 functions with the most own time):\n{profile}"
         )
     if args.out:
         Path(args.out).write_text(

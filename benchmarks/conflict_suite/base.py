@@ -158,7 +158,8 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
         if progress and ((step + 1) % report == 0 or step + 1 == s.steps):
             recent = losses[-report:]
             print(
-                f"  base pretraining step {step + 1}/{s.steps}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - started:.0f} s)",
+                f"  base pretraining step {step + 1}/{s.steps}: loss {sum(recent) / len(recent):.4f} "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
     trained = time.perf_counter() - started

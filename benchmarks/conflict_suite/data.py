@@ -105,7 +105,8 @@ def render(
     items: dict[int, tuple[str, str]],
     border: tuple[int, int, int] | None = None,
 ) -> Image.Image:
-    """``items`` maps a grid cell (0..3, row-major) to ``(shape, colour)``; each shape fills 9 to 12 px of its 16 px cell."""
+    """``items`` maps a grid cell (0..3, row-major) to ``(shape, colour)``; each shape fills 9 to 12 px of its 16 px
+    cell."""
     image = Image.new("RGB", (SIZE, SIZE), background)
     draw = ImageDraw.Draw(image)
     if border is not None:

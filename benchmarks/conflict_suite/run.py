@@ -175,7 +175,8 @@ def trainer(root: Path, steps: int | None = None):
 
 
 def evaluate(module, data, root: Path, stage: str, log: io.StringIO) -> dict[str, float]:
-    """``trainer.validate`` or ``trainer.test``: each task's exact match and the mean over tasks (the table the module prints goes to ``log``)."""
+    """``trainer.validate`` or ``trainer.test``: each task's exact match and the mean over tasks (the table the module
+    prints goes to ``log``)."""
     with contextlib.redirect_stdout(log):
         (scores,) = (trainer(root).validate if stage == "val" else trainer(root).test)(
             module, datamodule=data, verbose=False
@@ -231,9 +232,13 @@ def run_one(
 
 
 def run_line(r: dict[str, Any], elapsed: float) -> str:
-    """One run's progress line: what was trained, its scores, its final training loss, its time and the suite's so far."""
+    """One run's progress line: what was trained, its scores, its final training loss, its time and the suite's so
+    far."""
     val = f"val mean {r['val']['mean']:.3f}, " if "val" in r else ""
-    return f"{r['adapter']} lr {r['lr']:g} seed {r['seed']}: {val}test mean {r['test']['mean']:.3f}, train loss {r['final_train_loss']:.3f} ({r['total_s']} s; {elapsed:.0f} s so far)"
+    return (
+        f"{r['adapter']} lr {r['lr']:g} seed {r['seed']}: {val}test mean {r['test']['mean']:.3f}, "
+        f"train loss {r['final_train_loss']:.3f} ({r['total_s']} s; {elapsed:.0f} s so far)"
+    )
 
 
 def count_parameters(base: Path) -> dict[str, int]:
@@ -333,13 +338,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        help="write the results as JSON here (and the runs' Lightning output beside it, with the suffix .lightning.log)",
+        help=(
+            "write the results as JSON here (and the runs' Lightning output beside it, with the suffix .lightning.log)"
+        ),
     )
     p.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads stall whenever one is preempted)",
+        help=(
+            "torch CPU threads "
+            "(default 1: on a shared 2-core machine two OpenMP threads stall whenever one is preempted)"
+        ),
     )
     args = p.parse_args(argv)
     args.mode = args.mode or ("table" if args.table else "quick")
@@ -363,8 +373,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mode = MODES[args.mode]
     base, base_info = ensure_base(CACHE, mode.base)
     print(
-        f"base model: {base.relative_to(ROOT) if base.is_relative_to(ROOT) else base} ({'cached' if base_info['cached'] else 'built now'}; "
-        f"{base_info['parameters']:,} parameters, {base_info['settings']['steps']} full-training steps in {base_info['build_s']} s at build time, "
+        f"base model: {base.relative_to(ROOT) if base.is_relative_to(ROOT) else base} "
+        f"({'cached' if base_info['cached'] else 'built now'}; "
+        f"{base_info['parameters']:,} parameters, {base_info['settings']['steps']} full-training steps "
+        f"in {base_info['build_s']} s at build time, "
         f"held-out general-skill exact match {base_info['held_out_general_exact_match']:.3f})",
         flush=True,
     )
@@ -374,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora = counts["lora"]
     for adapter in ADAPTERS:
         print(
-            f"trainable parameters: {adapter} ({describe(adapter)}) {counts[adapter]:,} ({counts[adapter] / lora - 1:+.2%} vs LoRA)",
+            f"trainable parameters: {adapter} ({describe(adapter)}) {counts[adapter]:,} "
+            f"({counts[adapter] / lora - 1:+.2%} vs LoRA)",
             flush=True,
         )
     worst = max(abs(c / lora - 1) for c in counts.values())
@@ -405,7 +418,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["base_model"] = run_one(base, dirs, "lora", mode.lrs[0], 0, mode, ("test",), log, train=False)
     print(
-        f"base model (no adapter): test mean {report['base_model']['test']['mean']:.3f} ({report['base_model']['total_s']} s)",
+        f"base model (no adapter): test mean {report['base_model']['test']['mean']:.3f} "
+        f"({report['base_model']['total_s']} s)",
         flush=True,
     )
 
@@ -444,7 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(report))
     print()
     print(
-        f"total {total:.0f} s (base {'cached' if base_info['cached'] else f'built in {base_s:.0f} s'}); load average at end: {loadavg()}"
+        f"total {total:.0f} s (base {'cached' if base_info['cached'] else f'built in {base_s:.0f} s'}); "
+        f"load average at end: {loadavg()}"
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
