@@ -1,4 +1,5 @@
-"""Callbacks that tests add to real ``python -m mmpeft fit`` runs (``--trainer.callbacks+=probes.X``, with tests/ on PYTHONPATH)."""
+"""Callbacks that tests add to real ``python -m mmpeft fit`` runs (``--trainer.callbacks+=probes.X``, with tests/ on
+PYTHONPATH)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class RecordRanks(L.Callback):
 
 
 class KillAt(L.Callback):
-    """SIGKILL this process at the end of training step ``step`` (after any checkpoint of that step): a crash, not an exit."""
+    """SIGKILL this process at the end of training step ``step`` (after any checkpoint of that step): a crash, not an
+    exit."""
 
     def __init__(self, step: int) -> None:
         self.step = step
@@ -42,7 +44,8 @@ class KillAt(L.Callback):
 
 
 class RecordLosses(L.Callback):
-    """Appends ``{"step", "loss", "keys"}`` of every training step to a JSON-lines file (survives a kill up to the last step)."""
+    """Appends ``{"step", "loss", "keys"}`` of every training step to a JSON-lines file (survives a kill up to the last
+    step)."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)

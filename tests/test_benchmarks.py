@@ -98,7 +98,8 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
 
 @pytest.mark.slow
 def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_scores_every_task(tmp_path):
-    """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out samples."""
+    """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out
+    samples."""
     out = tmp_path / "conflict.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(

@@ -128,7 +128,8 @@ def test_tiny_model_tool_builds_a_loadable_checkpoint(tmp_path):
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """``python -m mmpeft ARGS`` in this process (the same ``main``; faster than a subprocess): exit code, stdout, stderr."""
+    """``python -m mmpeft ARGS`` in this process (the same ``main``; faster than a subprocess): exit code, stdout,
+    stderr."""
     from mmpeft.cli import main
 
     try:

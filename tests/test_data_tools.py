@@ -60,7 +60,8 @@ def test_build_command_names_a_bad_option_and_a_bad_recipe(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_killed_build_leaves_no_complete_looking_shard_and_resumes(tmp_path):
     """SIGKILL in the middle of a build: finished shards are whole, the one being written is only a .tmp,
-    there is no index; running the same build again keeps the finished shards and ends byte-identical to a clean build."""
+    there is no index; running the same build again keeps the finished shards and ends byte-identical to a clean
+    build."""
     args = [
         "--samples",
         "4000",

@@ -142,7 +142,10 @@ def test_too_many_bad_samples_stop_the_run_naming_the_shard(tiny_model_dirs, tmp
     dm = datamodule(tiny_model_dirs, str(path), tasks=["color"], num_workers=workers, max_skip_fraction=0.2)
     with pytest.raises(
         DataError,
-        match=r"2 of 8 samples skipped \(bad_json 1, image_count_mismatch 1\).*max_skip_fraction=0.2.*mostly-bad-000000.tar",
+        match=(
+            r"2 of 8 samples skipped \(bad_json 1, image_count_mismatch 1\)"
+            r".*max_skip_fraction=0.2.*mostly-bad-000000.tar"
+        ),
     ):
         list(dm.train_dataloader())
 

@@ -1,4 +1,5 @@
-"""Length-grouped batching (data.group_by_length): the grouping itself, the stream's samples and batch counts, exact resume."""
+"""Length-grouped batching (data.group_by_length): the grouping itself, the stream's samples and batch counts, exact
+resume."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def test_length_groups_pad_less_than_batches_in_stream_order():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    """72 samples of all five synthetic tasks (one and two images, one and two turns): 31 to 57 tokens with the tiny LLaVA."""
+    """72 samples of all five synthetic tasks (one and two images, one and two turns): 31 to 57 tokens with the tiny
+    LLaVA."""
     out = tmp_path_factory.mktemp("grouping") / "train"
     SyntheticRecipe(
         samples=72, samples_per_shard=12, seed=4, tasks=("color", "shape", "count", "caption", "compare")
@@ -116,7 +118,8 @@ def read_as_ranks(tiny_model_dirs, train: str, monkeypatch, world: int = 2, **kw
 
 @pytest.mark.parametrize("uneven", [False, True], ids=["6-shards-of-12", "5-uneven-shards"])
 def test_grouping_keeps_every_rank_and_worker_at_its_quota(tiny_model_dirs, shards, tmp_path, monkeypatch, uneven):
-    """2 ranks x 2 workers, pools of 4 batches: the same full batches per rank as without grouping, from the same samples.
+    """2 ranks x 2 workers, pools of 4 batches: the same full batches per rank as without grouping, from the same
+    samples.
 
     6 shards of 12: a rank's workers read 24 and 12 samples, so their quotas are 6 batches (a pool of 4, then one cut
     to the 2 still due) and 3 (one pool cut to 3). 5 uneven shards (10, 10, 10, 10, 6): every worker's quota is 2
@@ -214,8 +217,8 @@ def test_a_resume_with_another_grouping_restarts_the_epoch(tiny_model_dirs, shar
             caplog.clear()
             assert sorted(k for b in resumed.train_dataloader() for k in b["keys"]) == whole  # the whole pass again
         assert (
-            f"resuming with data.group_by_length={other} where the checkpoint had 4: epoch 0 restarts from its beginning (set data.group_by_length=4 "
-            in caplog.text
+            f"resuming with data.group_by_length={other} where the checkpoint had 4: "
+            "epoch 0 restarts from its beginning (set data.group_by_length=4 " in caplog.text
         )
 
 

@@ -1,4 +1,5 @@
-"""Validation and test scores: each metric on hand-made answers, per-task grouping, the metric choice, and `validate` end to end."""
+"""Validation and test scores: each metric on hand-made answers, per-task grouping, the metric choice, and `validate`
+end to end."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def test_vqa_accuracy_takes_any_reference():
 def test_yes_no_reads_the_leading_word():
     answers = ["Yes, it is.", "no", "NO!", "Yes", "I think yes", "", "yes"]
     references = [["yes"], ["No."], ["yes"], ["Yes, there is."], ["yes"], ["no"], ["a cat"]]
-    # task 0: right, right, wrong; task 1: right, neither yes nor no (wrong), empty (wrong); a non-yes/no reference is not scored
+    # task 0: right, right, wrong; task 1: right, neither yes nor no (wrong), empty (wrong).
+    # A non-yes/no reference is not scored.
     assert scores(YesNoAccuracy, answers, references, [0, 0, 0, 1, 1, 1, 1]) == pytest.approx([2 / 3, 1 / 3])
 
 
@@ -174,7 +176,8 @@ def test_per_task_scores_with_a_task_absent_from_a_batch_and_one_from_the_epoch(
 
 
 def test_states_of_two_processes_add_up_as_one():
-    """What torchmetrics' DDP sync does with the states (``dist_reduce_fx="sum"``): rank 0 saw one task, rank 1 the other."""
+    """What torchmetrics' DDP sync does with the states (``dist_reduce_fx="sum"``): rank 0 saw one task, rank 1 the
+    other."""
     chosen = {"a": ["exact_match"], "b": ["exact_match"]}
     ranks, alone = [TaskMetrics(["a", "b"], chosen) for _ in range(2)], TaskMetrics(["a", "b"], chosen)
     for metrics, rank in ((ranks[0], 0), (ranks[1], 1), (alone, 0), (alone, 1)):
@@ -246,7 +249,8 @@ def test_config_overrides_the_index_which_overrides_the_default():
     [
         (
             Evaluation(metrics={"count": ["exact", "yes_no"]}),
-            "model.evaluation.metrics['count']: unknown metric(s) 'exact'; the metrics are exact_match, vqa_accuracy, yes_no",
+            "model.evaluation.metrics['count']: unknown metric(s) 'exact'; "
+            "the metrics are exact_match, vqa_accuracy, yes_no",
         ),
         (
             Evaluation(metrics={"count": "exact_match"}),
@@ -267,7 +271,8 @@ def test_an_unknown_metric_in_the_config_fails_before_any_loading(tmp_path, tiny
     code, stderr = run_main(capsys, "validate", "--config", str(config), "--model.evaluation.metrics", "{count: [f1]}")
     assert (
         code == 2
-        and "model.evaluation.metrics['count']: unknown metric(s) 'f1'; the metrics are exact_match, vqa_accuracy, yes_no"
+        and "model.evaluation.metrics['count']: unknown metric(s) 'f1'; "
+        "the metrics are exact_match, vqa_accuracy, yes_no"
         in stderr
     )
     assert "Traceback" not in stderr and not (tmp_path / "shards").exists()
@@ -351,7 +356,8 @@ BATCH = 3  # one shard per batch
 
 @dataclass(kw_only=True)
 class Answered(SyntheticRecipe):
-    """Synthetic samples whose references are the model's own answer (a task's 1st, 3rd, ... sample) or hold it second (the others)."""
+    """Synthetic samples whose references are the model's own answer (a task's 1st, 3rd, ... sample) or hold it second
+    (the others)."""
 
     answers: tuple[str, ...] = ()
 

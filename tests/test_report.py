@@ -49,7 +49,8 @@ class Links(HTMLParser):
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    """A run's event file as the monitor and the module write it: losses, per-task metrics, a routing heatmap; its config beside it."""
+    """A run's event file as the monitor and the module write it: losses, per-task metrics, a routing heatmap; its
+    config beside it."""
     run = tmp_path / "runs" / "demo" / "version_3"
     writer = SummaryWriter(str(run))
     for step in range(0, 40, 5):
@@ -90,7 +91,8 @@ def test_report_is_one_page_with_curves_task_table_heatmap_and_config(run_dir, c
     assert parser.links and all(link.startswith("data:") or (run_dir / link).exists() for link in parser.links)
     images = decoded_images(page)
     assert all(image.format == "PNG" for image in images)
-    # Losses, per-task losses, auxiliary losses, the heatmap, the entropy: 5 images; the heatmap is the event file's own.
+    # Losses, per-task losses, auxiliary losses, the heatmap, the entropy: 5 images.
+    # The heatmap is the event file's own.
     assert len(images) == 5
     heatmap = [image for image in images if image.size == plots.heatmap_size(TASKS, 2)]
     assert len(heatmap) == 1

@@ -165,7 +165,10 @@ def test_data_prepare_refuses_another_data_set_unless_its_entry_says_overwrite(t
     run = RecipeRun(recipe="synthetic", out=str(out), args={"samples": 10, "samples_per_shard": 10, "seed": 9})
     with pytest.raises(
         ConfigError,
-        match=r"data\.prepare \(synthetic\): .*data set of the 'chat' recipe \(dataset\.json, 1 shard\(s\)\) and 1 tar file\(s\) this build did not write \(photos\.tar\).*overwrite: true",
+        match=(
+            r"data\.prepare \(synthetic\): .*data set of the 'chat' recipe \(dataset\.json, 1 shard\(s\)\) "
+            r"and 1 tar file\(s\) this build did not write \(photos\.tar\).*overwrite: true"
+        ),
     ):
         run.run()
     assert snapshot(out) == before
@@ -233,8 +236,8 @@ def test_fit_refuses_a_truncated_shard_unless_allowed(truncated, tiny_model_dirs
         code, err = run_main(capsys, *common, "--data.allow_damaged_shards", "true")
     assert code == 0, err[-3000:]
     assert (
-        f"data.train: shard {shard} is {cut} bytes, but {out / 'dataset.json'} records {size} bytes; reading what is left"
-        in caplog.text
+        f"data.train: shard {shard} is {cut} bytes, but {out / 'dataset.json'} records {size} bytes; "
+        "reading what is left" in caplog.text
     )
 
 
@@ -320,7 +323,10 @@ def test_no_good_sample_is_an_error_for_any_recipe(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(
         DataError,
-        match=r"all_bad: none of its 3 record\(s\) became a sample: bad_image 3 \(e\.g\. 0: bad_image: image 0 is broken\)",
+        match=(
+            r"all_bad: none of its 3 record\(s\) became a sample: "
+            r"bad_image 3 \(e\.g\. 0: bad_image: image 0 is broken\)"
+        ),
     ):
         _AllBad(samples_per_shard=2).build(tmp_path / "out", progress=False)
     assert list((tmp_path / "out").iterdir()) == []
@@ -381,7 +387,8 @@ def test_predict_and_merge_name_a_broken_shard_in_words(tmp_path, tiny_model_dir
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs: never over an input, base paths that work from anywhere, file modes, sorted PEFT targets, one spelling per flag
+# Outputs: never over an input, base paths that work from anywhere, file modes, sorted PEFT targets,
+# one spelling per flag
 # ----------------------------------------------------------------------------------------------
 
 
@@ -390,7 +397,8 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
 def digest(path: Path) -> dict[str, str]:
-    """Every file and folder under ``path`` (or ``path`` itself, a file) with its content's hash: equal means byte-identical."""
+    """Every file and folder under ``path`` (or ``path`` itself, a file) with its content's hash: equal means
+    byte-identical."""
     if path.is_file():
         return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
     entries = {}
@@ -691,7 +699,8 @@ def test_data_build_and_inspect_take_both_spellings(capsys, tmp_path, spelling):
 
 
 NAMES = ["a/b", "a$_$b", "x y", "zählen-ζ", "<i>|&"]
-"""Task names that broke something: a slash (tag parsing), dollars (matplotlib mathtext), a space, non-ASCII, HTML and Markdown."""
+"""Task names that broke something: a slash (tag parsing), dollars (matplotlib mathtext), a space, non-ASCII, HTML and
+Markdown."""
 
 
 def error_line(err: str) -> str:
@@ -828,7 +837,8 @@ def test_figures_draw_any_task_name_as_it_is():
 
 
 def test_task_expert_table_keeps_every_name_in_its_own_cell():
-    """TensorBoard renders the monitor's table as Markdown: a ``|`` split a row, ``_``/``*`` became emphasis, ``<i>`` HTML."""
+    """TensorBoard renders the monitor's table as Markdown: a ``|`` split a row, ``_``/``*`` became emphasis, ``<i>``
+    HTML."""
     import torch
     from tensorboard import plugin_util
 
@@ -843,7 +853,8 @@ def test_task_expert_table_keeps_every_name_in_its_own_cell():
 
 
 def test_report_finds_tasks_whose_names_hold_a_slash():
-    """Tags are ``val/<task>/<metric>`` and ``train/loss/<task>``: the task is everything between the prefix and the metric."""
+    """Tags are ``val/<task>/<metric>`` and ``train/loss/<task>``: the task is everything between the prefix and the
+    metric."""
     run = Run(Path("."))
     for i, name in enumerate(NAMES):
         run.scalars[f"train/loss/{name}"] = [(1, 2.0 + i)]
@@ -858,7 +869,8 @@ def test_report_finds_tasks_whose_names_hold_a_slash():
 
 
 def test_score_table_prints_any_task_name_as_it_is():
-    """``validate``/``test`` print a rich table: a task name is text, not rich markup (``[/x]`` raised, ``[b]y`` lost its brackets)."""
+    """``validate``/``test`` print a rich table: a task name is text, not rich markup (``[/x]`` raised, ``[b]y`` lost
+    its brackets)."""
     from rich.console import Console
 
     from mmpeft.metrics import Results
@@ -1006,7 +1018,8 @@ def test_evaluation_scores_tasks_the_adapter_never_saw_and_the_resume_advice_wor
 
 
 STEPS = 12
-"""The first fit's length: validations and checkpoints after steps 6 and 12, a plain line every 5 steps (the demo's log_every_n_steps)."""
+"""The first fit's length: validations and checkpoints after steps 6 and 12, a plain line every 5 steps (the demo's
+log_every_n_steps)."""
 
 NOISE = [
     "Failed to load CPU gemm_4bit_forward",
@@ -1018,7 +1031,8 @@ NOISE = [
     "isinstance(treespec, LeafSpec)",
     "Loading weights",
 ]
-"""Lines every command printed: bitsandbytes' CPU kernel message (and kernels' offline note), Lightning's tips, a deprecation, transformers' loading bars."""
+"""Lines every command printed: bitsandbytes' CPU kernel message (and kernels' offline note), Lightning's tips, a
+deprecation, transformers' loading bars."""
 
 PLAIN = re.compile(
     r"^step (\d+)/(\d+)  loss (\d+\.\d+)  ([\d,]+) tokens/s  elapsed (\d+:\d\d:\d\d)  eta (\d+:\d\d:\d\d)$"
@@ -1147,8 +1161,14 @@ def test_only_the_exact_known_messages_are_silenced():
         def emit(self, record):
             seen.append(record.getMessage())
 
-    gemm = "Failed to load CPU gemm_4bit_forward from kernels-community: offline. Please make sure you already `pip install kernels`"
-    tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](https://pypi.org/project/litlogger/)"
+    gemm = (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: offline. "
+        "Please make sure you already `pip install kernels`"
+    )
+    tip = (
+        "💡 Tip: For seamless cloud logging and experiment tracking, "
+        "try installing [litlogger](https://pypi.org/project/litlogger/)"
+    )
     for name, known in (
         ("bitsandbytes.backends.cpu.ops", gemm),
         ("lightning.pytorch.utilities.rank_zero", tip),
@@ -1176,7 +1196,8 @@ def test_only_the_exact_known_messages_are_silenced():
         quiet_known_noise()
         module = "lightning.pytorch.utilities._pytree"
         warnings.warn_explicit(
-            "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.",
+            "`isinstance(treespec, LeafSpec)` is deprecated, "
+            "use `isinstance(treespec, TreeSpec) and treespec.is_leaf()` instead.",
             FutureWarning,
             "_pytree.py",
             21,
