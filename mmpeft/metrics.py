@@ -214,16 +214,19 @@ class Evaluation:
     """What validation and test report besides every task's loss and token accuracy (docs/evaluation.md)."""
 
     generate: bool = True
-    """``validate`` and ``test`` generate an answer to every prompt (greedy) and score it with its task's metrics; false: loss and token accuracy only, without the cost of decoding."""
+    """``validate`` and ``test`` generate an answer to every prompt (greedy) and score it with its task's metrics;
+    false: loss and token accuracy only, without the cost of decoding."""
 
     generate_in_fit: bool = False
-    """Also generate and score answers in ``fit``'s periodic validations (off by default: decoding costs up to ``max_new_tokens`` forward passes per batch, at every validation)."""
+    """Also generate and score answers in ``fit``'s periodic validations (off by default: decoding costs up to
+    ``max_new_tokens`` forward passes per batch, at every validation)."""
 
     max_new_tokens: int = 32
     """Most tokens per generated answer (fewer when the model ends its turn); an answer cut here is scored as it is."""
 
     metrics: dict[str, list[str]] | None = None
-    """Generation metrics per task, e.g. ``{vqa: [vqa_accuracy], mme: [yes_no]}``: exact_match, vqa_accuracy, yes_no. A task named here ignores the choice of its ``dataset.json``."""
+    """Generation metrics per task, e.g. ``{vqa: [vqa_accuracy], mme: [yes_no]}``: exact_match, vqa_accuracy,
+    yes_no. A task named here ignores the choice of its ``dataset.json``."""
 
     default_metrics: list[str] = field(default_factory=lambda: ["exact_match"])
     """The metrics of a task that neither ``metrics`` nor its shards' ``dataset.json`` names."""
@@ -241,14 +244,16 @@ class Evaluation:
         return self.generate and (self.generate_in_fit or not fitting)
 
     def choose(self, tasks: list[str], index: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-        """Each task's generation metrics: this config's, else the shard index's (``index``), else ``default_metrics``."""
+        """Each task's generation metrics: this config's, else the shard index's (``index``), else
+        ``default_metrics``."""
         config, index = self.metrics or {}, index or {}
         return {task: list(config.get(task, index.get(task, self.default_metrics))) for task in tasks}
 
 
 @dataclass
 class Results:
-    """One evaluation's scores: ``tasks[task][metric]`` for the tasks that had samples, and ``mean[metric]`` over them."""
+    """One evaluation's scores: ``tasks[task][metric]`` for the tasks that had samples, and ``mean[metric]`` over
+    them."""
 
     tasks: dict[str, dict[str, float]]
     mean: dict[str, float]
@@ -318,7 +323,8 @@ class TaskMetrics(torch.nn.Module):
         )
 
     def update_forced(self, logits: Tensor, target: Tensor, token_task_ids: Tensor, task_ids: Tensor) -> None:
-        """Add a batch's teacher-forced ``logits`` ``(n, vocab)`` and ``target`` ``(n,)``, the tokens' tasks ``(n,)`` and the samples' ``(batch,)``."""
+        """Add a batch's teacher-forced ``logits`` ``(n, vocab)`` and ``target`` ``(n,)``, the tokens' tasks ``(n,)``
+        and the samples' ``(batch,)``."""
         self.collection["samples"].update(task_ids)
         for name in ("loss", "token_accuracy"):
             self.collection[name].update(logits, target, token_task_ids)

@@ -75,13 +75,18 @@ class MMPeftModule(L.LightningModule):
 
         Args:
             backbone: The multimodal checkpoint and how to load it.
-            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on every linear layer, or ``init_adapter``'s groups.
+            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on
+                every linear layer, or ``init_adapter``'s groups.
             optim: Optimizer and schedule.
-            routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a router).
-            init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its adapters, weights and task vocabulary, for further training, evaluation or prediction.
+            routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a
+                router).
+            init_adapter: An adapter directory (``adapter_config.json`` + ``adapter.safetensors``) to start from: its
+                adapters, weights and task vocabulary, for further training, evaluation or prediction.
             generation: How ``predict`` decodes (greedy, sampling or beam search, and how many new tokens).
-            evaluation: What validation and test score besides loss and token accuracy: greedy answers, and each task's metrics (docs/evaluation.md).
-            speed: Training-step speed and memory levers (chunked loss, in-place adapter add, where gradients and recomputation go; docs/speed.md). None changes the loss beyond floating-point noise.
+            evaluation: What validation and test score besides loss and token accuracy: greedy answers, and each task's
+                metrics (docs/evaluation.md).
+            speed: Training-step speed and memory levers (chunked loss, in-place adapter add, where gradients and
+                recomputation go; docs/speed.md). None changes the loss beyond floating-point noise.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -111,9 +116,11 @@ class MMPeftModule(L.LightningModule):
         speed.check()
         self.speed = speed
         self.metrics: TaskMetrics | None = None
-        """Every task's validation or test scores, built when an evaluation pass starts (the task vocabulary is final then)."""
+        """Every task's validation or test scores, built when an evaluation pass starts (the task vocabulary is final
+        then)."""
         self.tokenizer: Any = None
-        """Decodes generated tokens; set up for ``predict``, and for validation and test unless ``evaluation.generate`` is off."""
+        """Decodes generated tokens; set up for ``predict``, and for validation and test unless ``evaluation.generate``
+        is off."""
         # Shared by every router of the model: carries the batch's masks and task ids in, router records out.
         self.routing_context = RoutingContext()
         for i, group in enumerate(adapters):
@@ -123,7 +130,8 @@ class MMPeftModule(L.LightningModule):
         # Checkpoints hold only trainable tensors, so loading one must accept the frozen base's absence.
         self.strict_loading = False
         self.sample_losses: torch.Tensor | None = None
-        """The last training batch's loss of each sample ``(batch,)``, detached: :class:`mmpeft.monitor.Monitor` logs it per task."""
+        """The last training batch's loss of each sample ``(batch,)``, detached: :class:`mmpeft.monitor.Monitor` logs it
+        per task."""
         self._skipped: Counter[str] = Counter()
         self._rng_to_restore: dict[str, Any] | None = None
 
@@ -190,7 +198,8 @@ class MMPeftModule(L.LightningModule):
         return datamodule if isinstance(datamodule, TaskData) else None
 
     def task_names(self) -> list[str]:
-        """The task vocabulary (task id = position): the data module's, else the one ``model.init_adapter`` was trained on."""
+        """The task vocabulary (task id = position): the data module's, else the one ``model.init_adapter`` was trained
+        on."""
         data = self.data()
         return list((data.tasks if data is not None else None) or (self.init_spec.tasks if self.init_spec else []))
 
@@ -271,7 +280,8 @@ class MMPeftModule(L.LightningModule):
         tasks = self.task_names()
         if not tasks:
             raise ConfigError(
-                "validation and test report per task and need the task vocabulary: the data module has no `tasks` (set data.tasks)"
+                "validation and test report per task and need the task vocabulary: "
+                "the data module has no `tasks` (set data.tasks)"
             )
         if self.evaluation.generates(fitting=self.trainer.state.fn == TrainerFn.FITTING):
             data = self.data()
@@ -282,7 +292,8 @@ class MMPeftModule(L.LightningModule):
             unknown = sorted(set(self.evaluation.metrics or {}) - set(tasks))
             if unknown:
                 rank_zero_warn(
-                    f"model.evaluation.metrics names task(s) {', '.join(map(repr, unknown))} not in the task vocabulary {tasks}"
+                    f"model.evaluation.metrics names task(s) {', '.join(map(repr, unknown))} "
+                    f"not in the task vocabulary {tasks}"
                 )
             self.metrics = TaskMetrics(tasks, chosen).to(self.device)
         self.metrics.reset()
@@ -294,7 +305,8 @@ class MMPeftModule(L.LightningModule):
         self._end_evaluation("test")
 
     def _end_evaluation(self, stage: str) -> None:
-        """Log ``<stage>/<metric>`` (mean over tasks) and ``<stage>/<task>/<metric>``; ``validate`` and ``test`` also print the table."""
+        """Log ``<stage>/<metric>`` (mean over tasks) and ``<stage>/<task>/<metric>``; ``validate`` and ``test`` also
+        print the table."""
         results = self.metrics.compute()  # a collective: every rank computes
         self.metrics.reset()
         for name, value in results.scalars(stage).items():
@@ -305,7 +317,8 @@ class MMPeftModule(L.LightningModule):
             print_table(results.table(title))
 
     def generate_answers(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> list[str]:
-        """The decoded new text of each left-padded prompt of ``inputs`` (leading whitespace stripped), generated with ``kwargs`` in the routing context.
+        """The decoded new text of each left-padded prompt of ``inputs`` (leading whitespace stripped), generated with
+        ``kwargs`` in the routing context.
 
         Instance routing (MixLoRA, per-sequence AsymLoRA) is computed once on each prompt and
         reused at every new token, through the KV cache.
@@ -314,11 +327,13 @@ class MMPeftModule(L.LightningModule):
         tokens = self.routing_context.generate(
             self.model, **inputs, **kwargs, use_cache=True
         )  # (batch, prompt_len + new)
-        # The first new token usually starts a word, which BPE and SentencePiece tokenizers decode with its leading space.
+        # The first new token usually starts a word, which BPE and SentencePiece tokenizers decode with its leading
+        # space.
         return [text.lstrip() for text in self.tokenizer.batch_decode(tokens[:, prompt_len:], skip_special_tokens=True)]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample (see :meth:`generate_answers`)."""
+        """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample
+        (see :meth:`generate_answers`)."""
         answers = self.generate_answers(batch["inputs"], **self.generation.kwargs())
         rows = []
         for key, task, prompt, reference, answer in zip(
@@ -392,5 +407,6 @@ class MMPeftModule(L.LightningModule):
 
 
 def adapter_dir(trainer: L.Trainer) -> Path:
-    """Where ``fit`` writes the trained adapter: ``<log_dir>/adapter``. ``log_dir`` is a collective: every rank must ask."""
+    """Where ``fit`` writes the trained adapter: ``<log_dir>/adapter``. ``log_dir`` is a collective: every rank must
+    ask."""
     return Path(trainer.log_dir or trainer.default_root_dir) / "adapter"

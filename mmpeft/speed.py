@@ -33,16 +33,19 @@ class Speed:
     """Training-step speed and memory levers (docs/speed.md). None changes the loss beyond floating-point noise."""
 
     loss_chunk: int = 256
-    """Positions per chunk of the LM head and cross-entropy; 0 computes all trained positions' logits at once. A chunk holds ``loss_chunk x vocabulary`` float32 logits (256 x 151,646: 148 MiB)."""
+    """Positions per chunk of the LM head and cross-entropy; 0 computes all trained positions' logits at once. A
+    chunk holds ``loss_chunk x vocabulary`` float32 logits (256 x 151,646: 148 MiB)."""
 
     inplace_add: bool = True
     """Adapters add their update into the base layer's output in place (no copy of the 4-bit output)."""
 
     input_grads: bool = False
-    """Make every embedding output require grad, as PEFT does (backward then also runs through the frozen vision tower). Only reentrant checkpointing needs it."""
+    """Make every embedding output require grad, as PEFT does (backward then also runs through the frozen vision
+    tower). Only reentrant checkpointing needs it."""
 
     checkpoint_every: int = 1
-    """With ``model.backbone.gradient_checkpointing``: recompute every k-th decoder layer of the language model only (1: all of them). Larger values trade memory for speed."""
+    """With ``model.backbone.gradient_checkpointing``: recompute every k-th decoder layer of the language model only
+    (1: all of them). Larger values trade memory for speed."""
 
     def check(self) -> None:
         from mmpeft.errors import ConfigError
@@ -54,12 +57,13 @@ class Speed:
 
 
 def apply_to_adapters(model: nn.Module, speed: Speed) -> int:
-    """Set the adapter-side levers (``inplace_add``) on every adapted layer of ``model``, after injection. Returns how many."""
+    """Set the adapter-side levers (``inplace_add``) on every adapted layer of ``model``, after injection. Returns how
+    many."""
     from mmpeft.adapters import AdaptedLinear
 
     layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     for layer in layers:
-        layer.add_in_place = speed.inplace_add
+        layer.inplace_add = speed.inplace_add
     return len(layers)
 
 

@@ -22,7 +22,8 @@ class TaskData(Protocol):
     """The generation metrics the shards' ``dataset.json`` indexes choose per task (docs/evaluation.md)."""
 
     def keep_task_ids(self, saved: list[str], source: str) -> None:
-        """Train on with the task vocabulary ``saved`` (of ``source``, named in errors), so that task ids do not change."""
+        """Train on with the task vocabulary ``saved`` (of ``source``, named in errors), so that task ids do not
+        change."""
         ...
 
     def carry_prompts(self, on: bool) -> None:
@@ -31,5 +32,6 @@ class TaskData(Protocol):
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer of the processor that encodes the batches (decodes generated tokens); ``None`` before ``setup``."""
+        """The tokenizer of the processor that encodes the batches (decodes generated tokens); ``None`` before
+        ``setup``."""
         ...

@@ -47,7 +47,8 @@ class RecipeRun:
     """The recipe's own settings (its dataclass fields)."""
 
     overwrite: bool = False
-    """Replace another data set in ``out`` (another recipe's index, ``*.tar`` files the build did not write); without it such a folder is an error. An earlier build of the same recipe with other arguments is rebuilt either way."""
+    """Replace another data set in ``out`` (another recipe's index, ``*.tar`` files the build did not write); without
+    it such a folder is an error. An earlier build of the same recipe with other arguments is rebuilt either way."""
 
     def run(self) -> None:
         cls = registry.load(registry.DATA_RECIPES, self.recipe)
@@ -119,7 +120,8 @@ def _index_metrics(directory: Path, index: dict) -> dict[str, tuple[str, ...]]:
 
 
 def _size_problem(url: str, entry: dict) -> str | None:
-    """How a local shard's file size differs from the one its index entry records (``None``: it does not, or none is recorded)."""
+    """How a local shard's file size differs from the one its index entry records (``None``: it does not, or none is
+    recorded)."""
     recorded = entry.get("bytes")
     if not isinstance(recorded, int) or isinstance(recorded, bool):
         return None
@@ -130,7 +132,8 @@ def _size_problem(url: str, entry: dict) -> str | None:
 
 
 def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[Source, list[str] | None]:
-    """The shards of ``spec`` with their sample counts and their index's metrics, and the task vocabulary of the index beside them.
+    """The shards of ``spec`` with their sample counts and their index's metrics, and the task vocabulary of the index
+    beside them.
 
     A local shard whose size differs from the one its index records (cut short by an interrupted
     copy, or changed since it was built) is a :class:`DataError` naming it and both sizes; with
@@ -167,7 +170,8 @@ def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[S
             else ""
         )
         raise DataError(
-            f"{what}: {damaged[0]}{more}: cut short by an interrupted copy, or changed since it was built; copy or build it again{allow}"
+            f"{what}: {damaged[0]}{more}: cut short by an interrupted copy, or changed since it was built; "
+            f"copy or build it again{allow}"
         )
     return Source(spec, tuple(shards), tuple(sorted(metrics.items()))), (list(tasks) if tasks else None)
 
@@ -175,7 +179,8 @@ def resolve_source(spec: str, what: str, allow_damaged: bool = False) -> tuple[S
 def _warn_damaged(sources: list[Source], what: str) -> None:
     for shard in (shard for source in sources for shard in source.shards if shard.damaged is not None):
         log.warning(
-            "%s: %s; reading what is left (data.allow_damaged_shards), the lost samples are counted as skipped (damaged_shard)",
+            "%s: %s; reading what is left (data.allow_damaged_shards), "
+            "the lost samples are counted as skipped (damaged_shard)",
             what,
             shard.damaged,
         )
@@ -190,7 +195,9 @@ Spec = str | list[str] | None
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Mixed-task WebDataset shards, encoded by the model's processor; implements :class:`mmpeft.data.contract.TaskData`."""
+    """
+    Mixed-task WebDataset shards, encoded by the model's processor; implements :class:`mmpeft.data.contract.TaskData`.
+    """
 
     def __init__(
         self,
@@ -216,24 +223,38 @@ class ShardDataModule(L.LightningDataModule):
         """Stream shards for training and evaluation.
 
         Args:
-            train: Training shards: a directory with ``dataset.json``, a brace pattern (``dir/train-{000000..000007}.tar``) or a glob; or a list of such sources.
+            train: Training shards: a directory with ``dataset.json``, a brace pattern
+                (``dir/train-{000000..000007}.tar``) or a glob; or a list of such sources.
             val: Validation shards, same forms.
             test: Test shards, same forms.
-            predict: What ``predict`` generates answers for: shards in the same forms, or a JSONL file of chat records with image paths (a ``.jsonl`` name; see docs/predict.md); or a list of these.
-            processor: Checkpoint whose processor encodes the samples; by default the model's (``model.backbone.pretrained``).
-            processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to cap Qwen2-VL's image tokens.
-            tasks: Task vocabulary (task id = position). By default the sorted union of the indexes' vocabularies; a resumed run keeps its checkpoint's.
+            predict: What ``predict`` generates answers for: shards in the same forms, or a JSONL file of chat records
+                with image paths (a ``.jsonl`` name; see docs/predict.md); or a list of these.
+            processor: Checkpoint whose processor encodes the samples; by default the model's
+                (``model.backbone.pretrained``).
+            processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to
+                cap Qwen2-VL's image tokens.
+            tasks: Task vocabulary (task id = position). By default the sorted union of the indexes' vocabularies; a
+                resumed run keeps its checkpoint's.
             batch_size: Samples per batch and device.
-            max_length: Longest sequence in tokens; longer samples are truncated, or skipped and counted when the cut would go through image tokens.
+            max_length: Longest sequence in tokens; longer samples are truncated, or skipped and counted when the cut
+                would go through image tokens.
             num_workers: Dataloader worker processes; shards are split across them.
             shuffle_buffer: Samples held for shuffling in training (shard order is shuffled too).
             seed: Seed of the shard order, the sample shuffle and the mixture draws.
-            mixing: Weighted, resampled training stream over the sources or tasks (see docs/data.md). Default: one pass over the data per epoch.
-            max_skip_fraction: Stop with an error naming the shard when more than this fraction of the samples is skipped (checked from 100 samples on, and at the end of each pass).
-            group_by_length: Training only: with k >= 2, each dataloader worker sorts pools of k batches' worth of samples by token length and yields them as k batches of neighbours, in a random order, so less of each batch is padding; 0 or 1: off. The pass's samples and batch counts stay the same; batches become correlated with length (and so with task, see docs/data.md).
-            prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic data.
+            mixing: Weighted, resampled training stream over the sources or tasks (see docs/data.md). Default: one pass
+                over the data per epoch.
+            max_skip_fraction: Stop with an error naming the shard when more than this fraction of the samples is
+                skipped (checked from 100 samples on, and at the end of each pass).
+            group_by_length: Training only: with k >= 2, each dataloader worker sorts pools of k batches' worth of
+                samples by token length and yields them as k batches of neighbours, in a random order, so less of each
+                batch is padding; 0 or 1: off. The pass's samples and batch counts stay the same; batches become
+                correlated with length (and so with task, see docs/data.md).
+            prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic
+                data.
             trust_remote_code: Allow processor code from the checkpoint's repository.
-            allow_damaged_shards: Read a shard whose file size differs from the one its ``dataset.json`` records (cut short by an interrupted copy, say) instead of stopping with an error naming it; a warning names it, and the samples it lacks are counted as skipped (``damaged_shard``).
+            allow_damaged_shards: Read a shard whose file size differs from the one its ``dataset.json`` records (cut
+                short by an interrupted copy, say) instead of stopping with an error naming it; a warning names it, and
+                the samples it lacks are counted as skipped (``damaged_shard``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -254,7 +275,8 @@ class ShardDataModule(L.LightningDataModule):
         """``data.predict`` resolved: a :class:`Source` per shard spec, the checked records of each JSONL file."""
         self.index_tasks: list[str] = []
         self.index_metrics: dict[str, list[str]] = {}
-        """Generation metrics per task chosen by the ``dataset.json`` indexes of this stage's splits (docs/evaluation.md)."""
+        """Generation metrics per task chosen by the ``dataset.json`` indexes of this stage's splits
+        (docs/evaluation.md)."""
         self.tasks: list[str] | None = None
         """The task vocabulary (task id = position), set by ``setup``."""
         self.eval_prompts = True
@@ -360,7 +382,8 @@ class ShardDataModule(L.LightningDataModule):
         if positions:
             if len(positions) != (self.trainer.world_size if self.trainer is not None else 1):
                 log.warning(
-                    "the checkpoint holds the data streams of %d ranks, this run has %d: each epoch restarts from its beginning",
+                    "the checkpoint holds the data streams of %d ranks, this run has %d: "
+                    "each epoch restarts from its beginning",
                     len(positions),
                     self.trainer.world_size,
                 )
@@ -382,10 +405,12 @@ class ShardDataModule(L.LightningDataModule):
         self.keep_task_ids(saved, source)
 
     def keep_task_ids(self, saved: list[str], source: str) -> None:
-        """Take the vocabulary ``saved`` of ``source`` so that training on keeps its task ids, or :class:`ConfigError` with a ``data.tasks`` that does.
+        """Take the vocabulary ``saved`` of ``source`` so that training on keeps its task ids, or :class:`ConfigError`
+        with a ``data.tasks`` that does.
 
         - Every task of the data (``data.tasks``, else the indexes') is in ``saved``: ``saved`` is the vocabulary.
-        - ``data.tasks`` lists ``saved`` first, in its order, then new tasks: ``data.tasks`` is (the old ids stay, the new follow).
+        - ``data.tasks`` lists ``saved`` first, in its order, then new tasks: ``data.tasks`` is (the old ids stay, the
+          new follow).
         - Otherwise an error whose suggested ``data.tasks`` (``saved``, then the data's new tasks) does the second.
         """
         wanted = list(self.hparams.tasks or [])
@@ -395,13 +420,18 @@ class ShardDataModule(L.LightningDataModule):
         elif wanted[: len(saved)] == saved:
             vocabulary = wanted
         else:
-            advice = f"set data.tasks to {json.dumps(saved + new, ensure_ascii=False)} (its tasks first, in its order, then the new ones), or start a new run without {source}"
+            advice = (
+                f"set data.tasks to {json.dumps(saved + new, ensure_ascii=False)} "
+                f"(its tasks first, in its order, then the new ones), or start a new run without {source}"
+            )
             if wanted:
                 raise ConfigError(
-                    f"data.tasks {wanted} changes the task ids of {source}, trained on the task vocabulary {saved}; task ids must not change when training goes on: {advice}"
+                    f"data.tasks {wanted} changes the task ids of {source}, trained on the task vocabulary {saved}; "
+                    f"task ids must not change when training goes on: {advice}"
                 )
             raise ConfigError(
-                f"{source} was trained on the task vocabulary {saved}, which lacks task(s) {new} of the data; task ids must not change when training goes on: {advice}"
+                f"{source} was trained on the task vocabulary {saved}, which lacks task(s) {new} of the data; "
+                f"task ids must not change when training goes on: {advice}"
             )
         log.info("task vocabulary from %s: %s", source, vocabulary)
         self.tasks = vocabulary

@@ -52,7 +52,8 @@ def is_prefix_lm(processor: Any) -> bool:
 
 
 def image_token_ids(processor: Any) -> set[int]:
-    """The ids of the processor's image tokens: every ``*image*_token`` it names (placeholder, soft token, begin and end)."""
+    """The ids of the processor's image tokens: every ``*image*_token`` it names (placeholder, soft token, begin and
+    end)."""
     ids = {image_token_id(processor)}
     vocab = processor.tokenizer.get_added_vocab()
     for name in dir(processor):
@@ -80,10 +81,12 @@ class ChatEncoder:
         self.max_length = max_length
         self.image_token_id = image_token_id(processor)
         self.prefix_lm = is_prefix_lm(processor)
-        """A processor without a chat template that takes the answer as ``suffix`` (PaliGemma): see :meth:`_encode_prefix_lm`."""
+        """A processor without a chat template that takes the answer as ``suffix`` (PaliGemma):
+        see :meth:`_encode_prefix_lm`."""
         if not self.prefix_lm and not chat_template(processor):
             raise ConfigError(
-                f"the processor {type(processor).__name__} of {getattr(processor, 'name_or_path', None) or self.tokenizer.name_or_path!r} "
+                f"the processor {type(processor).__name__} "
+                f"of {getattr(processor, 'name_or_path', None) or self.tokenizer.name_or_path!r} "
                 "has no chat template; give the checkpoint one (chat_template.jinja) or use a processor that has one"
             )
         self.image_token_ids = torch.tensor(sorted(image_token_ids(processor)))
@@ -95,7 +98,8 @@ class ChatEncoder:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.skipped: Counter[str] = Counter()
-        """Skips since the last batch was collated, by reason (shipped with the batch, so counts survive worker processes)."""
+        """Skips since the last batch was collated, by reason (shipped with the batch, so counts survive worker
+        processes)."""
         self._reported: Counter[str] = Counter()
         self.max_skip_fraction = max_skip_fraction
         self.skip_check_after = skip_check_after
@@ -111,7 +115,8 @@ class ChatEncoder:
 
     # -- one sample -------------------------------------------------------------------------
     def __call__(self, raw: dict[str, Any], prompt: bool = False) -> dict[str, Any] | None:
-        """The encoded sample; with ``prompt`` (evaluation) also its prompt for generation (:meth:`encode_prompt`), as ``item["prompt"]``."""
+        """The encoded sample; with ``prompt`` (evaluation) also its prompt for generation (:meth:`encode_prompt`), as
+        ``item["prompt"]``."""
         shard = str(raw.get("__url__", "?"))
         self.seen += 1
         self.seen_by_shard[shard] += 1
@@ -196,7 +201,8 @@ class ChatEncoder:
         return next((token for token in self._special_tokens if text.startswith(token, at)), "")
 
     def adds_special_tokens(self, text: str) -> bool:
-        """Whether the tokenizer should add its special tokens (BOS) to ``text``: not when the template wrote BOS itself."""
+        """Whether the tokenizer should add its special tokens (BOS) to ``text``: not when the template wrote BOS
+        itself."""
         bos = self.tokenizer.bos_token
         return not (bos and text.startswith(bos))
 
@@ -209,7 +215,8 @@ class ChatEncoder:
         return enc, add_special
 
     def _call_processor(self, **kwargs: Any) -> dict[str, Any]:
-        """The processor's output; a sample it refuses (PaliGemma without an image, ...) is skipped as ``processor_refused``."""
+        """The processor's output; a sample it refuses (PaliGemma without an image, ...) is skipped as
+        ``processor_refused``."""
         try:
             return self.processor(**kwargs)
         except (ValueError, TypeError, IndexError) as exc:
@@ -279,7 +286,8 @@ class ChatEncoder:
             "task_id": self.task_ids[sample.task],
             "tokens": tokens,
             "images": images,
-            "text": text,  # the rendered chat and its images: a batch needing the processor's padding is processed again
+            # the rendered chat and its images: a batch needing the processor's padding is processed again
+            "text": text,
             "pictures": sample.images,
             "labels": labels,
             "length": ids.numel(),  # before truncation (data inspect reports these)
@@ -324,7 +332,8 @@ class ChatEncoder:
         return prefix, enc, labels != IGNORE_INDEX, torch.ones_like(labels, dtype=torch.bool)
 
     def prefix(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt of a prefix-LM processor: an image placeholder per image, then the text of every turn, a line each."""
+        """The prompt of a prefix-LM processor: an image placeholder per image, then the text of every turn, a line
+        each."""
         images = sum(p["type"] == "image" for m in messages for p in m["content"])
         lines = [message_text(m) for m in messages if message_text(m)]
         return self.processor.image_token * images + "\n".join(lines)
@@ -449,7 +458,8 @@ class ChatEncoder:
 
 
 def _pad_to(value: torch.Tensor, shape: tuple[int, ...], fill: float, left: bool = False) -> torch.Tensor:
-    """``value`` padded with ``fill`` at the end of every axis (at the start of the first with ``left``) to ``shape``."""
+    """``value`` padded with ``fill`` at the end of every axis (at the start of the first with ``left``) to
+    ``shape``."""
     out = torch.full(shape, fill, dtype=value.dtype)
     first = slice(shape[0] - value.shape[0], None) if left else slice(0, value.shape[0])
     out[(first, *(slice(0, n) for n in value.shape[1:]))] = value
