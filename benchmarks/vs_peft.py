@@ -1,4 +1,5 @@
-"""mmpeft's LoRA against PEFT's LoRA on the same 4-bit model, the same batches, side by side; and each speed lever on its own.
+"""mmpeft's LoRA against PEFT's LoRA on the same 4-bit model, the same batches, side by side; and each speed lever on
+its own.
 
     python benchmarks/vs_peft.py [--hidden H] [--layers L] [--vocab V] [--max-len T] [--batch B]
                                  [--batches K] [--rank R] [--rounds N] [--quick | --check] [--out FILE]
@@ -100,7 +101,8 @@ TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
 def mixed_batches(
     model_dir: Path, count: int, batch: int, max_len: int, image_token: int, seed: int, answer: float = 1 / 8
 ) -> list[dict[str, Any]]:
-    """``count`` batches of ``batch`` samples of mixed lengths (the first batch's first sample ``max_len``), right-padded per batch.
+    """``count`` batches of ``batch`` samples of mixed lengths (the first batch's first sample ``max_len``),
+    right-padded per batch.
 
     Each sample is make_batch's image prompt and random text cut to its length; its last
     ``answer`` fraction (at least 8 tokens, never the image prompt) is the labelled answer.
@@ -136,7 +138,8 @@ def mixed_batches(
 
 
 def build_peft(model_dir: Path, device: torch.device, names: list[str], r: int, alpha: float, dropout: float) -> Runner:
-    """PEFT's usual QLoRA path on the same checkpoint and quantization config; ``names`` are the full paths of the adapted linears."""
+    """PEFT's usual QLoRA path on the same checkpoint and quantization config; ``names`` are the full paths of the
+    adapted linears."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText
 
@@ -166,7 +169,8 @@ def build_peft(model_dir: Path, device: torch.device, names: list[str], r: int, 
 
 
 def peft_loss(runner: Runner, batch: dict[str, Any]) -> torch.Tensor:
-    """PEFT's usual path: transformers shifts ``labels`` itself (``ForCausalLMLoss``: position t predicts label t+1, -100 ignored)."""
+    """PEFT's usual path: transformers shifts ``labels`` itself (``ForCausalLMLoss``: position t predicts label t+1,
+    -100 ignored)."""
     return runner.model(**batch["inputs"], labels=batch["labels"], use_cache=False).loss
 
 
@@ -270,7 +274,8 @@ def variants(check: bool) -> list[tuple[str, Speed, bool]]:
 
 
 def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """The same samples in batches of neighbours by length (``data.group_by_length`` with a pool of all of them), right-padded per batch."""
+    """The same samples in batches of neighbours by length (``data.group_by_length`` with a pool of all of them),
+    right-padded per batch."""
     rows = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch["lengths"]))]
     lengths = [batches[b]["lengths"][i] for b, i in rows]
     groups = length_groups(lengths, len(batches[0]["lengths"]), random.Random(seed))
@@ -391,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         "trainable_params": trainable[0],
         "lora": lora,
         "quantization": "nf4 + double quant (bitsandbytes)",
-        "gradient_checkpointing": "mmpeft non-reentrant; PEFT as prepare_model_for_kbit_training leaves it (torch's default, reentrant)",
+        "gradient_checkpointing": (
+            "mmpeft non-reentrant; PEFT as prepare_model_for_kbit_training leaves it (torch's default, reentrant)"
+        ),
         "batch": args.batch,
         "batches_per_pass": args.batches,
         "max_len": max_len,
@@ -409,11 +416,13 @@ def main(argv: list[str] | None = None) -> None:
         rel = abs(firsts[name] - loss_theirs) / abs(loss_theirs)
         if not rel <= tolerance:
             raise AssertionError(
-                f"first-step losses differ: mmpeft ({name}) {firsts[name]:.6f}, PEFT {loss_theirs:.6f} (relative {rel:.1e} > {tolerance:.0e})"
+                f"first-step losses differ: mmpeft ({name}) {firsts[name]:.6f}, PEFT {loss_theirs:.6f} "
+                f"(relative {rel:.1e} > {tolerance:.0e})"
             )
     worst = max(abs(v - loss_theirs) / abs(loss_theirs) for v in firsts.values())
     print(
-        f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants), PEFT {loss_theirs:.6f} "
+        f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants), "
+        f"PEFT {loss_theirs:.6f} "
         f"(largest relative difference {worst:.1e} <= {tolerance:.0e})"
     )
 
@@ -486,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
 def summarise(
     rounds: list[dict[str, float]], peaks: dict[str, int], tokens: dict[str, int], device: torch.device
 ) -> list[dict[str, Any]]:
-    """Per variant: pass time (median, min), tokens/s, peak memory, and the ratios to PEFT and to ``levers off`` (per round: median, 95% interval)."""
+    """Per variant: pass time (median, min), tokens/s, peak memory, and the ratios to PEFT and to ``levers off`` (per
+    round: median, 95% interval)."""
     rows = []
     for name in rounds[0]:
         times = [r[name] for r in rounds]
@@ -504,7 +514,8 @@ def summarise(
 def variant_table(rows: list[dict[str, Any]], device: torch.device) -> str:
     memory = "peak MiB (CUDA allocator)" if device.type == "cuda" else "peak MiB (CPU, profiler)"
     lines = [
-        f"| variant | pass s median (min) | real tokens / s | time x PEFT [95% CI] | time x levers off [95% CI] | {memory} | memory x PEFT | memory x levers off |",
+        "| variant | pass s median (min) | real tokens / s | time x PEFT [95% CI] | time x levers off [95% CI] | "
+        f"{memory} | memory x PEFT | memory x levers off |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -531,7 +542,8 @@ def target_table(rows: list[dict[str, Any]]) -> str:
         memory = row["memory_x_peft"]
         lines.append(
             f"| {row['variant']} | {t['median']:.3f}x [{low:.3f}-{high:.3f}] | <= {TARGETS['step time']:.2f}x | "
-            f"{verdict(low, high, TARGETS['step time'], at_most=True)} | {memory:.3f}x | <= {TARGETS['peak memory']:.2f}x | "
+            f"{verdict(low, high, TARGETS['step time'], at_most=True)} | "
+            f"{memory:.3f}x | <= {TARGETS['peak memory']:.2f}x | "
             f"{verdict(memory, memory, TARGETS['peak memory'], at_most=True)} |"
         )
     return "\n".join(lines)

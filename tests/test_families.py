@@ -376,7 +376,8 @@ data:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_fit_from_shards(family, tiny_model_dirs, tmp_path, capsys):
-    """Shards built by the chat recipe, then ``fit`` (batch size 2, mixed image sizes), validation with generation, and the PEFT export."""
+    """Shards built by the chat recipe, then ``fit`` (batch size 2, mixed image sizes), validation with generation,
+    and the PEFT export."""
     from test_cli import run_main, scalars
 
     base = tiny_model_dirs[family]

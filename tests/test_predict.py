@@ -174,7 +174,8 @@ def test_every_adapter_predicts_what_uncached_generation_gives_and_not_the_base_
 
 
 def test_beam_search_routes_every_beam_as_its_own_prompt(tmp_path, tiny_model_dirs, adapter_dirs, shards):
-    """Instance routing (here per-sequence AsymLoRA) pools over each prompt's own tokens, left padding excluded, whatever the number of beams."""
+    """Instance routing (here per-sequence AsymLoRA) pools over each prompt's own tokens, left padding excluded,
+    whatever the number of beams."""
     model = module(tiny_model_dirs, adapter_dirs, name="asymlora", num_beams=2)
     dm = data(tiny_model_dirs, shards)
     assert len(predict(model, dm, tmp_path)) == 6

@@ -18,7 +18,8 @@ from mmpeft.objective import ChunkedLinearCrossEntropy, lm_losses, output_head
 from mmpeft.speed import Speed, apply_to_adapters
 
 CPU = torch.device("cpu")
-# Every lever off: the step as PEFT's path takes it (whole logits, out-of-place add, input grads, every layer recomputed).
+# Every lever off: the step as PEFT's path takes it (whole logits, out-of-place add, input grads, every layer
+# recomputed).
 OFF = Speed(loss_chunk=0, inplace_add=False, input_grads=True, checkpoint_every=1)
 LEVERS = {
     "loss_chunk": {"loss_chunk": 3},  # several chunks even for the tiny batch's few answer tokens
@@ -31,7 +32,8 @@ LEVERS = {
 def step(
     model_dir: str, quantization: str, speed: Speed, adapter: str
 ) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss, per-sample losses and every adapter gradient of one training step, from the same initial adapter weights."""
+    """Loss, per-sample losses and every adapter gradient of one training step, from the same initial adapter
+    weights."""
     model = load_backbone(Backbone(pretrained=model_dir, quantization=quantization), CPU, speed)
     context = RoutingContext()
     torch.manual_seed(0)
