@@ -108,7 +108,7 @@ class LoopAsymLoRA(nn.Module):
         for head in self.lora_B:
             nn.init.zeros_(head.weight)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        level = "instance" if config.routing == "sequence" else "token"
+        level = config.routing  # "token" or "instance" ("sequence" is normalised to "instance" by the config)
         self.router = Router(in_features, config.heads, level=level, top_k=config.top_k, temperature=config.temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ def test_an_adapter_directory_round_trips_onto_a_fresh_base(tiny_model_dirs, sav
         "alpha": 16.0,
         "dropout": 0.05,
         "heads": 3,
-        "routing": "sequence",
+        "routing": "instance",  # given as "sequence", its earlier name: written in the one spelling
         "top_k": None,
         "temperature": 1.0,
     }

@@ -19,7 +19,7 @@ from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters
 from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig
 from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
 from mmpeft.adapters.quant import keep_standard_layout
-from mmpeft.adapters.routing import GateMeans, RouterRecord, RoutingContext, expert_gate
+from mmpeft.adapters.routing import GateMeans, RouterRecord, RoutingContext, expert_gate, top_k_gate
 from mmpeft.errors import ConfigError, MergeError
 from mmpeft.export import export_peft
 from mmpeft.merge import REPORT_NAME, builtin_batch, merge, task_batches, token_logits
@@ -130,9 +130,10 @@ def test_gate_means_average_the_applied_gate_over_real_tokens_and_samples():
         [[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.0, 0.0, 1.0]], [[0.3, 0.1, 0.6], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]]
     )
     selected = torch.ones_like(probs, dtype=torch.bool)
-    dense = RouterRecord("dense", probs.log(), probs, selected, 3, "token")
-    top2 = RouterRecord("top2", probs.log(), probs, selected, 2, "token")
-    per_sample = RouterRecord("sample", probs[:, :1].log(), probs[:, :1], selected[:, :1], 3, "instance")
+    top2_gate = top_k_gate(probs, 2)[0]  # the gate a top-2 router applies
+    dense = RouterRecord("dense", probs.log(), probs, selected, 3, "token", probs)
+    top2 = RouterRecord("top2", probs.log(), probs, selected, 2, "token", top2_gate)
+    per_sample = RouterRecord("sample", probs[:, :1].log(), probs[:, :1], selected[:, :1], 3, "instance", probs[:, :1])
     context.records = [dense, top2, per_sample]
     meter = GateMeans()
     meter.add(context)

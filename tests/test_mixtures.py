@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,11 +15,16 @@ from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.adapters.mixlora import MixLoRA, MixLoRAConfig
 from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
 from mmpeft.adapters.routing import (
+    GateMeans,
+    Router,
     RouterRecord,
     RoutingContext,
+    RoutingStats,
+    bind_routers,
     load_balance_loss,
     localized_balance_loss,
     mutual_information_loss,
+    selection_weights,
     task_groups,
     top_k_gate,
     z_loss,
@@ -37,7 +43,8 @@ def lora_twin(a: torch.Tensor, b: torch.Tensor, alpha: float = 8.0) -> LoRA:
 
 
 def assert_is_lora(adapter, x: torch.Tensor) -> None:
-    """With its ``B`` randomised, ``adapter`` gives the outputs and the A, B and input gradients of a LoRA with its A and B."""
+    """With its ``B`` randomised, ``adapter`` gives the outputs and the A, B and input gradients of a LoRA
+    with its A and B."""
     torch.nn.init.normal_(adapter.B)
     lora = lora_twin(adapter.A.detach(), adapter.B.detach())
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -54,10 +61,10 @@ def assert_is_lora(adapter, x: torch.Tensor) -> None:
     "adapter",
     [
         lambda: AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1)),
-        lambda: AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1, routing="sequence")),
+        lambda: AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R, alpha=8, dropout=0.0, heads=1, routing="instance")),
         lambda: MoELoRA(D_IN, D_OUT, MoELoRAConfig(r=R, alpha=8, dropout=0.0, experts=1)),
     ],
-    ids=["asymlora-one-head", "asymlora-one-head-per-sequence", "moelora-one-expert"],
+    ids=["asymlora-one-head", "asymlora-one-head-per-instance", "moelora-one-expert"],
 )
 def test_a_mixture_of_one_is_lora(adapter):
     torch.manual_seed(0)
@@ -163,6 +170,232 @@ def test_mixlora_stays_finite_when_its_routers_saturate():
         assert param.grad is not None and torch.isfinite(param.grad).all()
 
 
+# -- MixLoRA routes through the shared router: the same numbers as before, and what it logs is what ran --
+
+# Fingerprints of MixLoRA's forward and gradients, taken from the code before its routing moved into
+# mmpeft.adapters.routing (commit f508c2c): each tensor's sum against a fixed random probe, and the
+# chosen factors of the three samples. The refactor reproduced every tensor bit for bit.
+MIXLORA_BEFORE = {
+    ("straight_through", 1.0): (
+        {
+            "out": 110.1140078772297,
+            "x.grad": -55.78985331363692,
+            "A.grad": 340.17131835599685,
+            "B.grad": -401.71200080502456,
+            "condition.grad": 44.241479374801955,
+            "router_a.weight.grad": 141.52669837108044,
+            "router_b.weight.grad": -11.176797278119722,
+        },
+        [[4, 8, 5, 2], [0, 1, 5, 9], [8, 5, 4, 9]],
+        [[6, 9, 8, 1], [1, 5, 6, 4], [9, 6, 1, 8]],
+    ),
+    # Saturated routers (weights x 1000): the regime of the NaN regression above.
+    ("straight_through", 1000.0): (
+        {
+            "out": 136.34321177731334,
+            "x.grad": 811480.2709443924,
+            "A.grad": -78.07588975582979,
+            "B.grad": -402.13796598674566,
+            "condition.grad": 65.26047998924257,
+            "router_a.weight.grad": 1442.145160070593,
+            "router_b.weight.grad": 0.0,
+        },
+        [[4, 8, 5, 2], [0, 1, 5, 9], [8, 5, 4, 9]],
+        [[6, 9, 8, 1], [1, 5, 6, 4], [9, 1, 8, 6]],
+    ),
+    ("score", 1.0): (
+        {
+            "out": 331.2631503013364,
+            "x.grad": 383.3578469282357,
+            "A.grad": 830.0340927881638,
+            "B.grad": -597.5075237497167,
+            "condition.grad": -304.73764449294225,
+            "router_a.weight.grad": 334.43463861359817,
+            "router_b.weight.grad": -8.427896373266307,
+        },
+        [[4, 8, 5, 2], [0, 1, 5, 9], [8, 5, 4, 9]],
+        [[6, 9, 8, 1], [1, 5, 6, 4], [9, 6, 1, 8]],
+    ),
+    ("score", 1000.0): (
+        {
+            "out": 844.1425428408738,
+            "x.grad": 67.75229778420967,
+            "A.grad": 1498.2642025798323,
+            "B.grad": -431.5429735954312,
+            "condition.grad": -335.43632342615433,
+            "router_a.weight.grad": 0.0,
+            "router_b.weight.grad": 0.0,
+        },
+        [[4, 8, 5, 2], [0, 1, 5, 9], [8, 5, 4, 9]],
+        [[6, 9, 8, 1], [1, 5, 6, 4], [9, 1, 8, 6]],
+    ),
+}
+
+
+def delta(adapter: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The adapter's update for the layer input ``x``."""
+    return adapter(x)
+
+
+def spy_on_route(adapter: MixLoRA) -> list:
+    """Keeps what every call of ``adapter.route`` returned (the forward's own routing: indices and weights)."""
+    seen, route = [], adapter.route
+    adapter.route = lambda x: seen.append(route(x)) or seen[-1]
+    return seen
+
+
+@pytest.mark.parametrize(("weighting", "router_scale"), list(MIXLORA_BEFORE))
+def test_mixlora_forward_and_gradients_are_those_from_before_the_shared_router(weighting, router_scale):
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, weighting=weighting))
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():  # every parameter set here, whatever the constructor's initialisation draws
+        for name, param in sorted(adapter.named_parameters()):
+            scale = router_scale if name.startswith("router") else 1.0
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    generator = torch.Generator().manual_seed(99)
+    x = torch.randn(3, 6, D_IN, generator=generator).requires_grad_()
+    out_weights = torch.randn(3, 6, D_OUT, generator=generator)
+    prompt = torch.ones(3, 6, dtype=torch.bool)
+    prompt[:, 4:] = False
+    prompt[2, 3:] = False
+    real = torch.ones(3, 6, dtype=torch.bool)
+    real[2, 5:] = False
+    context = RoutingContext()
+    bind_routers(adapter, context, "layer")
+    seen = spy_on_route(adapter)
+    with context.step(real, prompt):
+        out = delta(adapter, x)
+    (out * out_weights).sum().backward()
+    tensors = {"out": out.detach(), "x.grad": x.grad, **{f"{n}.grad": p.grad for n, p in adapter.named_parameters()}}
+    probe = torch.Generator().manual_seed(7)
+    sums = {
+        key: float((value.double() * torch.randn(value.shape, generator=probe, dtype=torch.float64)).sum())
+        for key, value in tensors.items()
+    }
+    expected, index_a, index_b = MIXLORA_BEFORE[weighting, router_scale]
+    assert sums == pytest.approx(expected, rel=1e-5)
+    assert seen[0][0].tolist() == index_a and seen[0][2].tolist() == index_b
+
+
+def conditioned_mixlora(weighting: str = "straight_through") -> tuple[MixLoRA, torch.Tensor]:
+    """A MixLoRA (6 factors, r=2) and an input on which ``p_B``'s own top-2 is factors {0, 1} while the
+    B scores with the conditional term, ``p_B + sum_k softmax(C a_k)``, choose {4, 5}."""
+    adapter = MixLoRA(4, 3, MixLoRAConfig(r=2, alpha=4, dropout=0.0, factors=6, weighting=weighting))
+    torch.nn.init.normal_(adapter.B)
+    preference = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])  # (E,): logits for the input direction e_0
+    with torch.no_grad():
+        for router in (adapter.router_a, adapter.router_b):
+            router.weight.zero_()
+            router.weight[:, 0] = preference  # p_A and p_B: top-2 is {0, 1}
+        adapter.A.zero_()
+        adapter.A[:, 1] = 1.0  # every A-factor is e_1 ...
+        adapter.condition.zero_()
+        adapter.condition[4:, 1] = 5.0  # ... and C sends each chosen one to factors 4 and 5 (softmax ~0.49 each)
+    x = torch.zeros(2, 3, 4)
+    x[..., 0] = 1.0  # (batch, seq, d_in): every token is e_0
+    x[1, :, 0] = 0.5  # the second sample routes the same way, less sharply
+    return adapter, x
+
+
+@pytest.mark.parametrize("weighting", ["straight_through", "score"])
+def test_mixlora_logs_the_factors_its_forward_used(weighting):
+    """Records, routing statistics and merge's gate means count the B-factors that ran (its conditional term
+    included), not the top-r of the B router's own probabilities."""
+    adapter, x = conditioned_mixlora(weighting)
+    context = RoutingContext()
+    bind_routers(adapter, context, "layer", group="mixlora")
+    stats, means = RoutingStats(num_tasks=2), GateMeans()
+    context.observers += [stats.add, means.add]
+    seen = spy_on_route(adapter)
+    with context.step(torch.ones(2, 3), task_ids=torch.tensor([0, 1])):
+        delta(adapter, x)
+    index_a, weight_a, index_b, weight_b = seen[0]  # (batch, r) each, as the forward used them
+    record_a, record_b = context.records
+    assert record_b.probs[:, 0].topk(2, dim=-1).indices.sort().values.tolist() == [[0, 1], [0, 1]]
+    assert index_b.sort().values.tolist() == [[4, 5], [4, 5]]  # the case where they differ
+
+    for record, index, weight in ((record_a, index_a, weight_a), (record_b, index_b, weight_b)):
+        used = torch.zeros(2, 6, dtype=torch.bool).scatter_(-1, index, True)  # (batch, E)
+        assert torch.equal(record.selected[:, 0], used)
+        applied = torch.zeros(2, 6).scatter_(-1, index, weight.detach() / weight.detach().sum(-1, keepdim=True))
+        torch.testing.assert_close(record.gate[:, 0], applied)
+        assert torch.allclose(record.gate.sum(-1), torch.ones(2, 1))
+    if weighting == "straight_through":  # the forward uses the chosen factors unweighted
+        assert record_b.gate[:, 0].tolist() == [[0, 0, 0, 0, 0.5, 0.5]] * 2
+
+    load_b = torch.zeros(6).index_add_(0, index_b.flatten(), weight_b.detach().flatten() / weight_b.detach().sum())
+    results = stats.results()
+    torch.testing.assert_close(results["mixlora/router_b"].load, load_b)
+    assert results["mixlora/router_b"].load[:4].tolist() == [0.0] * 4
+    # Task x expert: each task is one sample here, so its row is that sample's applied gate.
+    torch.testing.assert_close(results["mixlora/router_b"].task_expert, record_b.gate[:, 0])
+    torch.testing.assert_close(means.means()["layer.router_b"], load_b)
+    torch.testing.assert_close(means.means()["layer.router_a"], results["mixlora/router_a"].load)
+
+
+def test_selecting_router_weights_and_records():
+    """Router.select by hand: scores, top-k, the two weightings and the recorded gate."""
+    torch.manual_seed(0)
+    router = Router(5, 6, level="instance", top_k=3, temperature=2.0, weighting="score")
+    context = RoutingContext()
+    router.bind(context, "r")
+    h = torch.randn(2, 1, 5)  # (batch, 1, d_in): pooled
+    conditional = torch.randn(2, 1, 3, 6)  # (batch, 1, n, E)
+    with context.step(None):
+        chosen = router.select(h, conditional_logits=conditional)
+    scores = torch.softmax(router.logits(h) / 2.0, -1) + torch.softmax(conditional / 2.0, -1).sum(-2)  # (2, 1, 6)
+    top = scores.topk(3, dim=-1)
+    assert torch.equal(chosen.index, top.indices)
+    torch.testing.assert_close(chosen.weight, 3 * top.values / top.values.sum(-1, keepdim=True))
+    (record,) = context.records
+    assert record.level == "instance" and record.top_k == 3 and record.probs.shape == (2, 1, 6)
+    torch.testing.assert_close(record.probs, torch.softmax(router.logits(h) / 2.0, -1))
+    torch.testing.assert_close(record.gate.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True))
+    # Straight-through: 1 forward, the score's gradient backward.
+    log_score = torch.tensor([[-0.5, -1.0]], requires_grad=True)
+    weight = selection_weights(log_score, "straight_through")
+    assert weight.tolist() == [[1.0, 1.0]]
+    weight.sum().backward()
+    assert log_score.grad.tolist() == [[1.0, 1.0]]  # d exp(s - stop(s)) / ds = 1
+    with pytest.raises(ValueError, match="weighting must be"):
+        Router(5, 6, weighting="hard")
+
+
+# -- AsymLoRA's routing names the router's level ------------------------------------------------
+
+
+def test_asymlora_reads_the_old_routing_name_sequence_as_instance():
+    old = AsymLoRAConfig(r=R, heads=3, routing="sequence")
+    assert old.routing == "instance" and old == AsymLoRAConfig(r=R, heads=3, routing="instance")
+    assert AsymLoRA(D_IN, D_OUT, old).router.level == "instance"
+    assert AsymLoRA(D_IN, D_OUT, AsymLoRAConfig(r=R)).router.level == "token"
+    with pytest.raises(ValueError, match="routing must be 'token' or 'instance', got 'sample'"):
+        AsymLoRAConfig(routing="sample")
+
+
+def test_an_adapter_directory_saved_with_routing_sequence_still_loads(tiny_model_dirs, tmp_path):
+    from test_backbone import _batch
+    from test_lifecycle import adapted, logits, spec_of
+
+    from mmpeft.saving import CONFIG_NAME, apply_adapter, save_adapter, trainable_tensors
+
+    model_dir = tiny_model_dirs["llava"]
+    groups = [AdapterGroup("asymlora", ["mlp"], {"r": 4, "heads": 3, "routing": "instance"})]
+    model = adapted(model_dir, groups)
+    out = save_adapter(tmp_path / "a", spec_of(model, model_dir, groups), trainable_tensors(model))
+    config = json.loads((out / CONFIG_NAME).read_text())
+    assert config["adapters"][0]["config"]["routing"] == "instance"
+    config["adapters"][0]["config"]["routing"] = "sequence"  # as adapters saved before the rename hold it
+    (out / CONFIG_NAME).write_text(json.dumps(config))
+
+    fresh = load_backbone(Backbone(pretrained=model_dir), torch.device("cpu")).eval()
+    apply_adapter(fresh, out)
+    routers = [m.router for m in fresh.modules() if isinstance(m, AsymLoRA)]
+    assert routers and all(router.level == "instance" for router in routers)
+    batch = _batch(model_dir)
+    assert torch.equal(logits(fresh, batch), logits(model, batch))
+
+
 # -- routing losses against direct computations on hand-made tensors -------------------------
 
 LOGITS = torch.tensor(
@@ -174,8 +407,8 @@ TASKS = torch.tensor([0, 1])
 
 def record(top_k=None) -> RouterRecord:
     probs = torch.softmax(LOGITS, -1)
-    _, selected = top_k_gate(probs, top_k)
-    return RouterRecord("layer", LOGITS, probs, selected, top_k or 3, "token")
+    gate, selected = top_k_gate(probs, top_k)
+    return RouterRecord("layer", LOGITS, probs, selected, top_k or 3, "token", gate)
 
 
 def test_load_balance_and_z_loss_by_hand():
@@ -222,6 +455,7 @@ def test_mutual_information_by_hand():
         torch.ones(2, 1, 2, dtype=torch.bool),
         2,
         "token",
+        torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]),
     )
     assert torch.isclose(
         mutual_information_loss(hard, torch.ones(2, 1, dtype=torch.bool), TASKS, 2),

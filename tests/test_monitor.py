@@ -20,7 +20,7 @@ from data_recipes.synthetic import SyntheticRecipe
 from mmpeft import plots
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.inject import group_labels
-from mmpeft.adapters.routing import RouterRecord, RoutingContext, RoutingStats
+from mmpeft.adapters.routing import RouterRecord, RoutingContext, RoutingStats, top_k_gate
 from mmpeft.monitor import Monitor, RunSummary, TokensProgressBar, default_callbacks
 from mmpeft.objective import IGNORE_INDEX, lm_loss, lm_losses
 
@@ -29,8 +29,8 @@ E = 3
 
 def record(name: str, probs: list, top_k: int = E, level: str = "token") -> RouterRecord:
     probs = torch.tensor(probs, dtype=torch.float32)  # (batch, T, E)
-    selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(top_k, dim=-1).indices, True)
-    return RouterRecord(name, probs.log(), probs, selected, top_k, level)
+    gate, selected = top_k_gate(probs, top_k)  # the gate a top-k router applies: the kept probabilities renormalised
+    return RouterRecord(name, probs.log(), probs, selected, top_k, level, gate)
 
 
 def entropy(p: list[float]) -> float:

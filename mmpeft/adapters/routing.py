@@ -18,10 +18,18 @@ that the recomputation routes exactly as the forward did. (Under *reentrant* che
 the forward runs without grad and a recorded loss would silently not train the routers;
 mmpeft always uses the non-reentrant form.)
 
-Instance routing (MixLoRA, per-sequence AsymLoRA) pools a layer's input over the prompt
-tokens of each sample. When generating, :meth:`RoutingContext.generation` computes that
+Instance routing (MixLoRA, AsymLoRA with ``routing: instance``) pools a layer's input over the
+prompt tokens of each sample. When generating, :meth:`RoutingContext.generation` computes that
 routing once per instance, on the prompt, and reuses it at every decoding step, with or
 without a KV cache, so generation routes as training did.
+
+A :class:`Router` decides in one of two ways, both written here once: :meth:`Router.forward`
+gives a dense gate over every expert (top-k renormalised, or the full softmax), which AsymLoRA
+and LoRA-MoE multiply into their experts' outputs; :meth:`Router.select` gives the indices of the
+top-k experts and a weight for each (:func:`selection_weights`), for adapters that gather the
+chosen experts (MixLoRA's factors), optionally with conditional scores added before the top-k.
+Either way the router records what it applied (:attr:`RouterRecord.gate`), so the statistics
+describe the experts that ran.
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ from mmpeft.errors import MergeError
 Level = Literal["token", "instance"]
 
 
+Weighting = Literal["straight_through", "score"]
+"""How :meth:`Router.select` weights the experts it chose (see :func:`selection_weights`)."""
+
+
 @dataclass
 class RouterRecord:
     """One router's decision in one forward pass, kept for the auxiliary losses and statistics."""
@@ -49,10 +61,12 @@ class RouterRecord:
     """Path of the adapted layer (``layers.3.mlp.up_proj``) plus the router's role, if several."""
 
     logits: torch.Tensor
-    """``(batch, T, experts)`` pre-softmax scores; ``T`` is the sequence length for token routing, 1 for instance routing."""
+    """``(batch, T, experts)`` pre-softmax scores; ``T`` is the sequence length for token routing,
+    1 for instance routing."""
 
     probs: torch.Tensor
-    """``(batch, T, experts)`` routing probabilities."""
+    """``(batch, T, experts)`` the router's own probabilities ``softmax(logits / temperature)``:
+    what the balance losses train (for a router with conditional scores, without them)."""
 
     selected: torch.Tensor
     """``(batch, T, experts)`` bool, the experts each token or instance actually used."""
@@ -61,10 +75,20 @@ class RouterRecord:
     """Experts used per token or instance (the number of experts for a dense router)."""
 
     level: Level
+    """``token``: one decision per token; ``instance``: one per sample, from its pooled prompt."""
 
-    def gate(self) -> torch.Tensor:
-        """``(batch, T, experts)``: the gate weights the router applied (top-k renormalised, see :func:`top_k_gate`)."""
-        return top_k_gate(self.probs, self.top_k)[0]
+    gate: torch.Tensor
+    """``(batch, T, experts)`` the gate the forward applied, detached; sums to 1 over each token's
+    (instance's) experts and is 0 on the experts not selected.
+
+    For a gating router (:meth:`Router.forward`) it is the gate itself: the top-k probabilities
+    renormalised, or every probability for a dense router. For a selecting router
+    (:meth:`Router.select`) it is the forward weights of the chosen experts divided by their sum:
+    ``1 / k`` on each chosen expert under ``straight_through`` weighting (the forward uses them
+    unweighted), the chosen experts' scores renormalised under ``score`` weighting. The scores
+    include any conditional term, so for MixLoRA's B-factor router the gate and :attr:`selected`
+    are the factors that ran, not the top-k of :attr:`probs`. Nothing recomputes it from
+    :attr:`probs`; statistics (:class:`RoutingStats`, :class:`GateMeans`) read it as it is."""
 
 
 class RoutingContext:
@@ -196,12 +220,45 @@ def top_k_gate(probs: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.
     return kept / kept.sum(dim=-1, keepdim=True), selected
 
 
+def selection_weights(log_score: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """The weight ``(..., k)`` the forward applies to each chosen expert, from its log score ``(..., k)``.
+
+    A hard top-k with the chosen experts used unweighted (MixLoRA's released code) gives the router
+    no gradient, so it never learns; either weighting passes the gradient on to the scores.
+    ``straight_through``: 1 in the forward (the unweighted formula), and the gradient of the score
+    in the backward, as ``score / stop_grad(score)`` would give. ``score``: the scores renormalised
+    over the chosen experts, times ``k`` so that the weights average 1.
+    """
+    if weighting == "straight_through":
+        # Written in log space: score / stop_grad(score) is 0 / 0 (NaN) when a saturated router's
+        # score underflows to 0, and training diverges.
+        return torch.exp(log_score - log_score.detach())
+    if weighting == "score":
+        return torch.softmax(log_score, dim=-1) * log_score.shape[-1]
+    raise ValueError(f"weighting must be 'straight_through' or 'score', got {weighting!r}")
+
+
+@dataclass
+class Selection:
+    """The experts a selecting router chose (:meth:`Router.select`) and the weights the forward applies to them."""
+
+    index: torch.Tensor
+    """``(..., k)`` the chosen experts, highest score first."""
+
+    weight: torch.Tensor
+    """``(..., k)`` each chosen expert's weight (:func:`selection_weights`); carries the router's gradient."""
+
+
 class Router(nn.Module):
     """A linear router ``softmax(R x / temperature)`` over ``experts``, per token or per instance.
 
-    Called with a layer's input ``x`` ``(..., d_in)``, it returns gate weights ``(..., experts)``
-    for token routing, or ``(batch, 1, experts)`` for instance routing (``x`` pooled over the
-    prompt; broadcastable against ``(batch, seq, ...)``), and records its decision.
+    Two ways to use it, each recording its decision in the routing context:
+
+    - called with a layer's input ``x`` ``(..., d_in)`` (:meth:`forward`), it returns the gate
+      ``(..., experts)`` for token routing, or ``(batch, 1, experts)`` for instance routing (``x``
+      pooled over the prompt; broadcastable against ``(batch, seq, ...)``);
+    - :meth:`select` returns the top-k experts' indices and weights instead, for adapters that
+      gather their chosen experts; its scores may include conditional terms.
     """
 
     def __init__(
@@ -212,6 +269,7 @@ class Router(nn.Module):
         level: Level = "token",
         top_k: int | None = None,
         temperature: float = 1.0,
+        weighting: Weighting = "straight_through",
     ) -> None:
         super().__init__()
         if experts < 1:
@@ -220,9 +278,13 @@ class Router(nn.Module):
             raise ValueError(f"top_k must be in [1, {experts}], got {top_k}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if weighting not in ("straight_through", "score"):
+            raise ValueError(f"weighting must be 'straight_through' or 'score', got {weighting!r}")
         self.level: Level = level
         self.top_k = top_k
         self.temperature = temperature
+        self.weighting: Weighting = weighting
+        """How :meth:`select` weights the chosen experts; :meth:`forward`'s gate is the renormalised top-k."""
         self.weight = nn.Parameter(torch.empty(experts, in_features))  # (experts, d_in)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as HydraLoRA's router
         # Plain attributes, not submodules: the context is shared by every router of the model.
@@ -239,17 +301,53 @@ class Router(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.to(self.weight.dtype), self.weight)  # (..., experts)
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """What the router reads from a layer input ``x`` ``(batch, seq, d)``: ``x`` itself for token
+        routing, its mean over each sample's prompt tokens, ``(batch, 1, d)``, for instance routing."""
+        return self.context.pool(x).unsqueeze(1) if self.level == "instance" else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.level == "instance":
-            return self.context.instance_routing(self, lambda: self._route(self.context.pool(x).unsqueeze(1)))
-        return self._route(x)
+            # During generation, computed on the prompt's pass and reused for every new token.
+            return self.context.instance_routing(self, lambda: self._gate(self.pool(x)))
+        return self._gate(x)
 
-    def _route(self, h: torch.Tensor) -> torch.Tensor:
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.logits(h)  # (..., experts)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        gate, selected = top_k_gate(probs, self.top_k)
-        self.context.record(RouterRecord(self.name, logits, probs, selected, self.top_k or self.experts, self.level))
+        probs = torch.softmax(logits / self.temperature, dim=-1)  # (..., experts)
+        gate, selected = top_k_gate(probs, self.top_k)  # (..., experts) each
+        k = self.top_k or self.experts
+        self.context.record(RouterRecord(self.name, logits, probs, selected, k, self.level, gate.detach()))
         return gate
+
+    def select(self, h: torch.Tensor, conditional_logits: torch.Tensor | None = None) -> Selection:
+        """The top-k experts for ``h`` ``(batch, T, d_in)`` (see :meth:`pool`), each ``(batch, T, k)``.
+
+        The score of expert ``e`` is ``p_e = softmax(R h / temperature)_e``, plus, with
+        ``conditional_logits`` ``(batch, T, n, experts)``, ``sum_n softmax(conditional_logits_n /
+        temperature)_e`` (MixLoRA's B-factor router: one softmax per chosen A-factor). Scores are
+        summed in log space so that a saturated router, whose probabilities underflow to 0, still
+        gives finite weights and gradients. The weights follow :attr:`weighting`. Not cached for
+        generation: an adapter that selects per instance wraps its whole routing in
+        :meth:`RoutingContext.instance_routing`.
+        """
+        logits = self.logits(h)  # (batch, T, experts)
+        log_probs = torch.log_softmax(logits / self.temperature, dim=-1)  # (batch, T, experts)
+        log_scores = log_probs
+        if conditional_logits is not None:
+            conditional = torch.log_softmax(conditional_logits / self.temperature, dim=-1)  # (batch, T, n, experts)
+            # log(p + sum_n softmax(c_n)): one logsumexp over the router's and the n conditional terms.
+            log_scores = torch.logsumexp(torch.cat([log_probs.unsqueeze(-2), conditional], dim=-2), dim=-2)
+        k = self.top_k or self.experts
+        log_score, index = log_scores.topk(k, dim=-1)  # (batch, T, k)
+        weight = selection_weights(log_score, self.weighting)  # (batch, T, k)
+        applied = weight.detach()
+        selected = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, index, True)  # (batch, T, experts)
+        gate = torch.zeros_like(log_probs).scatter_(
+            -1, index, (applied / applied.sum(-1, keepdim=True)).to(log_probs.dtype)
+        )  # (batch, T, experts): the applied weights over the chosen experts, summing to 1
+        self.context.record(RouterRecord(self.name, logits, log_probs.exp(), selected, k, self.level, gate.detach()))
+        return Selection(index, weight)
 
 
 def bind_routers(module: nn.Module, context: RoutingContext, name: str, group: str | None = None) -> None:
@@ -278,10 +376,12 @@ class GroupStats:
     """``(experts,)`` each expert's mean applied gate; sums to 1, and is ``1 / experts`` everywhere when balanced."""
 
     entropy: float
-    """Mean entropy of the routing probabilities divided by ``log(experts)``: 1 is uniform routing, 0 one expert per token."""
+    """Mean entropy of the routing probabilities divided by ``log(experts)``: 1 is uniform routing, 0 one
+    expert per token."""
 
     task_expert: torch.Tensor | None
-    """``(tasks, experts)`` each task's mean applied gate (rows sum to 1), NaN rows for tasks not seen; ``None`` without task labels."""
+    """``(tasks, experts)`` each task's mean applied gate (rows sum to 1), NaN rows for tasks not seen;
+    ``None`` without task labels."""
 
     count: int
     """Tokens (token routing) or samples (instance routing) seen, summed over the group's routers."""
@@ -300,7 +400,8 @@ class RoutingStats:
     def __init__(self, num_tasks: int = 0) -> None:
         self.num_tasks = num_tasks
         self.sums: dict[str, dict[str, torch.Tensor]] = {}
-        """Per group: ``count`` ``()``, ``gate`` ``(E,)``, ``entropy`` ``()``, ``task_gate`` ``(tasks, E)``, ``task_count`` ``(tasks,)``."""
+        """Per group: ``count`` ``()``, ``gate`` ``(E,)``, ``entropy`` ``()``, ``task_gate`` ``(tasks, E)``,
+        ``task_count`` ``(tasks,)``."""
 
     min_experts = 2
     """Routers with fewer experts are left out (one expert routes nothing)."""
@@ -317,7 +418,7 @@ class RoutingStats:
                 continue
             mask = _mask(record, context).double()  # (batch, T): 1 for each real token (sample)
             probs = record.probs.detach().double()  # (batch, T, E)
-            gate = record.gate().detach().double() * mask.unsqueeze(-1)  # (batch, T, E), 0 on padding
+            gate = record.gate.detach().double() * mask.unsqueeze(-1)  # (batch, T, E), 0 on padding
             entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(experts)  # (batch, T)
             sums = self.sums.setdefault(self.group_of(record, context), {})
             values = {"count": mask.sum(), "gate": gate.sum((0, 1)), "entropy": (entropy * mask).sum()}
@@ -329,7 +430,8 @@ class RoutingStats:
                 sums[key] = sums[key] + value if key in sums else value
 
     def reduce(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every sum ``s`` by ``fn(s)``, e.g. an all-reduce across processes (every process must hold the same groups)."""
+        """Replace every sum ``s`` by ``fn(s)``, e.g. an all-reduce across processes (every process must hold
+        the same groups)."""
         for sums in self.sums.values():
             for key in sorted(sums):
                 sums[key] = fn(sums[key])
@@ -350,7 +452,8 @@ class RoutingStats:
 
 
 class GateMeans(RoutingStats):
-    """Each router's applied gate averaged over the real tokens (token routing) or samples (instance routing) of many batches.
+    """Each router's applied gate averaged over the real tokens (token routing) or samples (instance routing)
+    of many batches.
 
     :class:`RoutingStats` with one group per router (the adapted layer's path), single-expert
     routers included: :meth:`means` gives each router's ``(experts,)`` mean gate, what a mixture
@@ -466,7 +569,8 @@ class RoutingLosses:
     """Coefficients of the routers' auxiliary losses, each summed over every routed layer."""
 
     load_balance: float = 0.01
-    """Switch/Mixtral load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022). 0.01 is the usual value; HydraLoRA's MLLM script uses 0.05."""
+    """Switch/Mixtral load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022). 0.01 is the usual value;
+    HydraLoRA's MLLM script uses 0.05."""
 
     z_loss: float = 0.001
     """Router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022, ST-MoE), keeps router logits small."""

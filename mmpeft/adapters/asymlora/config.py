@@ -13,8 +13,11 @@ class AsymLoRAConfig(LoRAConfig):
     heads: int = 3
     """Number ``N`` of up-projections ``B_i`` sharing one ``A`` (the AsymLoRA reference script uses 3)."""
 
-    routing: Literal["token", "sequence"] = "token"
-    """``token``: a gate per token (the reference setting). ``sequence``: one gate per sample, from its prompt tokens pooled."""
+    routing: Literal["token", "instance"] = "token"
+    """``token``: a gate per token (the reference setting). ``instance``: one gate per sample, from its
+    prompt tokens pooled, computed once per prompt when generating (the router level MixLoRA uses too).
+    ``sequence``, this setting's earlier name, still held by older adapter directories and configs,
+    is read as ``instance`` (and saved as ``instance``)."""
 
     top_k: int | None = None
     """``None`` mixes every head with the dense softmax gate; ``k`` keeps the k best heads, renormalised."""
@@ -24,6 +27,10 @@ class AsymLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.routing == "sequence":
+            self.routing = "instance"  # one name for one thing; adapters saved before the rename load unchanged
+        if self.routing not in ("token", "instance"):
+            raise ValueError(f"routing must be 'token' or 'instance', got {self.routing!r}")
         if self.heads < 1:
             raise ValueError(f"heads must be >= 1, got {self.heads}")
         if self.top_k is not None and not 1 <= self.top_k <= self.heads:

@@ -33,12 +33,13 @@ class AsymLoRA(nn.Module):
         )  # (d_out, N * r): head i is B[:, i*r:(i+1)*r]
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        level = "instance" if config.routing == "sequence" else "token"
-        self.router = Router(in_features, config.heads, level=level, top_k=config.top_k, temperature=config.temperature)
+        self.router = Router(
+            in_features, config.heads, level=config.routing, top_k=config.top_k, temperature=config.temperature
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)
-        gate = self.router(x)  # (..., N), or (batch, 1, N) per sequence
+        gate = self.router(x)  # (..., N), or (batch, 1, N) per instance
         z = F.linear(self.dropout(x), self.A)  # (..., r)
         gated = (gate.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # (..., N * r): [g_1 z, ..., g_N z]
         return F.linear(gated, self.B) * self.scaling  # (..., d_out)
@@ -50,7 +51,7 @@ class AsymLoRA(nn.Module):
     def as_lora(self, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One LoRA of rank ``r`` for a fixed ``gate`` ``(N,)``: the shared ``A`` and ``B = sum_i g_i B_i``.
 
-        Exact wherever the router would give that gate (e.g. per-sequence routing of samples that
+        Exact wherever the router would give that gate (e.g. instance routing of samples that
         all route alike); otherwise the LoRA of the mean gate.
         """
         g = expert_gate(gate, self.heads, "AsymLoRA").to(self.B)  # (N,)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.adapters.mixlora.config import MixLoRAConfig
-from mmpeft.adapters.routing import Router, RouterRecord
+from mmpeft.adapters.routing import Router
 
 
 class MixLoRA(nn.Module):
-    """``delta(x) = s * (x A_sel^T) B_sel^T`` with ``A_sel`` ``(r, d_in)`` and ``B_sel`` ``(d_out, r)`` chosen per instance.
+    """``delta(x) = s * (x A_sel^T) B_sel^T``, ``A_sel`` ``(r, d_in)`` and ``B_sel`` ``(d_out, r)`` chosen per instance.
 
     Routing (once per instance, from the layer input pooled over the prompt tokens):
 
@@ -21,6 +21,10 @@ class MixLoRA(nn.Module):
     - B-factors: ``p_B = softmax(R_B h) + sum_k softmax(C a_k)``: each chosen A-factor is
       projected to ``E`` logits by ``C``; the top-r factors ``b_1..b_r``.
     - ``b_k`` pairs with ``a_k`` in rank order of their scores.
+
+    Both routers are :class:`~mmpeft.adapters.routing.Router` objects (:meth:`Router.select`): the softmax,
+    the top-r, the weighting of the chosen factors (``config.weighting``) and the records are the
+    routing module's; this layer keeps the factor pools, ``C`` and the batched matmuls.
     """
 
     config_class = MixLoRAConfig
@@ -38,7 +42,12 @@ class MixLoRA(nn.Module):
         self.B = nn.Parameter(torch.zeros(out_features, config.factors))  # (d_out, E): B-factor j is B[:, j]
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        kwargs = {"level": "instance", "top_k": config.r, "temperature": config.temperature}
+        kwargs = {
+            "level": "instance",
+            "top_k": config.r,
+            "temperature": config.temperature,
+            "weighting": config.weighting,
+        }
         self.router_a = Router(in_features, config.factors, **kwargs)  # instance router for A-factors
         self.router_b = Router(in_features, config.factors, **kwargs)  # instance part of the B router
         self.condition = nn.Parameter(
@@ -46,43 +55,13 @@ class MixLoRA(nn.Module):
         )  # (E, d_in): C, chosen A-factor -> B logits
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Indices and weights of the chosen A- and B-factors, each ``(batch, r)``."""
-        context = self.router_a.context
-        h = context.pool(x)  # (batch, d_in)
-        t = self.config.temperature
-        logits_a = self.router_a.logits(h)  # (batch, E)
-        log_a = torch.log_softmax(logits_a / t, dim=-1)  # (batch, E): log p_A
-        log_score_a, index_a = log_a.topk(self.r, dim=-1)  # (batch, r)
-        chosen_a = self.A[index_a]  # (batch, r, d_in)
-        logits_b = self.router_b.logits(h)  # (batch, E)
-        log_b = torch.log_softmax(logits_b / t, dim=-1)  # (batch, E)
-        log_conditional = torch.log_softmax(
-            F.linear(chosen_a, self.condition) / t, dim=-1
-        )  # (batch, r, E): one per chosen A-factor
-        # log(p_B + sum_k softmax(C a_k)): in log space, so that a saturated router (probabilities
-        # that underflow to 0) still gives finite weights and gradients.
-        log_score_b, index_b = torch.logsumexp(torch.cat([log_b[:, None], log_conditional], dim=1), dim=1).topk(
-            self.r, dim=-1
-        )  # (batch, r)
-        for router, logits, log_probs, index in (
-            (self.router_a, logits_a, log_a, index_a),
-            (self.router_b, logits_b, log_b, index_b),
-        ):
-            selected = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, index, True)
-            context.record(
-                RouterRecord(
-                    router.name, logits[:, None], log_probs.exp()[:, None], selected[:, None], self.r, "instance"
-                )
-            )
-        return index_a, self._weights(log_score_a), index_b, self._weights(log_score_b)
-
-    def _weights(self, log_score: torch.Tensor) -> torch.Tensor:
-        """Each chosen factor's weight ``(batch, r)`` from its log score."""
-        if self.config.weighting == "straight_through":
-            # 1 in the forward; the score's gradient is the weight's over the score, as score / stop_grad(score)
-            # would give, but finite when a score underflows to 0 (0 / 0 there: NaN, and training diverges).
-            return torch.exp(log_score - log_score.detach())
-        return torch.softmax(log_score, dim=-1) * self.r  # the scores renormalised to mean 1
+        """Indices and weights of the chosen A- and B-factors, each ``(batch, r)``; ``b_k`` pairs with ``a_k``."""
+        h = self.router_a.pool(x)  # (batch, 1, d_in): pooled over each sample's prompt
+        a = self.router_a.select(h)  # (batch, 1, r): top-r of p_A
+        # Each chosen A-factor projected to E logits by C: the B router adds their softmaxes to p_B.
+        conditional = F.linear(self.A[a.index], self.condition)  # (batch, 1, r, E)
+        b = self.router_b.select(h, conditional_logits=conditional)  # (batch, 1, r)
+        return a.index[:, 0], a.weight[:, 0], b.index[:, 0], b.weight[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)
