@@ -32,7 +32,8 @@ from mmpeft import registry
 from mmpeft.errors import ConfigError, MMPeftError
 
 DEBUG_ENV = "MMPEFT_DEBUG"
-"""``MMPEFT_DEBUG=1`` (or ``--debug`` anywhere on the command line): an error prints its traceback before its one line."""
+"""``MMPEFT_DEBUG=1`` (or ``--debug`` anywhere on the command line): an error prints its traceback before its one
+line."""
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 EVALUATION_COMMANDS = ("validate", "test", "predict")
@@ -46,12 +47,14 @@ _QUIET_LOGS: dict[str, tuple[str, ...]] = {
     # AVX512-BF16 CPUs; offline or without `kernels` it falls back to its own kernels and says so.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community: ",),
     "kernels._internals.hf_hub": (
-        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode.",
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+        "because Hugging Face Hub is in offline mode.",
     ),
     # Reading a resumed run's events: TensorBoard drops what the interrupted run logged after its
     # checkpoint, as the resumed run's writer asked it to (purge_step), and says so each time.
     "tensorboard": (
-        "Detected out of order event.step likely caused by a TensorFlow restart. Purging expired events from Tensorboard display",
+        "Detected out of order event.step likely caused by a TensorFlow restart. "
+        "Purging expired events from Tensorboard display",
     ),
     # Lightning's advertisements for its cloud services, on every Trainer (rank_zero_info's logger
     # is whichever of these modules was imported last).
@@ -71,7 +74,8 @@ _QUIET_LOGS: dict[str, tuple[str, ...]] = {
 """Exact loggers and the starts of their known-harmless messages that the commands do not show."""
 
 _QUIET_BARS = ("Loading weights",)
-"""transformers' progress bars the commands do not show (one per checkpoint load; a tiny model's load takes milliseconds)."""
+"""transformers' progress bars the commands do not show (one per checkpoint load; a tiny model's load takes
+milliseconds)."""
 
 
 class _DropKnown(logging.Filter):
@@ -161,11 +165,13 @@ def run_lightning_cli(args: list[str] | None) -> None:
     checkpoint is an error; a command that fails before its first batch removes the log folder it
     had just made.
     """
-    from jsonargparse import set_parsing_settings
+    from jsonargparse import Namespace, set_parsing_settings
+    from lightning.fabric.utilities.cloud_io import get_filesystem
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+    from mmpeft.compat import last_checkpoints
     from mmpeft.data import ShardDataModule
     from mmpeft.module import MMPeftModule
 
@@ -220,12 +226,36 @@ def run_lightning_cli(args: list[str] | None) -> None:
     new_folders: list[NewRunFolder] = []
 
     class MMPeftArgumentParser(LightningArgumentParser):
+        subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        """The parser of each subcommand (``fit``, ...), once LightningCLI has added them."""
+
         def error(self, message: str, ex: Exception | None = None):
             return super().error(readable_parse_error(message), ex)
+
+        def add_subcommands(self, *args: Any, **kwargs: Any):
+            action = super().add_subcommands(*args, **kwargs)
+            self.subcommand_parsers = action.choices  # argparse's map of subcommand -> parser, filled as they are added
+            return action
 
     class MMPeftCLI(LightningCLI):
         checkpoint: tuple[str, dict[str, Any]] | None = None
         """The ``ckpt_path`` checkpoint once read: (path, contents)."""
+        logger_args: dict[int, dict[str, Any]] = {}
+        """The constructor arguments the config gives each logger, by the id of the logger built from them."""
+
+        def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            if not add_subcommands:
+                return
+            from mmpeft.generation import JsonlWriter
+
+            parsers = self.parser.subcommand_parsers
+            # The answers go to a JSONL file (--predictions.output) as they come, not into memory.
+            parsers["predict"].add_lightning_class_args(JsonlWriter, "predictions")
+            parsers["predict"].set_defaults({"return_predictions": False})
+            for subcommand in ("validate", "test"):
+                # The module prints its own table, a row per task (mmpeft/metrics.py).
+                parsers[subcommand].set_defaults({"verbose": False})
 
         def add_arguments_to_parser(self, parser) -> None:
             # The data is encoded by the model's own processor unless the config says otherwise.
@@ -250,7 +280,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
 
             # The monitor, the end-of-fit summary and the rich progress bar (mmpeft/monitor.py), each
             # unless the config's trainer.callbacks has one of its kind.
-            config = self._get(self.config_init, "trainer", default={})
+            config = self.config_init[self.subcommand].get("trainer") or {}
+            self.logger_args = self._configured_logger_args()
             callbacks = config.get("callbacks") or []
             callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
             progress_bar = config.get("enable_progress_bar") is not False
@@ -263,7 +294,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 kept = [
                     lg
                     for lg in loggers
-                    if isinstance(lg, Logger) and not (isinstance(lg, numbered) and lg._version is None)
+                    if isinstance(lg, Logger) and not (isinstance(lg, numbered) and not self._version_given(lg))
                 ]
                 kwargs["logger"] = kept or False
                 if not kept:
@@ -271,27 +302,40 @@ def run_lightning_cli(args: list[str] | None) -> None:
             trainer = super().instantiate_trainer(**kwargs)
             if self.subcommand in ("validate", "test"):
                 # Scores go to runs/<name>/validate_N (test_N): the next fit is still version_N+1 of the training runs.
+                loggers = []
                 for logger in trainer.loggers:
-                    if isinstance(logger, numbered) and logger._version is None:
-                        n = 0
-                        while logger._fs.isdir(os.path.join(logger.root_dir, f"{self.subcommand}_{n}")):
+                    if isinstance(logger, numbered) and not self._version_given(logger):
+                        fs, n = get_filesystem(logger.root_dir), 0
+                        while fs.isdir(os.path.join(logger.root_dir, f"{self.subcommand}_{n}")):
                             n += 1
-                        logger._version = f"{self.subcommand}_{n}"
+                        logger = self._rebuilt(logger, version=f"{self.subcommand}_{n}")
+                    loggers.append(logger)
+                trainer.loggers = loggers
             return trainer
 
-        def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
-            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-            if subcommand == "predict":
-                from mmpeft.generation import JsonlWriter
+        # -- loggers: their version is an argument of their constructor ---------------------------
+        def _configured_logger_args(self) -> dict[int, dict[str, Any]]:
+            parsed = self.config[self.subcommand].get("trainer", {}).get("logger")
+            built = self.config_init[self.subcommand].get("trainer", {}).get("logger")
+            parsed = parsed if isinstance(parsed, list) else [parsed]
+            built = built if isinstance(built, list) else [built]
+            return {
+                id(logger): spec.init_args.as_dict()
+                for spec, logger in zip(parsed, built)
+                if isinstance(logger, Logger)
+                and isinstance(spec, Namespace)
+                and isinstance(spec.get("init_args"), Namespace)
+            }
 
-                # The answers go to a JSONL file (--predictions.output) as they come, not into memory.
-                parser.add_lightning_class_args(JsonlWriter, "predictions")
-                parser.set_defaults({"return_predictions": False})
-            if subcommand in ("validate", "test"):
-                parser.set_defaults(
-                    {"verbose": False}
-                )  # the module prints its own table, a row per task (mmpeft/metrics.py)
-            return parser
+        def _version_given(self, logger: Logger) -> bool:
+            """Whether the config sets the logger's version (Lightning's default logger: no)."""
+            return self.logger_args.get(id(logger), {}).get("version") is not None
+
+        def _rebuilt(self, logger: Logger, **changes: Any) -> Logger:
+            """A logger like ``logger`` (the config's arguments, or those of Lightning's default logger) with
+            ``changes``."""
+            args = self.logger_args.get(id(logger)) or {"save_dir": logger.save_dir, "name": logger.name}
+            return type(logger)(**{**args, **changes})
 
         # -- before the run: the checkpoint to start from, and the log folder --------------------
         def before_fit(self) -> None:
@@ -316,7 +360,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
                     new_folders.append(folder)
 
         def _resolve_last(self) -> str | None:
-            """``ckpt_path``, with ``last`` replaced by the newest last checkpoint (Lightning's choice), or an error when there is none."""
+            """``ckpt_path``, with ``last`` replaced by the newest last checkpoint (Lightning's choice), or an error
+            when there is none."""
             config = self.config_init[self.subcommand]
             ckpt_path = config.get("ckpt_path")
             if ckpt_path != "last":
@@ -324,15 +369,14 @@ def run_lightning_cli(args: list[str] | None) -> None:
             callbacks = [cb for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
             if any(cb.dirpath is not None and not _local(cb.dirpath) for cb in callbacks):
                 return None  # a remote folder: Lightning looks there itself
-            found = {
-                path: os.path.getmtime(path) for cb in callbacks for path in cb._find_last_checkpoints(self.trainer)
-            }
+            found = {path: os.path.getmtime(path) for cb in callbacks for path in last_checkpoints(cb, self.trainer)}
             if not found:
                 if not callbacks:
                     where = "any folder: there is no ModelCheckpoint (trainer.enable_checkpointing is off)"
                 else:
                     where = ", ".join(f"'{cb.dirpath}'" for cb in callbacks if cb.dirpath) or (
-                        "this run's new log folder (set ModelCheckpoint's dirpath, as configs/demo.yaml does, for runs to find it)"
+                        "this run's new log folder (set ModelCheckpoint's dirpath, as configs/demo.yaml does, "
+                        "for runs to find it)"
                     )
                 raise ConfigError(
                     f"ckpt_path last: no last checkpoint in {where}; ModelCheckpoint(save_last=True) writes one. "
@@ -346,7 +390,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
             from mmpeft.monitor import RunSummary
 
             logger = self.trainer.logger
-            if not isinstance(logger, numbered) or logger._version is not None:
+            if not isinstance(logger, numbered) or self._version_given(logger):
                 return
             checkpoint = (
                 self.checkpoint[1]
@@ -356,15 +400,15 @@ def run_lightning_cli(args: list[str] | None) -> None:
             state = (checkpoint.get("callbacks") or {}).get(RunSummary.__qualname__) or {}
             if state.get("version") is None or not state.get("log_dir"):
                 return  # a checkpoint from before mmpeft recorded its run folder: a new one
-            logger._version = state["version"]
-            if Path(logger.log_dir).resolve() != Path(state["log_dir"]):
-                logger._version = None  # the config now logs elsewhere (another save_dir or name): a new folder there
-                return
-            if isinstance(logger, TensorBoardLogger):
+            changes: dict[str, Any] = {"version": state["version"]}
+            if Path(self._rebuilt(logger, **changes).log_dir).resolve() != Path(state["log_dir"]):
+                return  # the config now logs elsewhere (another save_dir or name): a new folder there
+            if isinstance(logger, TensorBoardLogger) and self.logger_args.get(id(logger), {}).get("purge_step") is None:
                 # TensorBoard drops what the interrupted run logged after the checkpoint: the curves continue once.
                 # (The CLI fills the SummaryWriter's keyword arguments in, purge_step=None among them.)
-                if logger._kwargs.get("purge_step") is None:
-                    logger._kwargs["purge_step"] = int(checkpoint.get("global_step", 0))
+                changes["purge_step"] = int(checkpoint.get("global_step", 0))
+            continued = self._rebuilt(logger, **changes)
+            self.trainer.loggers = [continued if lg is logger else lg for lg in self.trainer.loggers]
 
     # Dataclass fields carry their help as attribute docstrings (see mmpeft/models/backbone.py).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -386,7 +430,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
 
 
 def readable_parse_error(message: str) -> str:
-    """jsonargparse's "Parser key "X": Expected a <class 'str'>. Got value: None" as "X is not set", with where to set it."""
+    """jsonargparse's "Parser key "X": Expected a <class 'str'>. Got value: None" as "X is not set", with where to
+    set it."""
     missing = re.match(r"""Parser key "([^"]+)":\s*Expected a <class '[^']+'>\. Got value: None""", message)
     if missing:
         key = missing.group(1)
@@ -415,12 +460,13 @@ def cmd_adapters(argv: list[str]) -> int:
 
 
 def cmd_tiny_model(argv: list[str]) -> int:
-    from mmpeft.flags import parse
+    from mmpeft.flags import ArgumentParser, parse
     from mmpeft.models.tiny import FAMILIES, build_tiny_model
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmpeft tiny-model",
-        description="Build a tiny random multimodal model of a real architecture, with its processor, for demos and tests.",
+        description="Build a tiny random multimodal model of a real architecture, with its processor, "
+        "for demos and tests.",
     )
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--out", required=True, help="output folder (reused when it already holds a build)")
@@ -475,7 +521,8 @@ def user_message(exc: BaseException) -> str:
 
 
 def os_error_message(exc: OSError) -> str:
-    """``No space left on device: '/runs/x/last.ckpt'``: the OS's words and the file, as Python says them, without the errno."""
+    """``No space left on device: '/runs/x/last.ckpt'``: the OS's words and the file, as Python says them, without
+    the errno."""
     if "Original Traceback" in str(exc):  # raised in a dataloader worker: its last line is the error
         return re.sub(r"^\[Errno \d+\] ", "", user_message(exc))
     text = exc.strerror or str(exc) or type(exc).__name__

@@ -50,7 +50,7 @@ from mmpeft.adapters.quant import dequantized_weight, keep_standard_layout, quan
 from mmpeft.adapters.routing import GateMeans, Router, RoutingContext
 from mmpeft.errors import ConfigError, DataError, MergeError
 from mmpeft.files import refuse_output_over_inputs, staged_dir, write_json
-from mmpeft.flags import parse
+from mmpeft.flags import ArgumentParser, parse
 from mmpeft.models.backbone import (
     LANGUAGE_MODEL_PATHS,
     PROJECTOR_PATHS,
@@ -636,9 +636,9 @@ def merge(
 # -- command line --------------------------------------------------------------------------------
 
 
-def tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def tool_parser(prog: str, description: str) -> ArgumentParser:
     """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and ``--out``."""
-    parser = argparse.ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
+    parser = ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
     parser.add_argument(
         "--adapter",
         required=True,

@@ -24,7 +24,7 @@ import time
 from collections import Counter, deque
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -55,19 +55,99 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
-def _log_step(trainer: L.Trainer) -> int:
-    # The step Lightning itself gives the values a module logs in this batch (and in a validation run now).
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+class LogStep:
+    """The step at which Lightning logs what a module logs (``self.log``) in this training batch and in a
+    validation run after it, and whether this batch stepped the optimizer: from public API only.
+
+    ``trainer.global_step`` counts optimizer steps, and the optimizer steps inside the batch,
+    before ``on_train_batch_end``; Lightning logs a batch's values (and those of a validation run
+    after the batch) at the count of batches that stepped *before* it. With automatic
+    optimization (one optimizer, as :class:`mmpeft.module.MMPeftModule` trains) that is the
+    ``global_step`` the batch started at, which a callback records in ``on_train_batch_start``.
+    Outside a training batch (``validate``, ``test``) it is ``global_step``.
+    tests/test_compat.py checks it against the steps of Lightning's own ``train/loss`` and ``val/loss``.
+    """
+
+    def __init__(self) -> None:
+        self.start: int | None = None
+        """``trainer.global_step`` when the last training batch started; ``None`` before the first."""
+
+    def reset(self) -> None:
+        """Forget the last batch (a new ``fit``, ``validate`` or ``test`` starts)."""
+        self.start = None
+
+    def batch_start(self, trainer: L.Trainer) -> None:
+        """Call in ``on_train_batch_start``."""
+        self.start = trainer.global_step
+
+    def stepped(self, trainer: L.Trainer) -> bool:
+        """Whether the optimizer stepped in this training batch (Lightning's accumulation and last-batch rules)."""
+        return self.start is not None and trainer.global_step != self.start
+
+    def step(self, trainer: L.Trainer) -> int:
+        """The step Lightning gives the values logged now."""
+        return trainer.global_step if self.start is None else self.start
+
+    def logs_now(self, trainer: L.Trainer) -> bool:
+        """Whether Lightning writes this training batch's values to the loggers: the batch stepped and it is
+        every ``trainer.log_every_n_steps``-th step, or training stops."""
+        every = trainer.log_every_n_steps
+        return self.stepped(trainer) and every > 0 and ((self.step(trainer) + 1) % every == 0 or trainer.should_stop)
 
 
-def _log_scalars(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+@runtime_checkable
+class Monitored(Protocol):
+    """What :class:`Monitor` reads of the LightningModule; :class:`mmpeft.module.MMPeftModule` keeps it.
+
+    A module with none of these members gets the throughput and memory only (no per-task losses,
+    no routing statistics); one with some but not all of them is an error at ``setup``.
+    """
+
+    routing_context: RoutingContext
+    """The routers' shared context: :class:`Monitor` observes every router record through it."""
+
+    sample_losses: torch.Tensor | None
+    """The last training batch's loss of each sample ``(batch,)``, detached; ``None`` before the first."""
+
+    def task_names(self) -> list[str]:
+        """The task vocabulary (task id = position), final when a loop starts."""
+        ...
+
+
+_MONITORED = ("routing_context", "sample_losses", "task_names")
+
+
+def monitored(pl_module: L.LightningModule) -> Monitored | None:
+    """``pl_module`` when it keeps :class:`Monitored`, ``None`` when it has none of its members; else an error."""
+    present = [name for name in _MONITORED if hasattr(pl_module, name)]
+    if not present:
+        return None
+    kind = type(pl_module).__qualname__
+    if len(present) < len(_MONITORED):
+        missing = ", ".join(name for name in _MONITORED if name not in present)
+        raise TypeError(
+            f"Monitor: {kind} has {', '.join(present)} but not {missing}; "
+            "a module keeps all of mmpeft.monitor.Monitored or none"
+        )
+    context = pl_module.routing_context
+    if not isinstance(context, RoutingContext):
+        raise TypeError(
+            f"Monitor: {kind}.routing_context is a {type(context).__qualname__}, "
+            "not a mmpeft.adapters.routing.RoutingContext"
+        )
+    assert isinstance(pl_module, Monitored)
+    return pl_module
+
+
+def _log_scalars(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
     if metrics:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=_log_step(trainer))
+            logger.log_metrics(metrics, step=step)
 
 
 def markdown_text(text: str) -> str:
-    """``text`` as literal Markdown table-cell text: HTML characters as entities, Markdown's punctuation and ``|`` escaped."""
+    """``text`` as literal Markdown table-cell text: HTML characters as entities, Markdown's punctuation and ``|``
+    escaped."""
     text = html.escape(" ".join(text.splitlines()), quote=False)
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|])", r"\\\1", text)
 
@@ -94,7 +174,9 @@ class Monitor(Callback):
     ``train/peak_memory_gib``, and per router group ``routing/<group>/entropy`` and
     ``routing/<group>/load/expert_<i>``. At the end of every validation, per router group, the
     task x expert mean gate of the validation batches as an image and a table
-    (``routing/<group>/task_expert``). Modules without routers or tasks log what applies.
+    (``routing/<group>/task_expert``). Modules without routers or tasks log what applies; what the
+    monitor reads of the module is :class:`Monitored`. Every value is logged at the step Lightning
+    logs the module's own values at (:class:`LogStep`).
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -113,12 +195,16 @@ class Monitor(Callback):
         self._val = RoutingStats()
         self._context: RoutingContext | None = None
         self._trainer: L.Trainer | None = None
+        self._module: Monitored | None = None
+        self._step = LogStep()
 
     # -- wiring -----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._trainer = trainer
-        context = getattr(pl_module, "routing_context", None)
-        if isinstance(context, RoutingContext) and self._observe not in context.observers:
+        self._step.reset()
+        self._module = monitored(pl_module)
+        context = self._module.routing_context if self._module is not None else None
+        if context is not None and self._observe not in context.observers:
             context.observers.append(self._observe)
             self._context = context
 
@@ -136,9 +222,9 @@ class Monitor(Callback):
         elif trainer.validating:
             self._val.add(context)
 
-    def _read_tasks(self, trainer: L.Trainer) -> list[str]:
-        # Read when a loop starts: the module's setup may still have set the data module's task vocabulary.
-        self.tasks = list(getattr(trainer.datamodule, "tasks", None) or [])
+    def _read_tasks(self) -> list[str]:
+        # Read when a loop starts: the module's setup may still have changed the task vocabulary.
+        self.tasks = list(self._module.task_names()) if self._module is not None else []
         return self.tasks
 
     def _sum(self, trainer: L.Trainer, value: torch.Tensor) -> torch.Tensor:
@@ -146,7 +232,7 @@ class Monitor(Callback):
 
     # -- training ---------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tasks = self._read_tasks(trainer)
+        tasks = self._read_tasks()
         self._train = RoutingStats(len(tasks))
         self._task_loss = torch.zeros(2, len(tasks), dtype=torch.float64, device=pl_module.device)
         self._interval = [0.0, 0, 0]
@@ -155,6 +241,11 @@ class Monitor(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._clock = time.perf_counter()  # throughput counts training time only
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step.batch_start(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -168,14 +259,14 @@ class Monitor(Callback):
         if bar_seconds > 0:
             rate = sum(t for _, t in self._bar) / bar_seconds * trainer.world_size  # this rank's rate, times the ranks
             pl_module.log(TOKENS_PER_SEC, rate, prog_bar=True, logger=False, batch_size=samples)
-        losses = getattr(pl_module, "sample_losses", None)  # (batch,)
+        losses = self._module.sample_losses if self._module is not None else None  # (batch,)
         if self.tasks and losses is not None and self._task_loss is not None:
             seen = torch.isfinite(losses)
             ids = batch["task_ids"].to(self._task_loss.device)
             self._task_loss[0].index_add_(0, ids, torch.where(seen, losses, 0.0).double())
             self._task_loss[1].index_add_(0, ids, seen.double())
-        # Like Lightning's own LearningRateMonitor: log when the loss is logged, once the accumulated step is done.
-        if not trainer.fit_loop._should_accumulate() and trainer._logger_connector.should_update_logs:
+        # Log when Lightning logs the loss (as its own LearningRateMonitor does), once the accumulated step is done.
+        if self._step.logs_now(trainer):
             self._log_training(trainer, pl_module)
 
     def _log_training(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -197,11 +288,11 @@ class Monitor(Callback):
             metrics[f"routing/{group}/entropy"] = stats.entropy
             metrics.update({f"routing/{group}/load/expert_{e}": v for e, v in enumerate(stats.load.tolist())})
         self._train = RoutingStats(len(self.tasks))
-        _log_scalars(trainer, metrics)
+        _log_scalars(trainer, metrics, self._step.step(trainer))
 
     # -- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._val = RoutingStats(len(self._read_tasks(trainer)))
+        self._val = RoutingStats(len(self._read_tasks()))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -214,7 +305,7 @@ class Monitor(Callback):
             return
         from mmpeft import plots
 
-        step = _log_step(trainer)
+        step = self._step.step(trainer)
         for group, stats in results.items():
             if stats.task_expert is None:
                 continue
@@ -257,8 +348,10 @@ class TokensProgressBar(RichProgressBar):
     ) -> None:
         """
         Args:
-            every_n_steps: Steps (batches outside ``fit``) between two plain lines. Default: ``trainer.log_every_n_steps``.
-            interactive: Draw the live bar (``True``) or print plain lines (``False``). Default: the bar when the output is a terminal.
+            every_n_steps: Steps (batches outside ``fit``) between two plain lines.
+                Default: ``trainer.log_every_n_steps``.
+            interactive: Draw the live bar (``True``) or print plain lines (``False``).
+                Default: the bar when the output is a terminal.
             refresh_rate: The live bar's refreshes per second (0: none).
             leave: Leave each finished bar on the screen.
             console_kwargs: Arguments of the ``rich.console.Console`` the live bar draws on.
@@ -266,6 +359,8 @@ class TokensProgressBar(RichProgressBar):
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         self.every_n_steps = every_n_steps
         self.interactive = interactive
+        self._console_args = dict(console_kwargs or {})  # the terminal test's console, as the bar's will be
+        self._step = LogStep()
         self._plain = False
         self._plain_enabled = True
         self._start = time.monotonic()
@@ -279,11 +374,12 @@ class TokensProgressBar(RichProgressBar):
         if interactive is None:
             from rich.console import Console
 
-            console = Console(**self._console_kwargs)
+            console = Console(**self._console_args)
             interactive = console.is_terminal or console.is_jupyter
         self._plain = not interactive
         if self._plain:
-            self._enabled = False  # the rich machinery stays idle
+            super().disable()  # the rich machinery stays idle (the plain lines keep their own switch)
+        self._step.reset()
         super().setup(trainer, pl_module, stage)
 
     def disable(self) -> None:
@@ -336,23 +432,31 @@ class TokensProgressBar(RichProgressBar):
             self._add_train_task(trainer)
             self.refresh()
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step.batch_start(trainer)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._printing:
             self._print_step(trainer)
             return
-        if self._max_steps(trainer) is None:
-            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+        steps = self._max_steps(trainer) is not None
+        if steps and self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
             self._add_train_task(trainer)
-        self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
-        self.refresh()
+        # Lightning's bar updates the metrics column and counts the epoch's batches; a run of
+        # max_steps counts optimizer steps instead, set right after (before the bar draws again).
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if steps and self.is_enabled and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=trainer.global_step)
+            self.refresh()
 
     def _print_step(self, trainer: L.Trainer) -> None:
         step, total = trainer.global_step, self._max_steps(trainer)
-        if trainer.fit_loop._should_accumulate() or (step % self._every(trainer) and step != total):
+        if not self._step.stepped(trainer) or (step % self._every(trainer) and step != total):
             return
         metrics = trainer.progress_bar_metrics
         elapsed = time.monotonic() - self._start
@@ -483,9 +587,11 @@ class RunSummary(Callback):
         self._start = time.monotonic()
         self._start_step = 0
         self._outputs: dict[str, Path] | None = None
+        self._step = LogStep()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before a checkpoint's state is loaded (load_state_dict), which then restores the run's history.
+        self._step.reset()
         self.history = {}
         self.skipped = {"training": Counter(), "validation": Counter()}
         self._outputs = None
@@ -511,6 +617,11 @@ class RunSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step  # a resumed run starts at its checkpoint's step
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step.batch_start(trainer)
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -525,7 +636,8 @@ class RunSummary(Callback):
             return
         for tag, value in trainer.callback_metrics.items():
             if tag.startswith("val/"):
-                self.history.setdefault(tag, []).append((_log_step(trainer), float(value)))  # TensorBoard's step
+                step = self._step.step(trainer)  # the step TensorBoard shows the value at
+                self.history.setdefault(tag, []).append((step, float(value)))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from mmpeft.module import adapter_dir
@@ -542,7 +654,8 @@ class RunSummary(Callback):
         }  # collectives too
 
     def title(self, trainer: L.Trainer, seconds: float) -> str:
-        """``fit: 12 steps in 0m 19s``; a resumed run: ``fit: 4 steps (resumed at step 12, now at step 16) in 0m 05s``."""
+        """``fit: 12 steps in 0m 19s``; a resumed run: ``fit: 4 steps (resumed at step 12, now at step 16) in
+        0m 05s``."""
         steps = trainer.global_step - self._start_step
         resumed = (
             f" (resumed at step {self._start_step}, now at step {trainer.global_step})" if self._start_step else ""

@@ -9,7 +9,6 @@ inlined as ``data:`` URIs, so the page is one file that can be mailed or archive
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
@@ -244,9 +243,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from mmpeft.flags import parse
+    from mmpeft.flags import ArgumentParser, parse
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mmpeft report",
         description="Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) from its TensorBoard event files.",
     )

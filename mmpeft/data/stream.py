@@ -82,9 +82,11 @@ class Mixing:
     by: Literal["source", "task"] = "source"
     """Mix whole sources (the entries of ``data.train``) or tasks (across all sources)."""
     weights: dict[str, float] | None = None
-    """Relative weight of each source (keyed as written in ``data.train``) or task; every one must be listed. Default: by temperature."""
+    """Relative weight of each source (keyed as written in ``data.train``) or task; every one must be listed.
+    Default: by temperature."""
     temperature: float = 1.0
-    """Without ``weights``: weight proportional to ``n ** (1 / temperature)`` for ``n`` samples (1: as in the data; large: towards uniform)."""
+    """Without ``weights``: weight proportional to ``n ** (1 / temperature)`` for ``n`` samples (1: as in the data;
+    large: towards uniform)."""
     epoch_steps: int | None = None
     """Batches per rank in an epoch. Default: as many as one pass over the data would give."""
 
@@ -279,7 +281,8 @@ _AT_STREAM = re.compile(r" @ <[^>]*>$")
 
 
 def shard_problem(exc: BaseException, with_shard: bool = True) -> str:
-    """A shard webdataset could not read, as one line: ``<shard>: <what is wrong>`` (without ``with_shard``: what is wrong).
+    """A shard webdataset could not read, as one line: ``<shard>: <what is wrong>`` (without ``with_shard``: what
+    is wrong).
 
     webdataset appends the open stream and the shard's URL to the exception's ``args`` (and the
     stream's repr to its message), which ``str(exc)`` would show as a Python tuple.
@@ -331,7 +334,8 @@ class _LossCount:
         encoder.seen_by_shard[url] += lost
         encoder.seen += lost
         log.warning(
-            "damaged shard %s: %d of the %d samples its index records could not be read, counted as skipped (damaged_shard)",
+            "damaged shard %s: %d of the %d samples its index records could not be read, "
+            "counted as skipped (damaged_shard)",
             url,
             lost,
             self.expected[url],
@@ -378,7 +382,8 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         """Passes started by this copy of the stream (each worker holds its own copy)."""
         self.resume: StreamPosition | None = None
-        """Where the first pass starts instead of its beginning (set before the workers start; see :meth:`resume_at`)."""
+        """Where the first pass starts instead of its beginning (set before the workers start; see
+        :meth:`resume_at`)."""
         self._drawn = 0
         self.shards = [shard for source in sources for shard in source.shards]
         if plan is None and world > 1 and any(s.samples is None for s in self.shards):
@@ -467,9 +472,9 @@ class ShardStream(IterableDataset):
         one did, so everything after them (and every random draw) is the same.
         """
         if self.train and self.shuffle_buffer > 1:
-            raws = wds.filters._shuffle(
-                raws, bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng
-            )
+            # webdataset's public stage (``wds.shuffle``): curried, then applied to the stream.
+            shuffle = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+            raws = shuffle(raws)
         for raw in raws:
             self._drawn += 1
             if self._drawn <= skip:
@@ -533,7 +538,8 @@ class ShardStream(IterableDataset):
         self.resume = position
 
     def _resume_point(self, epoch: int, worker: int, workers: int) -> tuple[int, int, int, int]:
-        """``(worker id, samples to skip, batches yielded before the pool to resume in, batches of that pool yielded)`` for this worker's pass of ``epoch``.
+        """``(worker id, samples to skip, batches yielded before the pool to resume in, batches of that pool
+        yielded)`` for this worker's pass of ``epoch``.
 
         Unless this pass resumes an interrupted one, that is ``(worker, 0, 0, 0)``. When it does, the
         worker ids are rotated for this pass so that the dataloader, which always asks worker 0
@@ -563,7 +569,8 @@ class ShardStream(IterableDataset):
         return worker, position.drawn.get(worker, 0), position.batches.get(worker, 0) - pooled, pooled
 
     def _resampled(self, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """An endless stream drawn from the mixture: a source by its probability, a sample kept by its task's acceptance."""
+        """An endless stream drawn from the mixture: a source by its probability, a sample kept by its task's
+        acceptance."""
         plan = self.plan
         streams: dict[int, Iterator[dict[str, Any]]] = {}
 

@@ -7,7 +7,6 @@ python -m mmpeft data inspect DIR --processor llava-hf/llava-1.5-7b-hf --max_len
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -21,7 +20,7 @@ from rich.table import Table
 
 from mmpeft import registry
 from mmpeft.errors import ConfigError, DataError
-from mmpeft.flags import parse
+from mmpeft.flags import ArgumentParser, json_parser, parse
 
 log = logging.getLogger("mmpeft.data")
 EXAMPLES = 3
@@ -30,7 +29,7 @@ PERCENTILES = (50, 90, 95, 99)
 
 
 def cmd_build(argv: list[str]) -> int:
-    from jsonargparse import ArgumentParser, set_parsing_settings
+    from jsonargparse import set_parsing_settings
 
     names = [row.name for row in registry.describe(registry.DATA_RECIPES)]
     if not argv or argv[0] in ("-h", "--help"):
@@ -42,7 +41,7 @@ def cmd_build(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     cls = registry.load(registry.DATA_RECIPES, name)
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(
+    parser = json_parser(
         prog=f"python -m mmpeft data build {name}", description=(cls.__doc__ or "").strip().splitlines()[0]
     )
     parser.add_argument(
@@ -238,7 +237,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 
 
 def cmd_inspect(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m mmpeft data inspect",
         description="Describe shards: samples per task, images per sample, token lengths, what training would drop and why.",
     )

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from transformers import (
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    MODEL_FOR_MULTIMODAL_LM_MAPPING,
     AutoConfig,
     AutoModelForImageTextToText,
     AutoModelForMultimodalLM,
@@ -271,9 +273,9 @@ def auto_model_class(config: Any, key: str = "model.backbone.pretrained") -> typ
     image-text model mapped only there (Phi-4-multimodal), recognised by its vision config. Any
     other checkpoint is refused, naming its model type.
     """
-    if type(config) in AutoModelForImageTextToText._model_mapping:
+    if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return AutoModelForImageTextToText
-    if type(config) in AutoModelForMultimodalLM._model_mapping and getattr(config, "vision_config", None) is not None:
+    if type(config) in MODEL_FOR_MULTIMODAL_LM_MAPPING and getattr(config, "vision_config", None) is not None:
         return AutoModelForMultimodalLM
     raise ConfigError(
         f"{key}: model type {getattr(config, 'model_type', type(config).__name__)!r} is not an image-text model transformers can "
