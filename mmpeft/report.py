@@ -53,7 +53,8 @@ class Run:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """Every scalar and the latest image of each tag in ``run_dir``'s event files; ConfigError naming the folder if it has none."""
+    """Every scalar and the latest image of each tag in ``run_dir``'s event files; ConfigError naming the folder if it
+    has none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     path = Path(run_dir)
@@ -63,7 +64,8 @@ def read_run(run_dir: str | Path) -> Run:
         runs = sorted(str(p.parent) for p in path.glob(f"*/{EVENTS}"))
         hint = f"; runs below it: {', '.join(dict.fromkeys(runs))}" if runs else ""
         raise ConfigError(
-            f"report: {str(path)!r} holds no TensorBoard event file ({EVENTS}); give a run's log directory, e.g. runs/demo/version_0{hint}"
+            f"report: {str(path)!r} holds no TensorBoard event file ({EVENTS}); "
+            f"give a run's log directory, e.g. runs/demo/version_0{hint}"
         )
     accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 1, "tensors": 1, "histograms": 1})
     accumulator.Reload()
@@ -87,7 +89,8 @@ def read_run(run_dir: str | Path) -> Run:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+table { border-collapse: collapse; margin: 1em 0; } \
+td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; } small { color: #666; }
 img { max-width: 100%; display: block; margin: 1em 0; } pre { background: #f6f6f6; padding: 1em; overflow-x: auto; }
 .meta { color: #555; }
@@ -115,7 +118,8 @@ ALL = "all tasks"
 TASK_LOSS = "train/loss/"
 """The prefix of each task's training loss, ``train/loss/<task>``: the task is the rest of the tag."""
 TASK_METRIC = re.compile(r"val/(?P<task>.+)/(?P<metric>[^/]+)", re.DOTALL)
-"""``val/<task>/<metric>``: metric names hold no ``/``, so the task is everything between ``val/`` and the last ``/``, slashes and all."""
+"""``val/<task>/<metric>``: metric names hold no ``/``, so the task is everything between ``val/`` and the last ``/``,
+slashes and all."""
 
 
 def _task_losses(run: Run) -> list[str]:
@@ -123,7 +127,8 @@ def _task_losses(run: Run) -> list[str]:
 
 
 def task_table(run: Run) -> tuple[list[str], list[str], dict[tuple[str, str], list[tuple[int, float]]]]:
-    """Rows (tasks, then ``all tasks`` for the ``val/<metric>`` values), columns (``train loss`` and each validation metric), and each cell's points.
+    """Rows (tasks, then ``all tasks`` for the ``val/<metric>`` values), columns (``train loss`` and each validation
+    metric), and each cell's points.
 
     A task's name is read from its tags as it was written, whatever it holds (``/`` too, see :data:`TASK_METRIC`).
     """
@@ -162,7 +167,8 @@ def _task_table_html(run: Run) -> str:
         rows.append(f"<tr><td>{html.escape(task)}</td>{''.join(tds)}</tr>")
     return (
         f'<table class="tasks"><tr><th>task</th>{head}</tr>{"".join(rows)}</table>'
-        "<p><small>Validation cells: the last value, and the best with its step (lower is better for losses and error rates). "
+        "<p><small>Validation cells: the last value, and the best with its step "
+        "(lower is better for losses and error rates). "
         "Train loss: the last logged mean over the steps since the log before it.</small></p>"
     )
 
@@ -174,7 +180,8 @@ def _routing_html(run: Run) -> str:
         step, data = run.images[tag]
         group = tag.removeprefix("routing/").removesuffix("/task_expert")
         parts.append(
-            f"<h3>{html.escape(group)}</h3><p>Mean gate of each task's tokens for each expert, validation at step {step}.</p>"
+            f"<h3>{html.escape(group)}</h3>"
+            f"<p>Mean gate of each task's tokens for each expert, validation at step {step}.</p>"
         )
         parts.append(_img(data, f"{group} task x expert"))
     entropy = _matching(run, r"routing/.+/entropy")
@@ -218,11 +225,11 @@ def render(run: Run) -> str:
         "<h2>Config</h2>",
         f"<pre>{html.escape(run.config)}</pre>" if run.config else "<p>No config.yaml beside the event files.</p>",
     ]
-    return (
-        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mmpeft report: {html.escape(name)}</title><style>{STYLE}</style></head>\n<body>\n'
-        + "\n".join(b for b in body if b)
-        + "\n</body></html>\n"
+    head = (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>mmpeft report: {html.escape(name)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n"
     )
+    return head + "\n".join(b for b in body if b) + "\n</body></html>\n"
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -247,7 +254,10 @@ def cmd_report(argv: list[str]) -> int:
 
     parser = ArgumentParser(
         prog="mmpeft report",
-        description="Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) from its TensorBoard event files.",
+        description=(
+            "Write one self-contained HTML page of a run (losses, per-task metrics, routing heatmaps, config) "
+            "from its TensorBoard event files."
+        ),
     )
     parser.add_argument(
         "run_dir",

@@ -43,7 +43,8 @@ GROUPS = [
 
 
 def adapted(model_dir: str, groups=GROUPS, seed: int = 0):
-    """The 4-bit tiny model with ``groups`` injected and every adapter tensor random (so the adapter changes outputs)."""
+    """The 4-bit tiny model with ``groups`` injected and every adapter tensor random (so the adapter changes
+    outputs)."""
     model = load_backbone(Backbone(pretrained=model_dir), CPU)
     inject_adapters(language_model(model), groups)
     generator = torch.Generator().manual_seed(seed)
@@ -217,7 +218,8 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_corrupt_checkpoint(tmp_p
 
 
 def run_config(tmp_path: Path, tiny_model_dirs, name: str, *, every: int, steps: int) -> Path:
-    """The demo config with AsymLoRA (dropout on, so the random state matters), 2 workers and a JSON-lines record of every step."""
+    """The demo config with AsymLoRA (dropout on, so the random state matters), 2 workers and a JSON-lines record of
+    every step."""
     root = tmp_path / name
     root.mkdir()
     path = demo_config(root, tiny_model_dirs["llava"], "llava", steps=steps)

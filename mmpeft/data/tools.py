@@ -197,7 +197,8 @@ def inspect_shards(
 
 def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(
-        f"[bold]{report['source']}[/bold]: {report['shards']} shard(s), {report['samples_read']} samples read, {report['usable']} usable"
+        f"[bold]{report['source']}[/bold]: {report['shards']} shard(s), {report['samples_read']} samples read, "
+        f"{report['usable']} usable"
     )
     table = Table("task", "samples", "in the index", title="samples per task")
     index = report["index_samples_per_task"] or {}
@@ -239,7 +240,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
 def cmd_inspect(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog="python -m mmpeft data inspect",
-        description="Describe shards: samples per task, images per sample, token lengths, what training would drop and why.",
+        description=(
+            "Describe shards: samples per task, images per sample, token lengths, what training would drop and why."
+        ),
     )
     parser.add_argument("source", help="shard directory (with dataset.json), brace pattern or glob")
     parser.add_argument(
@@ -269,7 +272,8 @@ def cmd_data(argv: list[str]) -> int:
     commands = {"build": cmd_build, "inspect": cmd_inspect}
     if not argv or argv[0] not in commands:
         print(
-            "usage: python -m mmpeft data {build,inspect} ...\n  build RECIPE --out DIR ...   make shards with a data recipe\n"
+            "usage: python -m mmpeft data {build,inspect} ...\n"
+            "  build RECIPE --out DIR ...   make shards with a data recipe\n"
             "  inspect DIR [--processor P]   what is in shards, and what training would drop"
         )
         if argv and argv[0] not in ("-h", "--help"):

@@ -53,7 +53,8 @@ class Backbone:
     """Which multimodal model to fine-tune and how to load it."""
 
     pretrained: str
-    """A local folder or a hub id of an ``AutoModelForImageTextToText`` checkpoint (its processor is loaded from the same place)."""
+    """A local folder or a hub id of an ``AutoModelForImageTextToText`` checkpoint (its processor is loaded from the
+    same place)."""
 
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
     """Storage of the frozen base weights. NF4 is QLoRA's choice (Dettmers et al. 2023, sec. 3)."""
@@ -74,10 +75,13 @@ class Backbone:
     """Allow model code from the checkpoint's repository. Off unless you trust it."""
 
     attn_implementation: str | None = None
-    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``). ``None``: transformers chooses per sub-model, sdpa where the architecture supports it (Gemma 2's soft-capping, in PaliGemma 2, does not)."""
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+    ``None``: transformers chooses per sub-model, sdpa where the architecture supports it (Gemma 2's soft-capping, in
+    PaliGemma 2, does not)."""
 
     build_tiny: str | None = None
-    """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there first (``python -m mmpeft tiny-model --help`` lists the families)."""
+    """Demo and tests only: if ``pretrained`` is a missing local folder, build a tiny random model of this family there
+    first (``python -m mmpeft tiny-model --help`` lists the families)."""
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.compute_dtype != "auto":
@@ -171,14 +175,16 @@ def load_processor(pretrained: str, trust_remote_code: bool = False, key: str = 
         if isinstance(exc, ValueError) and "torchvision" not in str(exc).lower():
             raise
         raise ConfigError(
-            f"{key}: the processor of {pretrained!r} needs a package that is not installed: {' '.join(str(exc).split())}"
+            f"{key}: the processor of {pretrained!r} needs a package that is not installed: "
+            f"{' '.join(str(exc).split())}"
         ) from exc
     except OSError as exc:
         raise ConfigError(f"{key}: cannot load a processor from {pretrained!r}: {exc}") from exc
 
 
 def _import_with_pil_helpers(class_name: str) -> type[ProcessorMixin]:
-    """Import the processor class ``class_name`` whose module takes helper functions from its torchvision image processor.
+    """Import the processor class ``class_name`` whose module takes helper functions from its torchvision image
+    processor.
 
     PixtralProcessor's module imports ``get_resize_output_image_size`` from
     ``image_processing_pixtral``, which needs torchvision; the same function is in its PIL twin,
@@ -205,7 +211,8 @@ def _import_with_pil_helpers(class_name: str) -> type[ProcessorMixin]:
         finally:
             del sys.modules[twin]
     raise ImportError(
-        f"{class_name} needs torchvision and has no PIL image processor to stand in (looked in {', '.join(tried) or 'no module'})"
+        f"{class_name} needs torchvision and has no PIL image processor to stand in "
+        f"(looked in {', '.join(tried) or 'no module'})"
     )
 
 
@@ -278,14 +285,16 @@ def auto_model_class(config: Any, key: str = "model.backbone.pretrained") -> typ
     if type(config) in MODEL_FOR_MULTIMODAL_LM_MAPPING and getattr(config, "vision_config", None) is not None:
         return AutoModelForMultimodalLM
     raise ConfigError(
-        f"{key}: model type {getattr(config, 'model_type', type(config).__name__)!r} is not an image-text model transformers can "
-        "build (its config is in neither AutoModelForImageTextToText nor, with a vision config, AutoModelForMultimodalLM); "
+        f"{key}: model type {getattr(config, 'model_type', type(config).__name__)!r} is not an image-text model "
+        "transformers can build (its config is in neither AutoModelForImageTextToText nor, with a vision config, "
+        "AutoModelForMultimodalLM); "
         "docs/families.md lists the families mmpeft is tested on"
     )
 
 
 def load_backbone(backbone: Backbone, device: torch.device, speed: Speed | None = None) -> nn.Module:
-    """Load the model quantized on ``device`` and prepare it for adapter training (QLoRA recipe; ``speed``: where gradients and recomputation go)."""
+    """Load the model quantized on ``device`` and prepare it for adapter training (QLoRA recipe; ``speed``: where
+    gradients and recomputation go)."""
     backbone.check_exists()
     dtype = backbone.torch_dtype(device)
     try:
@@ -306,7 +315,8 @@ def load_backbone(backbone: Backbone, device: torch.device, speed: Speed | None 
 
 
 def prepare_for_training(model: nn.Module, backbone: Backbone, speed: Speed) -> None:
-    """Freeze the base, keep norms in fp32, checkpoint the language model's layers (non-reentrant) as ``speed`` places it."""
+    """Freeze the base, keep norms in fp32, checkpoint the language model's layers (non-reentrant) as ``speed``
+    places it."""
     model.requires_grad_(False)
     for module in model.modules():
         # Norms are tiny and sensitive to precision; QLoRA keeps them in fp32.
