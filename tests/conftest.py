@@ -49,7 +49,8 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def fake_distribution(folder, name: str, version: str, entry_points: str) -> None:
-    """An installed distribution's metadata (a dist-info with its entry points) in ``folder``, which goes on ``sys.path``."""
+    """An installed distribution's metadata (a dist-info with its entry points) in ``folder``, which goes on
+    ``sys.path``."""
     dist = folder / f"{name.replace('-', '_')}-{version}.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")

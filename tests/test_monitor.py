@@ -1,4 +1,5 @@
-"""What a run logs beyond the loss: routing statistics by hand, per-sample losses, and real runs read back from TensorBoard."""
+"""What a run logs beyond the loss: routing statistics by hand, per-sample losses, and real runs read back from
+TensorBoard."""
 
 from __future__ import annotations
 
