@@ -45,6 +45,11 @@ HydraLoRA / LoRAMoE / MixLoRA computes the update (same routers, same parameters
 - ``mixlora-loop``: mmpeft's MixLoRA routing, then the dense per-instance update
   ``delta_W = B_sel A_sel`` ``(batch, d_out, d_in)`` applied with a batched matmul.
 
+One more row, ``dora``, is a third-party plugin: DoRA from ``plugins/mmpeft-dora``, imported from
+its source folder and registered by a dist-info folder under ``.cache/mmpeft/plugins`` (what
+``pip install`` would write), so it is injected through the entry point like any installed
+plugin. It has no loop reference; like every row it stands between two LoRA steps in each round.
+
 ``python benchmarks/adapter_overhead.py --check`` only checks that every reference computes
 the same update as its vectorised adapter.
 """
@@ -79,7 +84,7 @@ from mmpeft.adapters.mixlora import MixLoRA, MixLoRAConfig
 from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
 from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, bind_routers, routing_losses, weighted_sum
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
-from mmpeft.objective import IGNORE_INDEX, lm_loss
+from mmpeft.objective import IGNORE_INDEX, lm_loss, routed
 from mmpeft.speed import Speed, apply_to_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +100,8 @@ MIN_SPEEDUP_OVER_LOOP = 1.3
 
 
 class LoopAsymLoRA(nn.Module):
-    """HydraLoRA-style AsymLoRA: one shared ``A``, ``N`` heads ``B_i``, a loop over heads recomputing ``A dropout(x)``."""
+    """HydraLoRA-style AsymLoRA: one shared ``A``, ``N`` heads ``B_i``, a loop over heads recomputing
+    ``A dropout(x)``."""
 
     config_class = AsymLoRAConfig
 
@@ -129,7 +135,8 @@ class LoopAsymLoRA(nn.Module):
 
 
 class LoopMoELoRA(nn.Module):
-    """LoRAMoE-style LoRA-MoE: a loop over every expert ``B_e A_e dropout(x)``, scaled by its gate (0 if not selected)."""
+    """LoRAMoE-style LoRA-MoE: a loop over every expert ``B_e A_e dropout(x)``, scaled by its gate
+    (0 if not selected)."""
 
     config_class = MoELoRAConfig
 
@@ -217,7 +224,33 @@ def variants(r: int, alpha: float, dropout: float, heads: int, experts: int, top
         Variant("moelora-loop", "LoopMoELoRA", moe, reference_of="moelora"),
         Variant("mixlora", "mixlora", mix),
         Variant("mixlora-loop", "DenseMixLoRA", mix, reference_of="mixlora"),
+        Variant("dora", "dora", common),  # a third-party plugin: plugins/mmpeft-dora, from its source folder
     ]
+
+
+PLUGIN_SOURCES = {"dora": (ROOT / "plugins" / "mmpeft-dora", "mmpeft-dora", "0.1.0", "mmpeft_dora:DoRA")}
+"""Plugins the benchmark runs from their source folders: adapter name -> (folder, distribution, version, target)."""
+
+
+def register_source_plugins(cases: list[Variant]) -> None:
+    """Make the source-folder plugins among ``cases`` importable and registered, as ``pip install`` would.
+
+    The source folder goes first on ``sys.path`` (so the benchmark times this tree's code, not an
+    installed copy) and a dist-info folder with the entry point under ``.cache/mmpeft/plugins``
+    registers it, so it is injected through the entry point like any installed plugin.
+    """
+    wanted = sorted({v.adapter for v in cases if v.adapter in PLUGIN_SOURCES})
+    if not wanted:
+        return
+    site = CACHE / "plugins"
+    for name in wanted:
+        folder, dist, version, target = PLUGIN_SOURCES[name]
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True, exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[mmpeft.adapters]\n{name} = {target}\n")
+        sys.path.insert(0, str(folder))
+    sys.path.insert(0, str(site))
 
 
 def describe(v: Variant) -> str:
@@ -234,11 +267,14 @@ def describe(v: Variant) -> str:
         return f"rank {c['r']} from pools of {c['factors']} factors, instance routing"
     if v.adapter == "DenseMixLoRA":
         return "same, dense d_out x d_in update per instance"
+    if v.adapter == "dora":
+        return f"DoRA plugin, rank {c['r']}"
     return f"rank {c['r']}"
 
 
 def adapter_macs_per_token(v: Variant, d_in: int, d_out: int) -> int:
-    """Multiply-accumulates per token of one adapted linear layer's update in the forward (routers included, per-instance work excluded)."""
+    """Multiply-accumulates per token of one adapted linear layer's update in the forward (routers
+    included, per-instance work excluded)."""
     c = v.config
     r = c["r"]
     if v.adapter == "lora":
@@ -250,6 +286,9 @@ def adapter_macs_per_token(v: Variant, d_in: int, d_out: int) -> int:
     if v.adapter in ("moelora", "LoopMoELoRA"):
         return c["experts"] * r * (d_in + d_out) + c["experts"] * d_in
     if v.adapter == "mixlora":
+        return r * (d_in + d_out)
+    if v.adapter == "dora":
+        # the LoRA branch; the base output is rescaled, not recomputed (the row norms are per step, not per token)
         return r * (d_in + d_out)
     if v.adapter == "DenseMixLoRA":
         return d_in * d_out  # x @ delta_W^T per token; building delta_W is r * d_in * d_out per instance
@@ -315,7 +354,8 @@ def build_bench_model(family: str, hidden: int, layers: int, seed: int = 0, voca
 
 
 def make_batch(model_dir: Path, batch: int, seq: int, answer: int, seed: int = 0) -> dict[str, Any]:
-    """``batch`` samples of ``seq`` tokens: the processor's image prompt, then random text; labels on the last ``answer`` tokens."""
+    """``batch`` samples of ``seq`` tokens: the processor's image prompt, then random text; labels on
+    the last ``answer`` tokens."""
     from PIL import Image
 
     from mmpeft.models.backbone import load_processor
@@ -378,7 +418,8 @@ class Runner:
 def build_runner(
     v: Variant, model_dir: Path, device: torch.device, checkpointing: bool, seed: int, speed: Speed | None = None
 ) -> Runner:
-    """One model with ``v``'s adapter on every linear layer of its language model, loaded as ``MMPeftModule`` loads it (``speed``: its levers)."""
+    """One model with ``v``'s adapter on every linear layer of its language model, loaded as
+    ``MMPeftModule`` loads it (``speed``: its levers)."""
     speed = speed or Speed()
     model = load_backbone(Backbone(pretrained=str(model_dir), gradient_checkpointing=checkpointing), device, speed)
     context = RoutingContext()
@@ -399,9 +440,8 @@ def build_runner(
 def train_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> None:
     """One step as ``MMPeftModule.training_step`` plus Lightning's optimizer step."""
     inputs, labels = batch["inputs"], batch["labels"]
-    prompt = (labels == IGNORE_INDEX) & inputs["attention_mask"].bool()
     device_type = inputs["input_ids"].device.type
-    with runner.context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+    with routed(runner.context, batch):
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=runner.autocast):
             loss = lm_loss(runner.model, inputs, labels)
         extra = weighted_sum(routing_losses(runner.context, coefficients), coefficients)
@@ -420,7 +460,8 @@ def sync(device: torch.device) -> None:
 def timed_step(
     runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses, device: torch.device, step=train_step
 ) -> float:
-    """Seconds of one ``step(runner, batch, coefficients)``; on CUDA its peak allocation above the start goes to ``runner.peak_bytes``."""
+    """Seconds of one ``step(runner, batch, coefficients)``; on CUDA its peak allocation above the
+    start goes to ``runner.peak_bytes``."""
     sync(device)
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
@@ -451,8 +492,7 @@ def saved_activation_bytes(runner: Runner, batch: dict[str, Any], coefficients: 
 
     def forward() -> None:
         inputs, labels = batch["inputs"], batch["labels"]
-        prompt = (labels == IGNORE_INDEX) & inputs["attention_mask"].bool()
-        with runner.context.step(inputs["attention_mask"], prompt, batch["task_ids"]):
+        with routed(runner.context, batch):
             loss = lm_loss(runner.model, inputs, labels)
             extra = weighted_sum(routing_losses(runner.context, coefficients), coefficients)
             if extra is not None:
@@ -464,7 +504,8 @@ def saved_activation_bytes(runner: Runner, batch: dict[str, Any], coefficients: 
 
 
 def saved_storages(model: nn.Module, forward) -> dict[int, int]:
-    """``{storage address: bytes}`` of what autograd saves for backward during ``forward()`` (checkpointing off, weights excluded)."""
+    """``{storage address: bytes}`` of what autograd saves for backward during ``forward()``
+    (checkpointing off, weights excluded)."""
     frozen = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
 
@@ -550,7 +591,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def start_run(device_arg: str, threads_arg: int | None, command: str) -> tuple[torch.device, dict[str, Any], float]:
-    """The device (``auto``: CUDA when present), torch's CPU threads (default 1 on a CPU), the printed command and environment; the start time."""
+    """The device (``auto``: CUDA when present), torch's CPU threads (default 1 on a CPU), the printed
+    command and environment; the start time."""
     device = torch.device(
         "cuda" if device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available()) else "cpu"
     )
@@ -660,25 +702,26 @@ def table(rows: list[dict[str, Any]], device: torch.device) -> str:
         "peak step memory MiB" if device.type == "cuda" else "params+grads+AdamW MiB | saved activations MiB (no ckpt)"
     )
     head = (
-        "| variant | adapter | trainable params | adapter MACs / base MACs | step s median (min) | x LoRA median [95% CI] "
+        "| variant | adapter | trainable params | adapter MACs / base MACs | step s median (min) "
+        "| x LoRA median [95% CI] "
         f"| x LoRA, fastest steps | speed-up over loop median [95% CI] | {mem_head} |"
     )
     cols = head.count("|") - 1
     lines = [head, "|" + "---|" * cols]
     for row in rows:
-        speed = (
-            f"{row['speedup_over_loop_median']:.2f}x [{row['speedup_over_loop_ci95'][0]:.2f}-{row['speedup_over_loop_ci95'][1]:.2f}]"
-            if "speedup_over_loop_median" in row
-            else "-"
-        )
+        speed = "-"
+        if "speedup_over_loop_median" in row:
+            low, high = row["speedup_over_loop_ci95"]
+            speed = f"{row['speedup_over_loop_median']:.2f}x [{low:.2f}-{high:.2f}]"
         if device.type == "cuda":
             mem = mib(row["peak_bytes_median"])
         else:
             mem = f"{mib(row['state_bytes'])} | {mib(row['saved_activation_bytes'])}"
         lines.append(
-            f"| {row['variant']} | {row['description']} | {row['trainable_params']:,} | {100 * row['adapter_macs_share']:.1f}% | "
-            f"{row['step_s_median']:.3f} ({row['step_s_min']:.3f}) | {row['x_lora_median']:.3f} [{row['x_lora_ci95'][0]:.3f}-{row['x_lora_ci95'][1]:.3f}] | "
-            f"{row['x_lora_best_steps']:.3f} | {speed} | {mem} |"
+            f"| {row['variant']} | {row['description']} | {row['trainable_params']:,} "
+            f"| {100 * row['adapter_macs_share']:.1f}% | {row['step_s_median']:.3f} ({row['step_s_min']:.3f}) "
+            f"| {row['x_lora_median']:.3f} [{row['x_lora_ci95'][0]:.3f}-{row['x_lora_ci95'][1]:.3f}] "
+            f"| {row['x_lora_best_steps']:.3f} | {speed} | {mem} |"
         )
     return "\n".join(lines)
 
@@ -722,7 +765,8 @@ def verdicts(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     for res in results:
         low, high = res["ci95"]
         lines.append(
-            f"| {res['target']} | {res['median']:.3f}x [{low:.3f}-{high:.3f}] | {res['met']} | {res['fastest_steps']:.3f}x |"
+            f"| {res['target']} | {res['median']:.3f}x [{low:.3f}-{high:.3f}] | {res['met']} "
+            f"| {res['fastest_steps']:.3f}x |"
         )
     return "\n".join(lines), results
 
@@ -795,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(v.name for v in cases)}")
         cases = [v for v in cases if v.name in wanted]
+    register_source_plugins(cases)
     worst = check_references(cases)
     print(f"loop references compute the same update and input gradient as their adapters (max |diff| {worst:.1e})")
     if args.check:
@@ -843,7 +888,8 @@ def main(argv: list[str] | None = None) -> None:
             sequence.append((runner.variant.name, statistics.fmean(runner.times[-1])))
         rounds.append(sequence)
         print(
-            f"round {round_index + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s, load average {loadavg()})",
+            f"round {round_index + 1}/{args.repeats} done "
+            f"({time.perf_counter() - started:.0f} s, load average {loadavg()})",
             flush=True,
         )
 

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mmpeft import registry
 from mmpeft.errors import ConfigError, MMPeftError
 
 DEBUG_ENV = "MMPEFT_DEBUG"
@@ -447,7 +446,9 @@ def cmd_adapters(argv: list[str]) -> int:
         prog="mmpeft adapters",
         description="List the adapter plugins registered under the 'mmpeft.adapters' entry-point group.",
     ).parse_args(argv)
-    rows = registry.describe(registry.ADAPTERS)
+    from mmpeft.adapters.inject import describe_adapters  # torch only for the commands that need it
+
+    rows = describe_adapters()  # loads each, checked against the adapter contract
     width = max([len(r.name) for r in rows] + [4])
     dist_width = max([len(r.distribution) for r in rows] + [12])
     print(f"{'name':<{width}}  {'distribution':<{dist_width}}  class")

@@ -1,7 +1,8 @@
 """Fold a trained adapter into the base weights: ``python -m mmpeft merge``.
 
 Every adapter is first written as one plain LoRA per layer, ``(A, B, scaling)``, by its own
-``as_lora(gate)`` (the contract is in :class:`mmpeft.adapters.base.AdapterPlugin`):
+``as_lora(gate)``, in the form its class declares in ``abilities`` (the contract is in
+:mod:`mmpeft.adapters.base`):
 
 - LoRA is one already;
 - AsymLoRA and LoRA-MoE collapse for one task: ``gate`` is the mean of the gate their router
@@ -9,12 +10,15 @@ Every adapter is first written as one plain LoRA per layer, ``(A, B, scaling)``,
   model on them (:class:`mmpeft.adapters.routing.GateMeans`). The collapse is exact wherever
   the router gives every input of the task that same gate; its error on a batch of the task
   (the largest logit difference to the routed model) is always reported;
-- MixLoRA cannot be: each instance gets its own update (its class says so in ``unmergeable``).
+- DoRA (a plugin declaring ``as_dora``) is a LoRA plus a magnitude ``m`` per output row:
+  ``W' = m / ||W + s B A||_row * (W + s B A)``;
+- a plugin declaring only ``delta_weight`` merges its dense update, but cannot be exported;
+- MixLoRA cannot be: each instance gets its own update (it declares ``unmergeable``, with why).
 
 The merged model is built on the base loaded *unquantized* from its checkpoint, whose linear
 layers then receive the weights the adapted model actually computed with: for a 4-bit base the
 dequantized 4-bit weights (what the adapter was trained against), plus ``scaling * B @ A``
-for the adapted layers, added in float32. It is written as a standard transformers checkpoint
+for the adapted layers (DoRA: rescaled as above), in float32. It is written as a standard transformers checkpoint
 in bf16/fp16/fp32, or re-quantized to NF4 through transformers' own bitsandbytes path, with the
 processor beside it and ``merge_report.json``: the largest logit difference between the written
 model and the adapted model on a batch, i.e. what the output dtype or re-quantization cost.
@@ -42,9 +46,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig
 
-from mmpeft import registry
-from mmpeft.adapters.base import AdaptedLinear
-from mmpeft.adapters.inject import inject_adapters
+from mmpeft.adapters.base import Ability, AdaptedLinear, abilities_of
+from mmpeft.adapters.inject import inject_adapters, load_adapter
 from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.adapters.quant import dequantized_weight, keep_standard_layout, quantization_of
 from mmpeft.adapters.routing import GateMeans, Router, RoutingContext
@@ -128,19 +131,31 @@ class Plan:
     options: Options
 
 
+LORA_FORMS = {Ability.AS_LORA, Ability.AS_DORA}
+"""What export needs: the update as one LoRA, plain or weight-decomposed (PEFT's ``use_dora``)."""
+WEIGHT_FORMS = {*LORA_FORMS, Ability.DELTA_WEIGHT}
+"""What merge needs: any of the above, or the update as a dense matrix."""
+
+
 def check_mergeable(spec: AdapterSpec, need: Literal["lora", "weight"]) -> None:
-    """Refuse adapter plugins that cannot become one LoRA (``need="lora"``) or one weight update (``"weight"``)."""
+    """Refuse adapter plugins that cannot become one LoRA (``need="lora"``) or one weight update (``"weight"``).
+
+    Reads what each adapter class declares in ``abilities`` (:class:`~mmpeft.adapters.base.Ability`).
+    """
     for i, group in enumerate(spec.groups):
-        cls = registry.load(registry.ADAPTERS, group.name)
+        cls = load_adapter(group.name)
         where = f"adapters[{i}] ({group.name})"
-        reason = getattr(cls, "unmergeable", None)
-        if reason:
-            raise MergeError(f"{where} cannot be merged or exported: {reason}")
-        if not hasattr(cls, "as_lora") and (need == "lora" or not hasattr(cls, "delta_weight")):
+        abilities = abilities_of(cls)
+        if Ability.UNMERGEABLE in abilities:
+            raise MergeError(f"{where} cannot be merged or exported: {cls.unmergeable}")
+        forms = LORA_FORMS if need == "lora" else WEIGHT_FORMS
+        if not abilities & forms:
             methods = "as_lora()" if need == "lora" else "as_lora() or delta_weight()"
+            declarable = ", ".join(sorted(forms))
             raise MergeError(
                 f"{where}: the plugin {cls.__module__}.{cls.__qualname__} defines no {methods}, so mmpeft "
-                f"cannot {'write it as a LoRA' if need == 'lora' else 'merge it'} (see docs/plugins.md)"
+                f"cannot {'write it as a LoRA' if need == 'lora' else 'merge it'} (it declares none of "
+                f"{declarable} in its abilities; see docs/plugins.md)"
             )
 
 
@@ -367,18 +382,42 @@ def measure_gates(model: nn.Module, context: RoutingContext, batches: list[dict[
     return {f"{prefix}.{name}": gate for name, gate in meter.means().items()}
 
 
+def is_dora(layer: AdaptedLinear) -> bool:
+    """Whether the layer's adapter declares the weight-decomposed form (``as_dora``)."""
+    return Ability.AS_DORA in abilities_of(type(layer.adapter))
+
+
 def lora_factors(layer: AdaptedLinear, gate: torch.Tensor | None) -> Factors:
-    """The layer's adapter as one LoRA (a mixture collapsed with ``gate``), float32 on the CPU."""
-    a, b, scaling = layer.adapter.as_lora(gate)
+    """The layer's adapter as one LoRA (a mixture collapsed with ``gate``; DoRA's low-rank part), float32 on the CPU."""
+    a, b, scaling = layer.adapter.as_dora()[:3] if is_dora(layer) else layer.adapter.as_lora(gate)
     return a.detach().float().cpu(), b.detach().float().cpu(), float(scaling)
 
 
+def dora_magnitude(layer: AdaptedLinear) -> torch.Tensor:
+    """DoRA's magnitude ``m`` ``(d_out,)`` of a layer whose adapter declares ``as_dora``, float32 on the CPU."""
+    return layer.adapter.as_dora()[3].detach().float().cpu()
+
+
 def weight_delta(layer: AdaptedLinear, gate: torch.Tensor | None) -> torch.Tensor:
-    """The layer's update as a dense ``(d_out, d_in)`` float32 matrix, on the adapter's device."""
-    if hasattr(layer.adapter, "as_lora"):
+    """The layer's additive update as a dense ``(d_out, d_in)`` float32 matrix, on the adapter's device (not DoRA's)."""
+    if Ability.AS_LORA in abilities_of(type(layer.adapter)):
         a, b, scaling = layer.adapter.as_lora(gate)
         return scaling * (b.float() @ a.float())  # (d_out, d_in)
     return layer.adapter.delta_weight().detach().float()  # (d_out, d_in)
+
+
+def merged_weight(layer: AdaptedLinear, gate: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """The weight the adapted ``layer`` computes with, from the base weight ``weight`` ``(d_out, d_in)`` float32.
+
+    ``W + delta`` for additive updates; for DoRA ``m / ||V||_row * V`` with ``V = W + s B A``, the norm
+    taken of the ``weight`` given (the dequantized base the adapter trained against, by default).
+    """
+    if not is_dora(layer):
+        return weight + weight_delta(layer, gate).to(weight.device)
+    a, b, scaling, m = layer.adapter.as_dora()
+    a, b, m = (t.float().to(weight.device) for t in (a, b, m))  # (r, d_in), (d_out, r), (d_out,)
+    v = weight + scaling * (b @ a)  # (d_out, d_in)
+    return (m / torch.linalg.vector_norm(v, dim=1))[:, None] * v  # (d_out, d_in)
 
 
 @contextmanager
@@ -486,8 +525,9 @@ def fold_into(
 ) -> int:
     """Write into ``target`` (the base loaded unquantized) the weights the adapted ``model`` computes with.
 
-    Adapted layers get ``W + delta`` in float32, ``W`` being the dequantized base weight
-    (``merge_into="dequantized"``) or the original one from the checkpoint (``"original"``);
+    Adapted layers get ``W + delta`` (DoRA: ``m / ||W + s B A||_row * (W + s B A)``) in float32, ``W``
+    being the dequantized base weight (``merge_into="dequantized"``) or the original one from the
+    checkpoint (``"original"``);
     with ``"dequantized"`` every other quantized layer (vision tower included) gets its
     dequantized weight too, so the result computes as the quantized model did. Returns the
     number of adapted layers.
@@ -499,9 +539,9 @@ def fold_into(
             if parent in layers and name == f"{parent}.base":
                 continue  # the base of an adapted layer, written with the layer
             if name in layers:
-                base, delta = module.base, weight_delta(module, gates.get(name))  # (d_out, d_in)
+                base, adapted = module.base, module
             elif merge_into == "dequantized" and quantization_of(module) != "none":
-                base, delta = module, None
+                base, adapted = module, None
             else:
                 continue
             out = target.get_submodule(name)
@@ -511,14 +551,15 @@ def fold_into(
                 or tuple(out.weight.shape) != (base.out_features, base.in_features)
             ):
                 raise MergeError(
-                    f"{name}: the unquantized model has {type(out).__name__} {tuple(out.weight.shape)} there, not a Linear of the adapted model's shape"
+                    f"{name}: the unquantized model has {type(out).__name__} {tuple(out.weight.shape)} there, "
+                    "not a Linear of the adapted model's shape"
                 )
-            if merge_into == "dequantized" or delta is None:
+            if merge_into == "dequantized" or adapted is None:
                 weight = dequantized_weight(base)  # (d_out, d_in) float32
             else:
-                weight = out.weight.float().to(delta.device)  # (d_out, d_in)
-            if delta is not None:
-                weight = weight + delta.to(weight.device)
+                weight = out.weight.float().to(next(adapted.adapter.parameters()).device)  # (d_out, d_in)
+            if adapted is not None:
+                weight = merged_weight(adapted, gates.get(name), weight)  # (d_out, d_in)
             out.weight.copy_(weight.to(out.weight.dtype).cpu())
             if base.bias is not None and out.bias is not None:
                 out.bias.copy_(base.bias.detach().cpu())

@@ -2,13 +2,14 @@
 
 Built-in adapters and data recipes register through the project's own
 ``pyproject.toml`` exactly as a third party's distribution would; nothing here
-lists them by hand. A plugin that fails to import is reported by name and does not
-hide the others.
+lists them by hand. A plugin that fails to import, or (an adapter) does not meet the
+contract of :mod:`mmpeft.adapters.base`, is reported by name and does not hide the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -17,6 +18,11 @@ from mmpeft.errors import ConfigError
 
 ADAPTERS = "mmpeft.adapters"
 DATA_RECIPES = "mmpeft.data_recipes"
+
+Check = Callable[[Any, str, str], None]
+"""``check(obj, name, distribution)``: raises ConfigError, naming the plugin and what is missing, when
+the loaded object does not meet its group's contract (the adapters' is
+:func:`mmpeft.adapters.base.check_adapter_class`; the group's own layer passes it in)."""
 
 
 @dataclass(frozen=True)
@@ -43,21 +49,28 @@ def _distribution(ep: EntryPoint) -> str:
     return f"{dist.name} {dist.version}" if dist is not None else "?"
 
 
-def describe(group: str) -> list[PluginInfo]:
-    """Every plugin of ``group``, sorted by name, each loaded once to report import errors."""
+def describe(group: str, check: Check | None = None) -> list[PluginInfo]:
+    """Every plugin of ``group``, sorted by name, each loaded once to report import errors and what ``check``
+    finds wrong."""
     rows = []
     for name, ep in sorted(_entry_points(group).items()):
         error = None
         try:
-            ep.load()
+            obj = ep.load()
         except Exception as exc:  # a broken plugin must not break the listing
             error = f"{type(exc).__name__}: {exc}"
+        else:
+            if check is not None:
+                try:
+                    check(obj, name, _distribution(ep))
+                except ConfigError as exc:
+                    error = str(exc)
         rows.append(PluginInfo(name, _distribution(ep), ep.value, error))
     return rows
 
 
-def load(group: str, name: str) -> Any:
-    """The object registered as ``name`` in ``group``, with errors that say what to do."""
+def load(group: str, name: str, check: Check | None = None) -> Any:
+    """The object registered as ``name`` in ``group`` (passed through ``check``), with errors that say what to do."""
     eps = _entry_points(group)
     kind = group.rsplit(".", 1)[-1].rstrip("s").replace("_", " ")
     if name not in eps:
@@ -68,12 +81,15 @@ def load(group: str, name: str) -> Any:
         )
     ep = eps[name]
     try:
-        return ep.load()
+        obj = ep.load()
     except Exception as exc:
         raise ConfigError(
             f"{kind} plugin {name!r} ({ep.value}, from {_distribution(ep)}) failed to import: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    if check is not None:
+        check(obj, name, _distribution(ep))
+    return obj
 
 
 def build_config(config_class: type, values: dict[str, Any] | None, where: str) -> Any:

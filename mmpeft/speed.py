@@ -63,7 +63,7 @@ def apply_to_adapters(model: nn.Module, speed: Speed) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
     for layer in layers:
-        layer.add_in_place = speed.inplace_add
+        layer.inplace_add = speed.inplace_add
     return len(layers)
 
 

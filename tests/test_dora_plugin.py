@@ -33,17 +33,27 @@ PLUGIN = ROOT / "plugins" / "mmpeft-dora"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
+def register_dora(site: Path, patch: pytest.MonkeyPatch) -> None:
+    """The plugin's source on ``sys.path``, registered as ``dora`` by a dist-info folder in ``site`` (as an install)."""
+    fake_distribution(site, "mmpeft-dora", "0.1.0", "[mmpeft.adapters]\ndora = mmpeft_dora:DoRA\n")
+    patch.syspath_prepend(str(PLUGIN))
+    patch.syspath_prepend(str(site))
+
+
+def forget_dora() -> None:
+    """Drop the plugin's modules, so that another test imports it afresh."""
+    for name in [m for m in sys.modules if m == "mmpeft_dora" or m.startswith("mmpeft_dora.")]:
+        sys.modules.pop(name)
+
+
 @pytest.fixture
 def dora(tmp_path, monkeypatch):
-    """The plugin's source on ``sys.path`` and registered as ``dora`` by a dist-info folder; yields its module."""
-    fake_distribution(tmp_path, "mmpeft-dora", "0.1.0", "[mmpeft.adapters]\ndora = mmpeft_dora:DoRA\n")
-    monkeypatch.syspath_prepend(str(PLUGIN))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    """The plugin registered for this test (:func:`register_dora`); yields its module."""
+    register_dora(tmp_path, monkeypatch)
     import mmpeft_dora
 
     yield mmpeft_dora
-    for name in [m for m in sys.modules if m == "mmpeft_dora" or m.startswith("mmpeft_dora.")]:
-        sys.modules.pop(name)
+    forget_dora()
 
 
 def copy_into_ours(pairs, generator: torch.Generator) -> None:
@@ -87,7 +97,7 @@ def test_config_is_validated_and_forward_needs_the_base(dora):
         dora.DoRAConfig(dropout=1.0)
     adapter = dora.DoRA(12, 6, dora.DoRAConfig(r=4))
     with pytest.raises(RuntimeError, match="attach_base"):
-        adapter(torch.randn(2, 12))
+        adapter(torch.randn(2, 12), torch.randn(2, 6))
     with pytest.raises(ValueError, match="12 -> 6"):
         adapter.attach_base(BaseLayerView(torch.nn.Linear(6, 12)))
 
@@ -178,8 +188,67 @@ def test_dora_on_a_4bit_model_starts_at_the_base_and_trains_m_a_b(dora, tiny_mod
     assert not missing, missing
 
 
+def saved_for_backward(run) -> list[torch.Tensor]:
+    """The tensors autograd saves for backward while ``run()`` builds the graph."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_base_output_is_rescaled_and_the_update_added_into_it_in_place(dora, bias):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 6, bias=bias)
+    adapter = dora.DoRA(12, 6, dora.DoRAConfig(r=4, alpha=8, dropout=0.0))
+    adapter.attach_base(BaseLayerView(base))
+    with torch.no_grad():
+        adapter.B.normal_(0, 0.1)
+        adapter.m.mul_(1 + 0.1 * torch.randn(6))
+    layer = AdaptedLinear(base, adapter, "dora")
+    assert layer.inplace_add and not layer.reads_base_output  # an unquantized base: the add is in place
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    out = [layer(x)]
+    # A real backward through the in-place add: it would fail if autograd had kept base_out for m's gradient.
+    out[0].square().sum().backward()
+
+    v = (base.weight + adapter.scaling * adapter.B @ adapter.A).detach()
+    n = v.norm(dim=1)  # a constant for backward (sec. 4.3)
+    m = adapter.m.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    expected = x2 @ (m / n)[:, None].mul(v).T + (base.bias if bias else 0)
+    torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-6)
+    expected.square().sum().backward()
+    torch.testing.assert_close(adapter.m.grad, m.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_on_a_4bit_base_the_frozen_matmul_runs_once_and_no_dequantized_weight_is_kept(dora):
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 32)
+    base = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(plain.state_dict())
+    base = base.to("cpu").requires_grad_(False)  # quantizes
+    adapter = dora.DoRA(64, 32, dora.DoRAConfig(r=4, dropout=0.0))
+    adapter.attach_base(BaseLayerView(base))
+    layer = AdaptedLinear(base, adapter, "dora")
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = []
+    saved = saved_for_backward(lambda: y.append(layer(x)))
+    # The plugin used to run W x a second time from the dequantized weight, which autograd then kept (64 x 32 float).
+    assert not [tuple(t.shape) for t in saved if t.numel() == 64 * 32], [tuple(t.shape) for t in saved]
+    y[0].square().sum().backward()
+    assert adapter.m.grad is not None and adapter.A.grad is not None and x.grad is not None
+
+
 def shrink(config: Path) -> None:
-    """The demo run made cheap: smaller batches and datasets, no loader workers, one validation batch, no recomputation."""
+    """The demo run made cheap: smaller batches and datasets, no loader workers, one validation batch, no
+    recomputation."""
     values = yaml.safe_load(config.read_text())
     values["trainer"]["limit_val_batches"] = 1
     values["model"]["backbone"]["gradient_checkpointing"] = False

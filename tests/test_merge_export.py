@@ -1,8 +1,10 @@
-"""merge and export: collapsing mixtures, PEFT parity, merged checkpoints (unquantized, NF4, re-quantized), bad input."""
+"""merge and export: collapsing mixtures, PEFT parity, merged checkpoints (unquantized, NF4, re-quantized),
+DoRA, bad input."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from conftest import fake_distribution
 from safetensors.torch import load_file
 from test_cli import mmpeft
+from test_dora_plugin import PLUGIN, forget_dora, register_dora
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data_recipes.synthetic import SyntheticRecipe
@@ -59,7 +62,10 @@ def write_adapter(
         for module in model.modules():
             if isinstance(module, AdaptedLinear):
                 for name, param in module.adapter.named_parameters():
-                    param.normal_(0, 0.3 if "router" in name else 0.1)
+                    if name == "m":  # DoRA's magnitude: near its initial ||W||_row, as training leaves it
+                        param.mul_(1 + 0.1 * torch.randn_like(param))
+                    else:
+                        param.normal_(0, 0.3 if "router" in name else 0.1)
         if projector:
             for param in model.get_submodule(projector).parameters():
                 param.add_(torch.randn_like(param) * 0.05)
@@ -281,7 +287,8 @@ def test_merge_of_an_nf4_base_reproduces_the_trained_model_from_its_dequantized_
             (plain_logits(AutoModelForImageTextToText.from_pretrained(out).eval(), batch) - trained).abs().max().item()
         )
         assert reports[merge_into]["max_logit_diff"] == pytest.approx(measured, abs=1e-5)
-    # Into the dequantized NF4 weights: the trained model up to float rounding. Into the original ones: off by NF4's error.
+    # Into the dequantized NF4 weights: the trained model up to float rounding. Into the original ones: off by
+    # NF4's error.
     assert reports["dequantized"]["max_logit_diff"] < 1e-4
     assert reports["original"]["max_logit_diff"] > 1000 * reports["dequantized"]["max_logit_diff"]
 
@@ -349,8 +356,8 @@ def test_mixlora_is_refused_by_merge_and_export_from_the_command_line(tmp_path, 
         )
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == (
-            "error: adapters[0] (mixlora) cannot be merged or exported: MixLoRA builds a different low-rank update for every "
-            "input (instance routing over factor pools); it has no single weight update to merge or export"
+            "error: adapters[0] (mixlora) cannot be merged or exported: MixLoRA builds a different low-rank update "
+            "for every input (instance routing over factor pools); it has no single weight update to merge or export"
         )
         assert not out.exists() and not [
             p for p in tmp_path.iterdir() if p.name.startswith(".")
@@ -420,12 +427,13 @@ class Dense(nn.Module):
     """A full-rank update ``W x``: one weight update (``delta_weight``), but no LoRA (no ``as_lora``)."""
 
     config_class = DenseConfig
+    abilities = frozenset({"delta_weight"})
 
     def __init__(self, in_features, out_features, config):
         super().__init__()
         self.W = nn.Parameter(torch.zeros(out_features, in_features))
 
-    def forward(self, x):
+    def forward(self, x, base_out=None):
         return F.linear(x.to(self.W.dtype), self.W)
 
     def delta_weight(self):
@@ -448,7 +456,8 @@ def test_a_plugin_with_only_delta_weight_merges_but_does_not_export(tmp_path, ti
     adapter = write_adapter(tmp_path / "adapter", base, [AdapterGroup("dense", ["mlp"])])
     with pytest.raises(
         MergeError,
-        match=r"adapters\[0\] \(dense\): the plugin denseplug_mod.Dense defines no as_lora\(\), so mmpeft cannot write it as a LoRA",
+        match=r"adapters\[0\] \(dense\): the plugin denseplug_mod.Dense defines no as_lora\(\), "
+        r"so mmpeft cannot write it as a LoRA",
     ):
         export_peft(adapter, tmp_path / "peft", progress=lambda _: None)
     assert not (tmp_path / "peft").exists()
@@ -459,3 +468,69 @@ def test_a_plugin_with_only_delta_weight_merges_but_does_not_export(tmp_path, ti
     batch = first_batch(base, shards, None, 4)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(plain_logits(merged, batch), adapted_logits(adapter, base, batch), rtol=0, atol=1e-4)
+
+
+# -- DoRA (the plugin in plugins/mmpeft-dora) ------------------------------------------------------
+
+
+@pytest.fixture
+def dora_plugin(tmp_path, monkeypatch):
+    """The DoRA plugin from its source folder, registered as ``dora`` here and in subprocesses."""
+    site = tmp_path / "dora-site"
+    site.mkdir()
+    register_dora(site, monkeypatch)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(PLUGIN)]))  # for `mmpeft(...)`
+    yield
+    forget_dora()
+
+
+def test_dora_exports_to_peft_and_merges_with_the_adapted_logits(tmp_path, tiny_model_dirs, shards, dora_plugin):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    base = tiny_model_dirs["qwen2_vl"]  # q, k and v have biases, which DoRA leaves outside its rescaling
+    adapter = write_adapter(tmp_path / "adapter", base, [AdapterGroup("dora", ["all-linear"], LORA)])
+    batch = first_batch(base, shards, None, 4)
+    ours = adapted_logits(adapter, base, batch)
+
+    out = tmp_path / "peft"
+    export_peft(adapter, out, quantization="none", progress=lambda _: None)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (
+        config["use_dora"] is True and config["peft_type"] == "LORA" and (config["r"], config["lora_alpha"]) == (4, 8)
+    )
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), out
+    ).eval()
+    keys = set(load_file(out / "adapter_model.safetensors"))
+    assert keys == set(get_peft_model_state_dict(peft_model))  # PEFT's own key names, the magnitude's included
+    assert sum(key.endswith(".lora_magnitude_vector") for key in keys) == len(config["target_modules"]) == 14
+    torch.testing.assert_close(plain_logits(peft_model, batch), ours, rtol=0, atol=1e-4)
+
+    merged_dir = tmp_path / "merged"
+    args = ["--adapter", str(adapter), "--out", str(merged_dir), "--quantization", "none", "--dtype", "fp32"]
+    result = mmpeft("merge", *args, "--data", shards)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((merged_dir / REPORT_NAME).read_text())
+    assert report["adapted_layers"] == 14 and report["max_logit_diff"] < 1e-4
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
+    torch.testing.assert_close(plain_logits(merged, batch), ours, rtol=0, atol=1e-4)
+
+
+def test_dora_beside_lora_merges_into_the_nf4_weights_it_trained_on_but_is_not_one_peft_adapter(
+    tmp_path, tiny_model_dirs, shards, dora_plugin
+):
+    base = tiny_model_dirs["llava"]
+    groups = [AdapterGroup("lora", ["attention"], LORA), AdapterGroup("dora", ["mlp"], LORA)]
+    adapter = write_adapter(tmp_path / "adapter", base, groups, seed=2)
+    with pytest.raises(MergeError, match=r"mixes DoRA layers \(dora\) with plain LoRA layers \(lora\); PEFT's"):
+        export_peft(adapter, tmp_path / "peft", quantization="none", progress=lambda _: None)
+    assert not (tmp_path / "peft").exists()
+
+    batch = first_batch(base, shards, None, 4)
+    trained = adapted_logits(adapter, base, batch, quantization="nf4")
+    report = merge(adapter, tmp_path / "merged", data=shards, dtype="fp32", progress=lambda _: None)  # nf4 base
+    assert report["quantization"] == "nf4" and report["adapted_layers"] == 14
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    measured = (plain_logits(merged, batch) - trained).abs().max().item()
+    # DoRA's norm taken of the dequantized NF4 weights, as in training: the trained model up to float rounding.
+    assert report["max_logit_diff"] == pytest.approx(measured, abs=1e-5) and measured < 1e-4

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmpeft import registry
-from mmpeft.adapters.base import AdaptedLinear
+from mmpeft.adapters.base import Ability, AdaptedLinear, abilities_of, check_adapter_class
 from mmpeft.adapters.quant import BaseLayerView, is_linear
 from mmpeft.adapters.routing import RoutingContext, bind_routers
 from mmpeft.errors import ConfigError
@@ -39,20 +39,36 @@ class AdapterGroup:
     """Registered adapter name (``python -m mmpeft adapters`` lists them)."""
 
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Which linear layers: bare names (``q_proj``), globs over the path (``layers.*.mlp.*``), or the aliases ``attention``, ``mlp``, ``all-linear``."""
+    """Which linear layers: bare names (``q_proj``), globs over the path (``layers.*.mlp.*``), or the
+    aliases ``attention``, ``mlp``, ``all-linear``."""
 
     config: dict[str, Any] = field(default_factory=dict)
     """The adapter's hyperparameters (its config class's fields, e.g. ``r``, ``alpha``, ``dropout`` for LoRA)."""
 
     def resolve(self, index: int) -> tuple[type, Any]:
         """The adapter class and its validated config; raises ConfigError naming the bad name or key."""
-        cls = registry.load(registry.ADAPTERS, self.name)
+        cls = load_adapter(self.name)
         config = registry.build_config(cls.config_class, self.config, f"adapters[{index}] ({self.name}).config")
         return cls, config
 
 
+def load_adapter(name: str) -> type:
+    """The adapter class registered as ``name`` under ``mmpeft.adapters``, checked against the contract.
+
+    Raises ConfigError for an unknown name (listing the registered ones), a plugin that fails to
+    import, or one that fails :func:`~mmpeft.adapters.base.check_adapter_class` (naming what is missing).
+    """
+    return registry.load(registry.ADAPTERS, name, check=check_adapter_class)
+
+
+def describe_adapters() -> list[registry.PluginInfo]:
+    """Every registered adapter plugin, as ``python -m mmpeft adapters`` lists them, with why any is unusable."""
+    return registry.describe(registry.ADAPTERS, check=check_adapter_class)
+
+
 def group_labels(groups: list[AdapterGroup]) -> list[str]:
-    """How statistics and logs name each group: its adapter's name, or ``<name>.<index>`` when several groups share it."""
+    """How statistics and logs name each group: its adapter's name, or ``<name>.<index>`` when several
+    groups share it."""
     names = [g.name for g in groups]
     return [name if names.count(name) == 1 else f"{name}.{i}" for i, name in enumerate(names)]
 
@@ -78,8 +94,8 @@ def inject_adapters(
     """Wrap each targeted linear layer in an :class:`AdaptedLinear`; returns them by path.
 
     The routers of mixture adapters are bound to ``context`` (one per model, see
-    :mod:`mmpeft.adapters.routing`), labelled by :func:`group_labels`; adapters with
-    ``attach_base`` get a read-only view of their base layer. Raises ConfigError when a
+    :mod:`mmpeft.adapters.routing`), labelled by :func:`group_labels`; adapters that declare
+    ``reads_base_weight`` get a read-only view of their base layer. Raises ConfigError when a
     pattern matches no layer (listing the layers that exist) or when two groups claim the
     same layer.
     """
@@ -113,7 +129,7 @@ def inject_adapters(
         adapter = cls(base.in_features, base.out_features, config)
         # Adapters train in full precision on the base layer's device, whatever the base's storage dtype.
         adapter.to(device=_device_of(base), dtype=torch.float32)
-        if hasattr(adapter, "attach_base"):
+        if Ability.READS_BASE_WEIGHT in abilities_of(cls):
             adapter.attach_base(BaseLayerView(base))
         if context is not None:
             bind_routers(adapter, context, name, labels[owner[name]])

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.adapters.asymlora.config import AsymLoRAConfig
+from mmpeft.adapters.base import Ability, lora_parts
 from mmpeft.adapters.routing import Router, expert_gate
 
 
@@ -21,23 +20,20 @@ class AsymLoRA(nn.Module):
     """
 
     config_class = AsymLoRAConfig
+    abilities = frozenset({Ability.AS_LORA})
 
     def __init__(self, in_features: int, out_features: int, config: AsymLoRAConfig) -> None:
         super().__init__()
         self.config = config
         self.r, self.heads = config.r, config.heads
-        self.scaling = config.alpha / config.r
-        self.A = nn.Parameter(torch.empty(config.r, in_features))  # (r, d_in), shared by every head
-        self.B = nn.Parameter(
-            torch.zeros(out_features, config.heads * config.r)
-        )  # (d_out, N * r): head i is B[:, i*r:(i+1)*r]
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # A (r, d_in), shared by every head; B (d_out, N * r): head i is B[:, i*r:(i+1)*r]
+        columns = config.heads * config.r
+        self.A, self.B, self.dropout, self.scaling = lora_parts(in_features, out_features, config, columns=columns)
         self.router = Router(
             in_features, config.heads, level=config.routing, top_k=config.top_k, temperature=config.temperature
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
         gate = self.router(x)  # (..., N), or (batch, 1, N) per instance
         z = F.linear(self.dropout(x), self.A)  # (..., r)

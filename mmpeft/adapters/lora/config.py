@@ -11,7 +11,8 @@ class LoRAConfig:
     """Rank of the update ``B A``."""
 
     alpha: float = 16.0
-    """The update is scaled by ``alpha / r`` so that changing ``r`` needs no new learning rate (Hu et al. 2021, sec. 4.1)."""
+    """The update is scaled by ``alpha / r`` so that changing ``r`` needs no new learning rate (Hu et al.
+    2021, sec. 4.1)."""
 
     dropout: float = 0.05
     """Dropout on the adapter's input only; the base layer always sees the clean input."""

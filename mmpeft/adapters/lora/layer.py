@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.adapters.base import Ability, lora_parts
 from mmpeft.adapters.lora.config import LoRAConfig
 
 
 class LoRA(nn.Module):
-    """``delta(x) = s * B (A dropout(x))`` with ``A`` kaiming-uniform and ``B`` zero, so training starts at the base model."""
+    """``delta(x) = s * B (A dropout(x))`` with ``A`` kaiming-uniform and ``B`` zero, so training starts at
+    the base model."""
 
     config_class = LoRAConfig
+    abilities = frozenset({Ability.AS_LORA, Ability.DELTA_WEIGHT})
 
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig) -> None:
         super().__init__()
         self.config = config
-        self.scaling = config.alpha / config.r
-        self.A = nn.Parameter(torch.empty(config.r, in_features))  # (r, d_in)
-        self.B = nn.Parameter(torch.zeros(out_features, config.r))  # (d_out, r)
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # A (r, d_in), B (d_out, r)
+        self.A, self.B, self.dropout, self.scaling = lora_parts(in_features, out_features, config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         z = F.linear(self.dropout(x.to(self.A.dtype)), self.A)  # (..., r)
         return F.linear(z, self.B) * self.scaling  # (..., d_out)
 

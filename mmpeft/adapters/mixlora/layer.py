@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.adapters.base import Ability, lora_parts
 from mmpeft.adapters.mixlora.config import MixLoRAConfig
 from mmpeft.adapters.routing import Router
 
@@ -28,6 +27,7 @@ class MixLoRA(nn.Module):
     """
 
     config_class = MixLoRAConfig
+    abilities = frozenset({Ability.UNMERGEABLE})
     unmergeable = (
         "MixLoRA builds a different low-rank update for every input (instance routing over factor pools); "
         "it has no single weight update to merge or export"
@@ -37,11 +37,9 @@ class MixLoRA(nn.Module):
         super().__init__()
         self.config = config
         self.r, self.factors = config.r, config.factors
-        self.scaling = config.alpha / config.r
-        self.A = nn.Parameter(torch.empty(config.factors, in_features))  # (E, d_in): A-factor j is A[j]
-        self.B = nn.Parameter(torch.zeros(out_features, config.factors))  # (d_out, E): B-factor j is B[:, j]
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # A (E, d_in): A-factor j is A[j]; B (d_out, E): B-factor j is B[:, j]
+        e = config.factors
+        self.A, self.B, self.dropout, self.scaling = lora_parts(in_features, out_features, config, rows=e, columns=e)
         kwargs = {
             "level": "instance",
             "top_k": config.r,
@@ -63,7 +61,7 @@ class MixLoRA(nn.Module):
         b = self.router_b.select(h, conditional_logits=conditional)  # (batch, 1, r)
         return a.index[:, 0], a.weight[:, 0], b.index[:, 0], b.weight[:, 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
         index_a, weight_a, index_b, weight_b = self.router_a.context.instance_routing(self, lambda: self.route(x))
         chosen_a = self.A[index_a] * weight_a.unsqueeze(-1)  # (batch, r, d_in)

@@ -13,7 +13,8 @@ class MoELoRAConfig(LoRAConfig):
     """Number of LoRA experts, each of rank ``r`` with its own ``A_e`` and ``B_e``."""
 
     top_k: int | None = None
-    """``None``: every expert, weighted by the dense softmax (LoRAMoE). ``k``: the k best per token, renormalised (MoLA, Mixtral)."""
+    """``None``: every expert, weighted by the dense softmax (LoRAMoE). ``k``: the k best per token,
+    renormalised (MoLA, Mixtral)."""
 
     temperature: float = 1.0
     """Softmax temperature of the router."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.adapters.base import Ability, lora_parts
 from mmpeft.adapters.moelora.config import MoELoRAConfig
 from mmpeft.adapters.routing import Router, expert_gate
 
@@ -21,22 +20,18 @@ class MoELoRA(nn.Module):
     """
 
     config_class = MoELoRAConfig
+    abilities = frozenset({Ability.AS_LORA})
 
     def __init__(self, in_features: int, out_features: int, config: MoELoRAConfig) -> None:
         super().__init__()
         self.config = config
         self.r, self.experts = config.r, config.experts
-        self.scaling = config.alpha / config.r
-        self.A = nn.Parameter(
-            torch.empty(config.experts * config.r, in_features)
-        )  # (N * r, d_in): expert e is A[e*r:(e+1)*r]
-        self.B = nn.Parameter(torch.zeros(out_features, config.experts * config.r))  # (d_out, N * r)
-        # Same bound as a separate kaiming init per expert: the fan-in is d_in either way.
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # A (N * r, d_in): expert e is A[e*r:(e+1)*r]; B (d_out, N * r), expert e is B[:, e*r:(e+1)*r].
+        n = config.experts * config.r
+        self.A, self.B, self.dropout, self.scaling = lora_parts(in_features, out_features, config, rows=n, columns=n)
         self.router = Router(in_features, config.experts, top_k=config.top_k, temperature=config.temperature)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
         gate = self.router(x)  # (..., N)
         z = F.linear(self.dropout(x), self.A)  # (..., N * r)
@@ -44,7 +39,8 @@ class MoELoRA(nn.Module):
         return F.linear(z, self.B) * self.scaling  # (..., d_out)
 
     def as_lora(self, gate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One LoRA of rank ``N * r`` for a fixed ``gate`` ``(N,)``: the stacked ``A`` and ``[g_1 B_1 | ... | g_N B_N]``."""
+        """One LoRA of rank ``N * r`` for a fixed ``gate`` ``(N,)``: the stacked ``A`` and
+        ``[g_1 B_1 | ... | g_N B_N]``."""
         g = expert_gate(gate, self.experts, "LoRA-MoE").to(self.B)  # (N,)
         b = self.B.detach() * g.repeat_interleave(self.r)[None, :]  # (d_out, N * r): block e scaled by g_e
         return self.A.detach().clone(), b, self.scaling
