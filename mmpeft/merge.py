@@ -98,7 +98,8 @@ class Options:
     max_length: int = 1024
     """Longest sample in tokens, as ``data.max_length`` in training."""
     quantization: Literal["nf4", "fp4", "int8", "none"] | None = None
-    """How the base was loaded in training, so the adapted model is measured as trained (default: as ``adapter_config.json`` records, else nf4)."""
+    """How the base was loaded in training, so the adapted model is measured as trained (default: as
+    ``adapter_config.json`` records, else nf4)."""
     double_quant: bool | None = None
     """The base's 4-bit double quantization (default: as recorded, else on)."""
     device: str | None = None
@@ -212,9 +213,10 @@ def plan(
         detail = " ".join(str(exc).split())
         if o.base is None:
             raise AdapterError(
-                f"{Path(adapter) / 'adapter_config.json'} names the base model {pretrained!r}, which is no checkpoint folder here "
-                f"(tried {os.path.abspath(Path(pretrained).expanduser())}; an older adapter's relative path is relative to the folder "
-                f"training ran in) and does not load as a hub id ({detail}): give the checkpoint with --base"
+                f"{Path(adapter) / 'adapter_config.json'} names the base model {pretrained!r}, which is no "
+                f"checkpoint folder here (tried {os.path.abspath(Path(pretrained).expanduser())}; an older "
+                f"adapter's relative path is relative to the folder training ran in) and does not load as a hub id "
+                f"({detail}): give the checkpoint with --base"
             ) from exc
         raise ConfigError(f"--base: cannot load the config of {pretrained!r}: {detail}") from exc
     spec.check_base(config, f"adapter {adapter!r}")
@@ -231,7 +233,8 @@ def plan(
     missing = [k for k in result.missing_keys if ".adapter." in k]
     if missing or result.unexpected_keys:
         raise AdapterError(
-            f"adapter {adapter!r} does not match its adapter config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"adapter {adapter!r} does not match its adapter config: missing {missing[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]}"
         )
     routed = [
         name
@@ -254,7 +257,8 @@ def plan(
 def task_batches(
     data: str, processor: Any, tasks: list[str], task: str | None, samples: int, batch_size: int, max_length: int
 ) -> list[dict[str, Any]]:
-    """Up to ``samples`` samples of ``task`` (any task if ``None``) from the shards ``data``, encoded as training does, in batches."""
+    """Up to ``samples`` samples of ``task`` (any task if ``None``) from the shards ``data``, encoded as training
+    does, in batches."""
     import webdataset as wds
 
     from mmpeft.data.datamodule import resolve_source
@@ -354,7 +358,8 @@ def max_logit_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load_adapted(p: Plan) -> tuple[nn.Module, RoutingContext]:
-    """The base loaded as the adapter was trained on it (``options.quantization``), with the adapter applied, in eval mode."""
+    """The base loaded as the adapter was trained on it (``options.quantization``), with the adapter applied, in
+    eval mode."""
     o = p.options
     backbone = Backbone(
         pretrained=p.pretrained,
@@ -372,7 +377,8 @@ def load_adapted(p: Plan) -> tuple[nn.Module, RoutingContext]:
 
 
 def measure_gates(model: nn.Module, context: RoutingContext, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Each router's mean applied gate over the batches' real tokens (samples, for instance routing), by full layer path."""
+    """Each router's mean applied gate over the batches' real tokens (samples, for instance routing), by full layer
+    path."""
     meter = GateMeans()
     for batch in batches:
         token_logits(model, batch, context, record=True)
@@ -476,7 +482,8 @@ def collapse_routed(
 
 @dataclass
 class Measured:
-    """The adapted model as trained, the batches it ran on, its logits on the first, and the collapse of its mixtures."""
+    """The adapted model as trained, the batches it ran on, its logits on the first, and the collapse of its
+    mixtures."""
 
     model: nn.Module
     context: RoutingContext
@@ -492,7 +499,8 @@ class Measured:
 
 
 def load_and_measure(p: Plan, progress: Callable[[str], None]) -> Measured:
-    """Load the adapted model, run it on a batch (of the task from ``data``, else built in), collapse its mixtures for the task."""
+    """Load the adapted model, run it on a batch (of the task from ``data``, else built in), collapse its mixtures
+    for the task."""
     o = p.options
     processor = load_processor(p.pretrained, o.trust_remote_code, key="--base")
     if o.data is None:
@@ -508,7 +516,8 @@ def load_and_measure(p: Plan, progress: Callable[[str], None]) -> Measured:
         collapse = collapse_routed(p, model, context, batches, logits)
         how = "exact" if collapse.exact else "not exact: the router gives the task's inputs different gates"
         progress(
-            f"collapsed {len(collapse.gates)} routed layer(s): max |logit diff| vs routed {collapse.max_logit_diff:.3g} ({how})"
+            f"collapsed {len(collapse.gates)} routed layer(s): max |logit diff| vs routed "
+            f"{collapse.max_logit_diff:.3g} ({how})"
         )
     return Measured(model, context, processor, batches, logits, collapse)
 
@@ -567,7 +576,8 @@ def fold_into(
 
 
 def save_processor(processor: Any, out: Path) -> None:
-    """``processor.save_pretrained(out)``, plus the image processor's own ``preprocessor_config.json`` as hub checkpoints have.
+    """``processor.save_pretrained(out)``, plus the image processor's own ``preprocessor_config.json`` as hub
+    checkpoints have.
 
     A processor loaded without torchvision lacks its video part (see ``load_processor``); from that
     file a video-capable processor (Qwen2-VL) rebuilds it where torchvision is installed, so the
@@ -580,7 +590,8 @@ def save_processor(processor: Any, out: Path) -> None:
 
 
 def load_plain(pretrained: str, dtype: torch.dtype, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
-    """A checkpoint through its auto class's ``from_pretrained`` (:func:`~mmpeft.models.backbone.auto_model_class`), unquantized unless ``kwargs`` say otherwise."""
+    """A checkpoint through its auto class's ``from_pretrained`` (:func:`~mmpeft.models.backbone.auto_model_class`),
+    unquantized unless ``kwargs`` say otherwise."""
     try:
         config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
         model = auto_model_class(config, "--base").from_pretrained(
@@ -678,7 +689,8 @@ def merge(
 
 
 def tool_parser(prog: str, description: str) -> ArgumentParser:
-    """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and ``--out``."""
+    """A parser with the options ``merge`` and ``export`` share (the fields of :class:`Options`), ``--adapter`` and
+    ``--out``."""
     parser = ArgumentParser(prog=f"python -m mmpeft {prog}", description=description)
     parser.add_argument(
         "--adapter",
@@ -698,7 +710,10 @@ def tool_parser(prog: str, description: str) -> ArgumentParser:
         "--quantization",
         choices=["nf4", "fp4", "int8", "none"],
         default=None,
-        help="how the base was loaded in training, so the adapted model is measured as trained (default: as adapter_config.json records it, else nf4)",
+        help=(
+            "how the base was loaded in training, so the adapted model is measured as trained (default: as "
+            "adapter_config.json records it, else nf4)"
+        ),
     )
     parser.add_argument(
         "--double-quant",
@@ -708,11 +723,17 @@ def tool_parser(prog: str, description: str) -> ArgumentParser:
     )
     parser.add_argument(
         "--task",
-        help="collapse AsymLoRA / LoRA-MoE for this task (a name of the adapter's task vocabulary) with its mean router weights",
+        help=(
+            "collapse AsymLoRA / LoRA-MoE for this task (a name of the adapter's task vocabulary) with its mean "
+            "router weights"
+        ),
     )
     parser.add_argument(
         "--data",
-        help="shards (directory, brace pattern or glob) whose samples of --task measure the router weights and the reported logit differences",
+        help=(
+            "shards (directory, brace pattern or glob) whose samples of --task measure the router weights and the "
+            "reported logit differences"
+        ),
     )
     parser.add_argument(
         "--samples", type=int, default=64, help="samples of the task the router weights are averaged over (default: 64)"
@@ -745,10 +766,10 @@ def cmd_merge(argv: list[str]) -> int:
     parser = tool_parser(
         "merge",
         "Fold an adapter into its base model's weights and write a standard transformers checkpoint "
-        "(AutoModelForImageTextToText + AutoProcessor). A 4-bit base is dequantized, merged in float32, then written in "
-        "--dtype or re-quantized (--quantize). AsymLoRA and LoRA-MoE are first collapsed for one --task; MixLoRA cannot be "
-        "merged. The largest logit difference between the merged and the adapted model on a batch is printed and written "
-        "to OUT/merge_report.json.",
+        "(AutoModelForImageTextToText + AutoProcessor). A 4-bit base is dequantized, merged in float32, then "
+        "written in --dtype or re-quantized (--quantize). AsymLoRA and LoRA-MoE are first collapsed for one --task; "
+        "MixLoRA cannot be merged. The largest logit difference between the merged and the adapted model on a batch "
+        "is printed and written to OUT/merge_report.json.",
     )
     parser.add_argument(
         "--dtype",

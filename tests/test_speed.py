@@ -14,7 +14,7 @@ from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import VISION_PATHS, Backbone, get_path, language_model, load_backbone
 from mmpeft.module import MMPeftModule
-from mmpeft.objective import ChunkedLinearCrossEntropy, lm_losses, output_head
+from mmpeft.objective import ChunkedLinearCrossEntropy, lm_losses, output_head, routed
 from mmpeft.speed import Speed, apply_to_adapters
 
 CPU = torch.device("cpu")
@@ -47,8 +47,7 @@ def step(
                     p.data.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     model.train()
     batch = _batch(model_dir)
-    prompt = batch["labels"] == -100
-    with context.step(batch["inputs"]["attention_mask"], prompt, batch["task_ids"]):
+    with routed(context, batch):
         loss, per_sample = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
@@ -149,3 +148,16 @@ def test_bad_speed_settings_name_their_key(tiny_model_dirs):
         MMPeftModule(backbone, speed=Speed(loss_chunk=-1))
     with pytest.raises(ConfigError, match="model.speed.checkpoint_every"):
         MMPeftModule(backbone, speed=Speed(checkpoint_every=0))
+
+
+def test_the_in_place_add_is_taken_wherever_autograd_allows_it(tiny_model_dirs):
+    """4-bit Qwen2-VL: bitsandbytes returns a view from its autograd Function for the biased q/k/v projections,
+    which autograd will not let change in place once gradients flow; every other layer adds in place."""
+    model = load_backbone(Backbone(pretrained=tiny_model_dirs["qwen2_vl"]), CPU, Speed()).train()
+    wrapped = inject_adapters(language_model(model), [AdapterGroup("lora", ["all-linear"], {"r": 4})])
+    batch = _batch(tiny_model_dirs["qwen2_vl"])
+    lm_losses(model, batch["inputs"], batch["labels"])[0].backward()
+    refused = sorted(name for name, layer in wrapped.items() if layer._refused)
+    # The first layer's inputs need no gradient (frozen embeddings), so its views may change in place.
+    assert refused == [f"layers.1.self_attn.{p}_proj" for p in "kqv"], refused
+    assert all(wrapped[name].base.bias is not None for name in refused)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from mmpeft.adapters.quant import base_forward, can_add_in_place
+from mmpeft.adapters.quant import base_forward
 from mmpeft.errors import ConfigError
 
 
@@ -256,6 +256,8 @@ class AdaptedLinear(nn.Module):
         self.reads_base_output = Ability.READS_BASE_OUTPUT in abilities_of(type(adapter))
         """The adapter declares that autograd saves ``base_out`` for its backward: the add is then out
         of place whatever :attr:`inplace_add` says (in place, backward would fail on the changed tensor)."""
+        self._refused: set[tuple[bool, int]] = set()
+        # (requires_grad, dims) of base outputs autograd refused to change in place: asked once each.
 
     @property
     def weight(self) -> torch.Tensor:
@@ -265,8 +267,17 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = base_forward(self.base, x)  # (..., out_features)
         delta = self.adapter(x, y).to(y.dtype)  # (..., out_features)
-        in_place = self.inplace_add and not self.reads_base_output and can_add_in_place(self.base, y)
-        return y.add_(delta) if in_place else y + delta
+        kind = (y.requires_grad, y.dim())
+        if self.inplace_add and not self.reads_base_output and kind not in self._refused:
+            try:
+                return y.add_(delta)
+            except RuntimeError:
+                # Autograd refuses to change in place a view that a custom autograd Function returned, as
+                # bitsandbytes' 4-bit matmul does for some layers and shapes (a bias and 3-D inputs). No public
+                # API tells such a view apart beforehand; the refusal comes before anything is written, and an
+                # error of another kind is raised again by the add below.
+                self._refused.add(kind)
+        return y + delta
 
     def extra_repr(self) -> str:
         return f"adapter={self.adapter_name!r}"

@@ -48,17 +48,6 @@ def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-def can_add_in_place(layer: nn.Module, out: torch.Tensor) -> bool:
-    """Whether an update may be added in place into ``out = base_forward(layer, x)``.
-
-    bitsandbytes computes a quantized layer in its own autograd Function, whose output is a view
-    for inputs of more than two dimensions; autograd refuses to change such a view in place. So
-    whenever autograd records through a quantized layer the add is out of place. (Decided by the
-    layer and ``requires_grad``, both public, instead of asking the tensor whether it is a view.)
-    """
-    return not (out.requires_grad and quantization_of(layer) != "none")
-
-
 def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     """The base weight as a float32 ``(out_features, in_features)`` tensor."""
     weight = layer.weight
