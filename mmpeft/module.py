@@ -320,7 +320,7 @@ class MMPeftModule(L.LightningModule):
         """The decoded new text of each left-padded prompt of ``inputs`` (leading whitespace stripped), generated with
         ``kwargs`` in the routing context.
 
-        Instance routing (MixLoRA, per-sequence AsymLoRA) is computed once on each prompt and
+        Instance routing (MixLoRA, AsymLoRA with ``routing: instance``) is computed once on each prompt and
         reused at every new token, through the KV cache.
         """
         prompt_len = inputs["input_ids"].shape[1]

@@ -38,7 +38,7 @@ from mmpeft.objective import lm_loss, routed
 CASES = {
     "lora": ("lora", {"r": 4, "dropout": 0.0}),
     "asymlora": ("asymlora", {"r": 4, "heads": 3, "dropout": 0.0}),
-    "asymlora-seq-top2": ("asymlora", {"r": 4, "heads": 3, "routing": "sequence", "top_k": 2, "dropout": 0.0}),
+    "asymlora-inst-top2": ("asymlora", {"r": 4, "heads": 3, "routing": "instance", "top_k": 2, "dropout": 0.0}),
     "moelora": ("moelora", {"r": 2, "experts": 4, "dropout": 0.0}),
     "moelora-top2": ("moelora", {"r": 2, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "mixlora": ("mixlora", {"r": 4, "factors": 8, "dropout": 0.0}),

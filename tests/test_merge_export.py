@@ -107,7 +107,7 @@ def test_mixtures_collapse_exactly_where_the_router_gives_every_input_one_gate()
     x = torch.randn(3, 5, 12)  # (batch, seq, d_in)
     for adapter in (
         AsymLoRA(12, 10, AsymLoRAConfig(r=4, alpha=8, dropout=0.0, heads=3)),
-        AsymLoRA(12, 10, AsymLoRAConfig(r=4, alpha=8, dropout=0.0, heads=3, routing="sequence")),
+        AsymLoRA(12, 10, AsymLoRAConfig(r=4, alpha=8, dropout=0.0, heads=3, routing="instance")),
         MoELoRA(12, 10, MoELoRAConfig(r=2, alpha=6, dropout=0.0, experts=4)),
     ):
         torch.nn.init.normal_(adapter.B)
@@ -170,7 +170,7 @@ EXPORTS = {
         "llava",
         [
             AdapterGroup("lora", ["attention"], LORA),
-            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 3, "routing": "sequence"}),
+            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 3, "routing": "instance"}),
         ],
         False,
         "color",
@@ -245,7 +245,7 @@ def test_merge_from_the_command_line_writes_a_checkpoint_with_the_adapted_logits
         base,
         [
             AdapterGroup("lora", ["attention"], LORA),
-            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 2, "routing": "sequence"}),
+            AdapterGroup("asymlora", ["mlp"], {**LORA, "heads": 2, "routing": "instance"}),
         ],
     )
     out = tmp_path / "merged"

@@ -32,7 +32,7 @@ BATCH = 3  # the shards hold 3 samples each, and a batch never spans two shards
 NEW_TOKENS = 6
 ADAPTERS = {
     "lora": AdapterGroup("lora", ["all-linear"], {"r": 16, "alpha": 32, "dropout": 0.0}),  # configs/demo.yaml's
-    "asymlora": AdapterGroup("asymlora", ["all-linear"], {"r": 4, "heads": 3, "routing": "sequence", "dropout": 0.0}),
+    "asymlora": AdapterGroup("asymlora", ["all-linear"], {"r": 4, "heads": 3, "routing": "instance", "dropout": 0.0}),
     "moelora": AdapterGroup("moelora", ["all-linear"], {"r": 2, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "mixlora": AdapterGroup("mixlora", ["all-linear"], {"r": 4, "factors": 8, "dropout": 0.0}),
 }
