@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("adapters", ["mmpeft.adapters"]),
-    ("models", ["mmpeft.models", "mmpeft.speed"]),
+    ("models", ["mmpeft.models", "mmpeft.speed", "mmpeft.memory"]),
     ("evaluation", ["mmpeft.metrics", "mmpeft.generation", "mmpeft.plots", "mmpeft.report"]),
     ("data", ["mmpeft.data"]),
     ("training", ["mmpeft.checkpoint", "mmpeft.saving", "mmpeft.module", "mmpeft.monitor"]),

@@ -51,6 +51,8 @@ def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def dequantized_weight(layer: nn.Linear) -> torch.Tensor:
     """The base weight as a float32 ``(out_features, in_features)`` tensor."""
     weight = layer.weight
+    if weight.device.type == "meta":  # a model built without weights (mmpeft.memory): shapes only
+        return torch.empty(layer.out_features, layer.in_features, device="meta")
     if isinstance(layer, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     if isinstance(layer, bnb.nn.Linear8bitLt) and getattr(weight, "SCB", None) is not None:
