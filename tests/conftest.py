@@ -58,15 +58,20 @@ def fake_distribution(folder, name: str, version: str, entry_points: str) -> Non
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The family conformance table (tests/test_families.py): a row per family, a column per check."""
+    """The per-family tables: conformance (tests/test_families.py) and image tokens (tests/test_images.py), a row
+    per family, a column per check."""
     import sys
 
-    module = sys.modules.get("test_families")
-    if module is None or not module.RESULTS:
-        return
+    for name, title in (("test_families", "family conformance"), ("test_images", "image tokens and resolution")):
+        module = sys.modules.get(name)
+        if module is not None and module.RESULTS:
+            _family_table(terminalreporter, module, f"{title} (tests/{name}.py)")
+
+
+def _family_table(terminalreporter, module, title: str) -> None:
     checks = module.CHECKS
     width = max(len(f) for f in module.RESULTS)
-    terminalreporter.write_sep("=", "family conformance (tests/test_families.py)")
+    terminalreporter.write_sep("=", title)
     widths = [max(len(c), *(len(row.get(c, "-")) for row in module.RESULTS.values())) for c in checks]
     terminalreporter.write_line(f"{'family':<{width}}  " + "  ".join(c.center(w) for c, w in zip(checks, widths)))
     for family, row in module.RESULTS.items():

@@ -29,6 +29,7 @@ from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, Stre
 from mmpeft.errors import ConfigError, DataError
 from mmpeft.metrics import check_metric_names
 from mmpeft.models.backbone import load_processor
+from mmpeft.models.images import resolution_kwargs
 
 log = logging.getLogger("mmpeft.data")
 
@@ -207,6 +208,7 @@ class ShardDataModule(L.LightningDataModule):
         predict: Spec = None,
         processor: str | None = None,
         processor_kwargs: dict[str, Any] | None = None,
+        image_resolution: int | None = None,
         tasks: list[str] | None = None,
         batch_size: int = 8,
         max_length: int = 1024,
@@ -233,6 +235,14 @@ class ShardDataModule(L.LightningDataModule):
                 (``model.backbone.pretrained``).
             processor_kwargs: Extra arguments for the processor's ``from_pretrained``, e.g. ``{max_pixels: 401408}`` to
                 cap Qwen2-VL's image tokens.
+            image_resolution: Images are read at no more than ``image_resolution**2`` pixels, through the setting
+                the family's processor has for it (Qwen-VL: ``max_pixels``; Idefics3, SmolVLM, Pixtral:
+                ``size.longest_edge``; InternVL: ``max_patches``), so fewer image tokens trade detail for memory
+                (docs/data.md, "Image resolution"). A pixel budget (the side of a square) rather than a longest side,
+                because Qwen-VL and InternVL bound an image's area, not its side: a square image is read at the same
+                size in every family. Refused (ConfigError) where the input size is fixed by the model (LLaVA,
+                LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma, Mllama). A key it sets that ``processor_kwargs``
+                also sets must agree. Default: the processor's own settings.
             tasks: Task vocabulary (task id = position). By default the sorted union of the indexes' vocabularies; a
                 resumed run keeps its checkpoint's.
             batch_size: Samples per batch and device.
@@ -353,6 +363,9 @@ class ShardDataModule(L.LightningDataModule):
             raise ConfigError("data.tasks is not set and no dataset.json with a task vocabulary lies beside the shards")
         self.tasks = list(tasks)
         processor = load_processor(hp.processor, hp.trust_remote_code, **(hp.processor_kwargs or {}))
+        if hp.get("image_resolution") is not None:  # the knob's keys depend on the processor's family and settings
+            kwargs = resolution_kwargs(processor, hp.image_resolution, hp.processor_kwargs)
+            processor = load_processor(hp.processor, hp.trust_remote_code, **kwargs)
         self.encoder = ChatEncoder(processor, self.tasks, hp.max_length, hp.max_skip_fraction)
 
     # -- the task vocabulary travels with checkpoints, so task ids never change on resume ---------
