@@ -9,7 +9,7 @@ version and the missing attribute, when an installed library no longer has one o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import lightning as L
@@ -36,6 +36,24 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "_find_last_checkpoints",
         "mmpeft.compat.last_checkpoints",
     ),
+    *(
+        PrivateAPI(
+            "transformers", f"transformers:{name}", "_get_num_multimodal_tokens", "mmpeft.compat.image_token_count"
+        )
+        for name in (
+            "LlavaProcessor",
+            "LlavaNextProcessor",
+            "LlavaOnevisionProcessor",
+            "Qwen2VLProcessor",
+            "Qwen2_5_VLProcessor",
+            "Qwen3VLProcessor",
+            "Idefics3Processor",
+            "SmolVLMProcessor",
+            "Gemma3Processor",
+            "PaliGemmaProcessor",
+            "InternVLProcessor",
+        )
+    ),
     PrivateAPI(
         "torchmetrics",
         "torchmetrics.wrappers:ClasswiseWrapper",
@@ -57,3 +75,18 @@ def last_checkpoints(callback: ModelCheckpoint, trainer: L.Trainer) -> set[str]:
     silently start from scratch).
     """
     return set(callback._find_last_checkpoints(trainer))
+
+
+def image_token_count(processor: Any, height: int, width: int) -> int | None:
+    """The image tokens the processor puts in a prompt for one ``height x width`` image; ``None`` when it has no rule.
+
+    transformers' per-processor rule (``ProcessorMixin`` subclasses' ``_get_num_multimodal_tokens``, which vLLM
+    uses to size its caches): it applies the image processor's own resize and tiling to the processor's own
+    settings. No public method gives the count without encoding an image, and formulas copied per family could
+    drift from the processors' (``tests/test_images.py`` checks the count against the real processor for every
+    family; Pixtral's processor, loaded through its PIL twin here, has it too).
+    """
+    counter = getattr(processor, "_get_num_multimodal_tokens", None)
+    if counter is None:
+        return None
+    return int(counter(image_sizes=[(height, width)]).num_image_tokens[0])

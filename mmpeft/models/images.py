@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmpeft.compat import image_token_count
 from mmpeft.errors import ConfigError
 
 __all__ = [
@@ -73,10 +74,10 @@ def image_tokens(processor: Any, height: int, width: int, config: Any = None) ->
         raise ValueError(f"an image has at least one pixel per side, got {height}x{width}")
     if type(processor).__name__ == "MllamaProcessor":
         return _mllama_tokens(processor, height, width, config)
-    counter = getattr(processor, "_get_num_multimodal_tokens", None)
-    if counter is None:
+    count = image_token_count(processor, height, width)
+    if count is None:
         raise ConfigError(f"{type(processor).__name__}: mmpeft cannot count its image tokens (no transformers rule)")
-    return int(counter(image_sizes=[(height, width)]).num_image_tokens[0])
+    return count
 
 
 def _mllama_tokens(processor: Any, height: int, width: int, config: Any) -> int:
