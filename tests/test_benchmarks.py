@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,3 +139,56 @@ def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_score
     assert all(line.count("±") == len(tasks) + 1 for line in rows[1:])
     assert result.stdout.startswith("command: python benchmarks/conflict_suite/run.py --check")
     assert "environment: python" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp_path):
+    """The one-shot GPU check's CPU-sized mode: the same code path as on the GPU (models built on meta, NF4 layer by
+    layer), both families, mmpeft's LoRA and AsymLoRA and PEFT's LoRA, the same step-0 loss as PEFT."""
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert text.startswith("command: python benchmarks/gpu_check.py --cpu")
+    assert "torch " in text and "transformers " in text and "bitsandbytes " in text
+    assert "mode: CPU-sized" in text
+    tables: dict[str, dict[str, list[str]]] = {}
+    family = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            family = line[3:].split(":")[0]
+            tables[family] = {}
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if family and line.startswith("|") and len(cells) == 12 and cells[0] in ("lora", "asymlora", "peft"):
+            tables[family][cells[0]] = cells
+    assert set(tables) == {"llava", "qwen2_vl"}
+    for family, rows in tables.items():
+        assert set(rows) == {"lora", "asymlora", "peft"}, family
+        for name, cells in rows.items():
+            step, rate, resident, peak = float(cells[3]), float(cells[4]), float(cells[5]), float(cells[7])
+            assert all(math.isfinite(v) and v > 0 for v in (step, rate, resident, peak)), (family, name, cells)
+            assert peak > resident  # the step allocates above what it holds
+            assert cells[8] in ("pending",) or float(cells[8]) > 0  # the estimate column, filled once it exists
+        # same model, same batch, zero-init B: mmpeft's LoRA computes PEFT's loss at step 0
+        ours, theirs = float(rows["lora"][2]), float(rows["peft"][2])
+        assert abs(ours - theirs) <= 1e-4 * abs(theirs), (family, ours, theirs)
+        assert int(rows["lora"][1].replace(",", "")) == int(rows["peft"][1].replace(",", ""))
+        agree = next(line for line in text.splitlines() if line.startswith(f"{family}: step-0 losses agree"))
+        assert float(agree.split("relative ")[1].rstrip(")")) <= 1e-4
+    report = json.loads(out.read_text())
+    assert report["mode"] == "cpu"
+    assert {(r["family"], r["variant"]) for r in report["rows"]} == {
+        (f, v) for f in ("llava", "qwen2_vl") for v in ("lora", "asymlora", "peft")
+    }
+    for r in report["rows"]:
+        assert r["peak_bytes"] == r["resident_bytes"] + r["step_peak_bytes"] > 0
+        assert len(r["step_s"]) == report["setup"]["steps"] and all(s > 0 for s in r["step_s"])
+        assert all(math.isfinite(loss) for loss in r["losses"])
