@@ -192,3 +192,22 @@ def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp
         assert r["peak_bytes"] == r["resident_bytes"] + r["step_peak_bytes"] > 0
         assert len(r["step_s"]) == report["setup"]["steps"] and all(s > 0 for s in r["step_s"])
         assert all(math.isfinite(loss) for loss in r["losses"])
+
+
+def test_gpu_check_shapes_have_the_published_parameter_counts(monkeypatch):
+    """The 7B shapes written into gpu_check.py build models of exactly the published checkpoints' sizes (on the meta
+    device: no weight is allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    # (hub pages' sizes in billions, the exact count these shapes build)
+    published = {"llava": (7.06, 7_063_427_072), "qwen2_vl": (8.29, 8_291_375_616)}
+    for family, (billions, count) in published.items():
+        with init_empty_weights():
+            model = AutoModelForImageTextToText.from_config(gpu_check.model_config(gpu_check.SHAPES[family]))
+        built = sum(p.numel() for p in model.parameters())
+        assert round(built / 1e9, 2) == billions and built == count, (family, built)
+        assert gpu_check.image_tokens(gpu_check.SHAPES[family]) == 576
