@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from adapter_overhead import environment, loadavg, mib, sync  # noqa: E402
+from profiling import cpu_peak_bytes  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters  # noqa: E402
@@ -465,21 +466,14 @@ def run_steps(model, optimizer, loss_fn, batch, steps: int, device: torch.device
             sync(device)
             seconds.append(time.perf_counter() - start)
         return losses, seconds, resident, torch.cuda.max_memory_allocated(device) - resident
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def timed_steps() -> None:
         for _ in range(steps):
             start = time.perf_counter()
             step()
             seconds.append(time.perf_counter() - start)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return losses, seconds, resident, peak
+
+    return losses, seconds, resident, cpu_peak_bytes(timed_steps)
 
 
 def first_loss(model: nn.Module, loss_fn, batch: dict, autocast: bool) -> float:

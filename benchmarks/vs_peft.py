@@ -80,6 +80,7 @@ from adapter_overhead import (  # noqa: E402
     to_device,
     verdict,
 )
+from profiling import cpu_peak_bytes  # noqa: E402
 
 from mmpeft.adapters import AdaptedLinear  # noqa: E402
 from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
@@ -238,19 +239,12 @@ def pass_peak_bytes(
             step(runner, batch, coefficients)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def steps() -> None:
         for batch in batches:
             step(runner, batch, coefficients)
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+
+    return cpu_peak_bytes(steps)
 
 
 # -- the variants ---------------------------------------------------------------------------
