@@ -17,11 +17,17 @@ exactly as training injects them; every byte is then counted from the modules' s
 Activations, which depend on the batch, the sequence length, the images and checkpointing, are not
 counted yet (issue 16). ``tests/test_memory.py`` checks every line above byte for byte against the model
 ``load_backbone`` loads, for every supported family.
+
+:func:`preflight` (``model.preflight``) is the check ``fit`` runs with it before loading any weight: on
+CUDA, a run whose breakdown alone exceeds the device's free memory stops with the breakdown. Activations
+come on top, so the check never stops a run that could fit.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass
 
 import bitsandbytes as bnb
@@ -33,6 +39,7 @@ from transformers.quantizers import AutoHfQuantizer
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext
+from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import (
     PROJECTOR_PATHS,
     VISION_PATHS,
@@ -42,6 +49,8 @@ from mmpeft.models.backbone import (
     language_model,
     quantization_config,
 )
+
+log = logging.getLogger("mmpeft")
 
 NF4_BLOCK = 64
 """Values per absmax of bitsandbytes' 4-bit quantization (its default blocksize)."""
@@ -163,3 +172,75 @@ def static_memory(
             "optimizer state", state, optimizer + (" (paged: may move to CPU memory)" if "paged" in optimizer else "")
         ),
     ]
+
+
+# -- the preflight: stop before loading any weight when the run cannot fit --------------------------------------
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, key: str) -> int:
+    """``"12GiB"``, ``"16 GB"``, ``"800MiB"`` in bytes; ConfigError naming ``key`` otherwise."""
+    match = _SIZE.match(str(text))
+    if match is None:
+        raise ConfigError(f"{key}: {text!r} is not a size; write e.g. 12GiB, 16GB or 800MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def gib(count: int) -> str:
+    """``count`` bytes in GiB, or MiB / KiB below one of the larger unit."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
+
+
+@dataclass
+class Preflight:
+    """The memory check ``fit`` runs before loading any weight (docs/architecture.md, ``mmpeft.memory``)."""
+
+    budget: str | None = "auto"
+    """Memory the run may use. ``auto``: the CUDA device's free memory (no check on a CPU); a size such as
+    ``12GiB`` checks against that on any device; ``null`` turns the check off. What is counted is what training
+    holds before its first batch (weights, adapters, gradients, optimizer state); activations come on top and are
+    not counted yet, so a run this check stops could never have fit."""
+
+    def check(self) -> None:
+        if self.budget not in (None, "auto"):
+            parse_size(self.budget, "model.preflight.budget")
+
+    def limit(self, device: torch.device) -> int | None:
+        """The bytes the run may use on ``device``, or ``None`` for no check."""
+        if self.budget is None:
+            return None
+        if self.budget == "auto":
+            return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        return parse_size(self.budget, "model.preflight.budget")
+
+
+def preflight(
+    settings: Preflight, backbone: Backbone, adapters: list[AdapterGroup], optimizer: str, device: torch.device
+) -> list[Part] | None:
+    """Count what training holds before its first batch and raise ConfigError when it exceeds the budget."""
+    limit = settings.limit(device)
+    if limit is None:
+        return None
+    try:
+        parts = static_memory(backbone, adapters, optimizer, device.type)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a check must not stop a run it cannot judge: say so and let the run go on
+        log.warning("model.preflight: memory not checked (%s: %s)", type(exc).__name__, exc)
+        return None
+    total = sum(part.bytes for part in parts)
+    if total > limit:
+        lines = ", ".join(f"{part.name} {gib(part.bytes)}" for part in parts if part.bytes)
+        where = "free on " + str(device) if settings.budget == "auto" else f"model.preflight.budget={settings.budget}"
+        raise ConfigError(
+            f"the run cannot fit: before its first batch training holds {gib(total)} ({lines}), more than the "
+            f"{gib(limit)} {where}, and activations come on top. Use a smaller model or fewer trainable values "
+            "(model.adapters r, targets), model.optim.optimizer: adamw_8bit, or set model.preflight.budget: null "
+            "to skip this check"
+        )
+    return parts

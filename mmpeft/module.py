@@ -30,6 +30,7 @@ from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_stat
 from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
 from mmpeft.generation import Generation
+from mmpeft.memory import Preflight, preflight
 from mmpeft.metrics import Evaluation, TaskMetrics, print_table
 from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
 from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
@@ -70,6 +71,7 @@ class MMPeftModule(L.LightningModule):
         generation: Generation = Generation(),
         evaluation: Evaluation = Evaluation(),
         speed: Speed = Speed(),
+        preflight: Preflight = Preflight(),
     ) -> None:
         """Adapter fine-tuning of a (quantized) multimodal model.
 
@@ -87,6 +89,8 @@ class MMPeftModule(L.LightningModule):
                 metrics (docs/evaluation.md).
             speed: Training-step speed and memory levers (chunked loss, in-place adapter add, where gradients and
                 recomputation go; docs/speed.md). None changes the loss beyond floating-point noise.
+            preflight: The memory check ``fit`` runs before loading any weight: on CUDA it stops a run whose
+                weights, adapters, gradients and optimizer state alone exceed the device's free memory.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +119,8 @@ class MMPeftModule(L.LightningModule):
         self.evaluation = evaluation
         speed.check()
         self.speed = speed
+        preflight.check()
+        self.preflight = preflight
         self.metrics: TaskMetrics | None = None
         """Every task's validation or test scores, built when an evaluation pass starts (the task vocabulary is final
         then)."""
@@ -149,6 +155,9 @@ class MMPeftModule(L.LightningModule):
         predicting = trainer is not None and trainer.predicting
         # Gradient checkpointing only costs time when nothing is trained.
         backbone = dataclasses.replace(self.backbone, gradient_checkpointing=False) if predicting else self.backbone
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            # Before any weight is read: from config.json on the meta device (mmpeft/memory.py).
+            preflight(self.preflight, backbone, self.adapter_groups, self.optim.optimizer, trainer.strategy.root_device)
         model = load_backbone(backbone, trainer.strategy.root_device, self.speed)
         if self.init_spec is not None:
             apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)

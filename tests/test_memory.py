@@ -13,7 +13,8 @@ import torch
 from test_families import SUPPORTED
 
 from mmpeft.adapters import AdapterGroup, inject_adapters
-from mmpeft.memory import static_memory
+from mmpeft.errors import ConfigError
+from mmpeft.memory import parse_size, static_memory
 from mmpeft.models.backbone import Backbone, language_model, load_backbone
 
 GROUPS = [AdapterGroup("lora", ["attention"], {"r": 4}), AdapterGroup("asymlora", ["mlp"], {"r": 4, "heads": 3})]
@@ -89,3 +90,61 @@ def test_the_8bit_optimizer_state_is_what_bitsandbytes_keeps(tiny_model_dirs):
                 held += value.numel() * value.element_size()
     parts = {part.name: part.bytes for part in static_memory(backbone, groups, "adamw_8bit", device_type="cpu")}
     assert parts["optimizer state"] == held
+
+
+def test_parse_size_reads_the_usual_spellings_and_names_the_key_otherwise():
+    assert parse_size("12GiB", "k") == 12 * 2**30
+    assert parse_size("16 GB", "k") == 16 * 10**9
+    assert parse_size("800mib", "k") == 800 * 2**20
+    assert parse_size("1.5GiB", "k") == int(1.5 * 2**30)
+    with pytest.raises(ConfigError, match=r"model\.preflight\.budget: '12 gigs' is not a size"):
+        parse_size("12 gigs", "model.preflight.budget")
+
+
+def test_a_run_that_cannot_fit_its_budget_stops_before_any_weight_is_loaded(tmp_path, tiny_model_dirs, capsys):
+    """Through the CLI: exit 2, one line with the breakdown; and in a Trainer, the module never loaded a model."""
+    import lightning as L
+    from test_cli import demo_config, run_main
+
+    from mmpeft.data.datamodule import ShardDataModule
+    from mmpeft.memory import Preflight
+    from mmpeft.module import MMPeftModule
+
+    path = tiny_model_dirs["llava"]
+    config = demo_config(tmp_path, path, "llava", steps=2)
+    code, err = run_main(capsys, "fit", "--config", str(config), "--model.preflight.budget", "100KiB")
+    assert code == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: the run cannot fit: before its first batch training holds ")
+    assert "quantized weights" in line and "optimizer state" in line and "model.preflight.budget=100KiB" in line
+
+    parts = {
+        part.name: part.bytes for part in static_memory(Backbone(pretrained=path), [AdapterGroup()], "adamw", "cpu")
+    }
+    total = sum(parts.values())
+    module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{total - 1}B"))
+    data = ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ConfigError, match="the run cannot fit"):
+        trainer.fit(module, data)
+    assert module.model is None  # stopped in configure_model, before load_backbone
+    # One byte more and it passes the check (and trains).
+    module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{total}B"))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256))
+    assert module.model is not None and trainer.global_step == 1
+
+
+def yaml_train(config) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["data"]["train"]
