@@ -48,8 +48,8 @@ steps (weights, adapters, optimizer state), the peak of the steps above it, and 
 On CUDA the total is ``torch.cuda.max_memory_allocated`` over the timed steps; on a CPU the step
 peak comes from torch's profiler memory events (every allocation and free of the steps, summed in
 time order, as ``vs_peft.py``) and the resident bytes are counted from the tensors. The
-``estimate`` column is ``mmpeft.memory.estimate``'s prediction for the same setup, once that
-function exists ("pending" until then).
+``estimate`` column is for mmpeft's predicted peak for the same setup: "pending" while
+``mmpeft.memory`` counts only what training holds before its first batch (no activations yet).
 
 ``--cpu``: the same code path with the models scaled down (2 layers, widths of 64-128, a vocabulary
 of 8192 with the special ids moved into it, 256-token samples with 64 image tokens) so that it
@@ -499,31 +499,13 @@ def free(device: torch.device) -> None:
 
 # -- the estimate -----------------------------------------------------------------------------
 
-ESTIMATE_PENDING = "estimate: pending (mmpeft.memory not available)"
+ESTIMATE_PENDING = "estimate: pending (mmpeft.memory counts no activations yet)"
 
 
 def estimate_peak(config: Any, adapter: str, adapter_config: dict, batch: int, seq: int, n_image: int) -> int | None:
-    """``mmpeft.memory.estimate``'s predicted peak bytes for this setup, or ``None`` while the module does not exist.
-
-    The estimator is being written alongside this script; this is the one place that calls it.
-    """
-    try:
-        from mmpeft.memory import estimate
-    except ImportError:
-        return None
-    try:
-        result = estimate(
-            config,
-            adapter=adapter,
-            adapter_config=adapter_config,
-            batch_size=batch,
-            max_length=seq,
-            image_tokens=n_image,
-        )
-        return int(getattr(result, "total", result))
-    except Exception as exc:  # a one-shot GPU run must not die on the estimator's interface
-        print(f"estimate: failed ({type(exc).__name__}: {exc}); update estimate_peak() in gpu_check.py", flush=True)
-        return None
+    """mmpeft's predicted peak bytes for this setup; ``None`` (the column says "pending") until ``mmpeft.memory``
+    counts activations: what it counts now, the state before the first batch, is not a peak."""
+    return None
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -678,10 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.cpu:
         print("mode: CPU-sized (models scaled down; these are not GPU numbers)")
-    try:
-        from mmpeft.memory import estimate  # noqa: F401
-    except ImportError:
-        print(ESTIMATE_PENDING)
+    print(ESTIMATE_PENDING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -25,6 +25,7 @@ come on top, so the check never stops a run that could fit.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -41,14 +42,15 @@ from mmpeft.adapters import AdapterGroup, inject_adapters
 from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import (
-    PROJECTOR_PATHS,
     VISION_PATHS,
     Backbone,
     auto_model_class,
     get_path,
     language_model,
+    prepare_for_training,
     quantization_config,
 )
+from mmpeft.speed import Speed
 
 log = logging.getLogger("mmpeft")
 
@@ -106,11 +108,9 @@ def meta_model(backbone: Backbone, device_type: str = "cuda") -> nn.Module:
         for path, module in model.named_modules():
             if path.endswith(name):
                 module.float()
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():  # prepare_for_training keeps norms in float32
-            module.float()
-    if backbone.train_projector:
-        get_path(model, PROJECTOR_PATHS, "projector")[1].float().requires_grad_(True)
+    # What load_backbone does next: base frozen, norms in float32, a trained projector in float32 (checkpointing
+    # changes no tensor's size).
+    prepare_for_training(model, dataclasses.replace(backbone, gradient_checkpointing=False), Speed())
     return model
 
 
@@ -129,9 +129,6 @@ def static_memory(
 ) -> list[Part]:
     """The breakdown of what training holds before its first batch (see the module's docstring)."""
     model = meta_model(backbone, device_type)
-    model.requires_grad_(False)
-    if backbone.train_projector:
-        get_path(model, PROJECTOR_PATHS, "projector")[1].requires_grad_(True)
     inject_adapters(language_model(model), adapters, RoutingContext())
     vision = get_path(model, VISION_PATHS, "vision tower", required=False)
     vision_ids = {id(t) for t in vision[1].parameters()} if vision is not None else set()

@@ -95,6 +95,21 @@ class LogStep:
         return self.stepped(trainer) and every > 0 and ((self.step(trainer) + 1) % every == 0 or trainer.should_stop)
 
 
+class StepTracking(Callback):
+    """A callback that knows the step Lightning logs at: its :class:`LogStep` (``self._step``), fed at the
+    start of every training batch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._step = LogStep()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step.batch_start(trainer)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 @runtime_checkable
 class Monitored(Protocol):
     """What :class:`Monitor` reads of the LightningModule; :class:`mmpeft.module.MMPeftModule` keeps it.
@@ -166,7 +181,7 @@ def task_expert_table(matrix: torch.Tensor, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
-class Monitor(Callback):
+class Monitor(StepTracking):
     """Logs per-task training losses, throughput, peak memory and routing statistics to the run's loggers.
 
     Every ``trainer.log_every_n_steps`` steps, over the steps since the last log (summed over
@@ -196,7 +211,6 @@ class Monitor(Callback):
         self._context: RoutingContext | None = None
         self._trainer: L.Trainer | None = None
         self._module: Monitored | None = None
-        self._step = LogStep()
 
     # -- wiring -----------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -241,11 +255,6 @@ class Monitor(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             self._clock = time.perf_counter()  # throughput counts training time only
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step.batch_start(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -322,7 +331,7 @@ def _clock(seconds: float) -> str:
     return str(timedelta(seconds=max(0, int(seconds))))
 
 
-class TokensProgressBar(RichProgressBar):
+class TokensProgressBar(StepTracking, RichProgressBar):
     """Lightning's rich progress bar counting optimizer steps of ``trainer.max_steps``, with the tokens per second;
     plain lines instead where the output is not a terminal (a log file, a pipe).
 
@@ -360,7 +369,6 @@ class TokensProgressBar(RichProgressBar):
         self.every_n_steps = every_n_steps
         self.interactive = interactive
         self._console_args = dict(console_kwargs or {})  # the terminal test's console, as the bar's will be
-        self._step = LogStep()
         self._plain = False
         self._plain_enabled = True
         self._start = time.monotonic()
@@ -431,12 +439,6 @@ class TokensProgressBar(RichProgressBar):
         if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
             self._add_train_task(trainer)
             self.refresh()
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step.batch_start(trainer)
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -565,7 +567,7 @@ def _sum_over_ranks(trainer: L.Trainer, counts: Counter[str]) -> Counter[str]:
     return total
 
 
-class RunSummary(Callback):
+class RunSummary(StepTracking):
     """At the end of ``fit``, on rank zero: the steps this invocation ran and its time, the skipped samples,
     the best of every ``val/*`` value, and where the outputs are.
 
@@ -587,7 +589,6 @@ class RunSummary(Callback):
         self._start = time.monotonic()
         self._start_step = 0
         self._outputs: dict[str, Path] | None = None
-        self._step = LogStep()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before a checkpoint's state is loaded (load_state_dict), which then restores the run's history.
@@ -616,11 +617,6 @@ class RunSummary(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step  # a resumed run starts at its checkpoint's step
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._step.batch_start(trainer)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -15,19 +15,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_check(script: str) -> subprocess.CompletedProcess:
-    """``python benchmarks/<script>.py --check``, which must succeed."""
+def run_script(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script>.py ARGS`` from the repository root, which must succeed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}.py", "--check"],
+        [sys.executable, f"benchmarks/{script}.py", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_check(script: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script>.py --check``, which must succeed."""
+    return run_script(script, "--check")
 
 
 def test_adapter_overhead_references_match_the_adapters():
@@ -102,16 +107,7 @@ def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_score
     """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out
     samples."""
     out = tmp_path / "conflict.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "benchmarks/conflict_suite/run.py", "--check", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("conflict_suite/run", "--check", "--out", str(out), timeout=600)
     report = json.loads(out.read_text())
     tasks = report["setup"]["tasks"]
     assert len(tasks) >= 5
@@ -146,16 +142,7 @@ def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp
     """The one-shot GPU check's CPU-sized mode: the same code path as on the GPU (models built on meta, NF4 layer by
     layer), both families, mmpeft's LoRA and AsymLoRA and PEFT's LoRA, the same step-0 loss as PEFT."""
     out = tmp_path / "gpu_check.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--cpu", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("gpu_check", "--cpu", "--out", str(out))
     text = result.stdout
     assert text.startswith("command: python benchmarks/gpu_check.py --cpu")
     assert "torch " in text and "transformers " in text and "bitsandbytes " in text
