@@ -14,13 +14,9 @@ exactly as training injects them; every byte is then counted from the modules' s
   the **optimizer state** (AdamW: two float32 moments; bitsandbytes' 8-bit AdamW: two bytes per value
   plus a float32 absmax per block of 256, for tensors of 4096 values or more, float32 below).
 
-Activations, which depend on the batch, the sequence length, the images and checkpointing, are not
-counted yet (issue 16). ``tests/test_memory.py`` checks every line above byte for byte against the model
-``load_backbone`` loads, for every supported family.
-
-:func:`preflight` (``model.preflight``) is the check ``fit`` runs with it before loading any weight: on
-CUDA, a run whose breakdown alone exceeds the device's free memory stops with the breakdown. Activations
-come on top, so the check never stops a run that could fit.
+``tests/test_memory.py`` checks every line above byte for byte against the model ``load_backbone`` loads,
+for every supported family. What a batch adds (activations, the loss, gradients in flight) is counted by
+:mod:`mmpeft.activations`; :mod:`mmpeft.planner` puts the two together.
 """
 
 from __future__ import annotations
@@ -87,12 +83,18 @@ def quantized_bytes(layer: bnb.nn.Linear4bit, double_quant: bool) -> int:
     return packed + state + code
 
 
-def meta_model(backbone: Backbone, device_type: str = "cuda") -> nn.Module:
-    """The backbone built on the meta device, quantized and typed as :func:`load_backbone` would on ``device_type``."""
+def meta_model(backbone: Backbone, device_type: str = "cuda", speed: Speed | None = None) -> nn.Module:
+    """The backbone built on the meta device, quantized and typed as :func:`load_backbone` would on ``device_type``;
+    with ``speed``, checkpointed as training places it (else without checkpointing: it changes no tensor's size)."""
     dtype = backbone.torch_dtype(torch.device(device_type))
     config = AutoConfig.from_pretrained(backbone.pretrained, trust_remote_code=backbone.trust_remote_code)
     with init_empty_weights():
-        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=backbone.trust_remote_code)
+        model = auto_model_class(config).from_config(
+            config,
+            dtype=dtype,
+            trust_remote_code=backbone.trust_remote_code,
+            attn_implementation=backbone.attn_implementation,
+        )
     quantization = quantization_config(backbone, dtype)
     if quantization is not None:
         quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
@@ -108,9 +110,10 @@ def meta_model(backbone: Backbone, device_type: str = "cuda") -> nn.Module:
         for path, module in model.named_modules():
             if path.endswith(name):
                 module.float()
-    # What load_backbone does next: base frozen, norms in float32, a trained projector in float32 (checkpointing
-    # changes no tensor's size).
-    prepare_for_training(model, dataclasses.replace(backbone, gradient_checkpointing=False), Speed())
+    # What load_backbone does next: base frozen, norms in float32, a trained projector in float32, checkpointing.
+    if speed is None:
+        backbone = dataclasses.replace(backbone, gradient_checkpointing=False)
+    prepare_for_training(model, backbone, speed or Speed())
     return model
 
 
@@ -191,53 +194,3 @@ def gib(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count / 2**10:.1f} KiB"
-
-
-@dataclass
-class Preflight:
-    """The memory check ``fit`` runs before loading any weight (docs/architecture.md, ``mmpeft.memory``)."""
-
-    budget: str | None = "auto"
-    """Memory the run may use. ``auto``: the CUDA device's free memory (no check on a CPU); a size such as
-    ``12GiB`` checks against that on any device; ``null`` turns the check off. What is counted is what training
-    holds before its first batch (weights, adapters, gradients, optimizer state); activations come on top and are
-    not counted yet, so a run this check stops could never have fit."""
-
-    def check(self) -> None:
-        if self.budget not in (None, "auto"):
-            parse_size(self.budget, "model.preflight.budget")
-
-    def limit(self, device: torch.device) -> int | None:
-        """The bytes the run may use on ``device``, or ``None`` for no check."""
-        if self.budget is None:
-            return None
-        if self.budget == "auto":
-            return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-        return parse_size(self.budget, "model.preflight.budget")
-
-
-def preflight(
-    settings: Preflight, backbone: Backbone, adapters: list[AdapterGroup], optimizer: str, device: torch.device
-) -> list[Part] | None:
-    """Count what training holds before its first batch and raise ConfigError when it exceeds the budget."""
-    limit = settings.limit(device)
-    if limit is None:
-        return None
-    try:
-        parts = static_memory(backbone, adapters, optimizer, device.type)
-    except ConfigError:
-        raise
-    except Exception as exc:  # a check must not stop a run it cannot judge: say so and let the run go on
-        log.warning("model.preflight: memory not checked (%s: %s)", type(exc).__name__, exc)
-        return None
-    total = sum(part.bytes for part in parts)
-    if total > limit:
-        lines = ", ".join(f"{part.name} {gib(part.bytes)}" for part in parts if part.bytes)
-        where = "free on " + str(device) if settings.budget == "auto" else f"model.preflight.budget={settings.budget}"
-        raise ConfigError(
-            f"the run cannot fit: before its first batch training holds {gib(total)} ({lines}), more than the "
-            f"{gib(limit)} {where}, and activations come on top. Use a smaller model or fewer trainable values "
-            "(model.adapters r, targets), model.optim.optimizer: adamw_8bit, or set model.preflight.budget: null "
-            "to skip this check"
-        )
-    return parts

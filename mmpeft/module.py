@@ -30,10 +30,10 @@ from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_stat
 from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
 from mmpeft.generation import Generation
-from mmpeft.memory import Preflight, preflight
 from mmpeft.metrics import Evaluation, TaskMetrics, print_table
 from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
 from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
+from mmpeft.planner import Preflight, preflight
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
 from mmpeft.speed import Speed, apply_to_adapters
 

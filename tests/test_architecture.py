@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("adapters", ["mmpeft.adapters"]),
-    ("models", ["mmpeft.models", "mmpeft.speed", "mmpeft.memory"]),
+    ("models", ["mmpeft.models", "mmpeft.speed", "mmpeft.memory", "mmpeft.activations", "mmpeft.planner"]),
     ("evaluation", ["mmpeft.metrics", "mmpeft.generation", "mmpeft.plots", "mmpeft.report"]),
     ("data", ["mmpeft.data"]),
     ("training", ["mmpeft.checkpoint", "mmpeft.saving", "mmpeft.module", "mmpeft.monitor"]),

@@ -107,8 +107,8 @@ def test_a_run_that_cannot_fit_its_budget_stops_before_any_weight_is_loaded(tmp_
     from test_cli import demo_config, run_main
 
     from mmpeft.data.datamodule import ShardDataModule
-    from mmpeft.memory import Preflight
     from mmpeft.module import MMPeftModule
+    from mmpeft.planner import Preflight
 
     path = tiny_model_dirs["llava"]
     config = demo_config(tmp_path, path, "llava", steps=2)

@@ -35,3 +35,9 @@ class TaskData(Protocol):
         """The tokenizer of the processor that encodes the batches (decodes generated tokens); ``None`` before
         ``setup``."""
         ...
+
+    def batches(self, images: int = 1, image_side: int | None = None) -> Any:
+        """Worst-case batches of the data's settings for the memory plan (:class:`mmpeft.planner.Batches`), each
+        sample with ``images`` images of ``image_side`` pixels; ``None`` when the data module cannot make them (the
+        preflight then counts what training holds before its first batch only)."""
+        ...

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from mmpeft import registry
 from mmpeft.data.build import INDEX, OutputInUse, is_built
 from mmpeft.data.encode import ChatEncoder
+from mmpeft.data.filled import FilledBatches
 from mmpeft.data.predict import PromptStream, is_prompt_file, open_prompt_file
 from mmpeft.data.stream import Mixing, MixPlan, Shard, ShardStream, Source, StreamPosition, plan_mixture
 from mmpeft.errors import ConfigError, DataError
@@ -299,6 +300,22 @@ class ShardDataModule(L.LightningDataModule):
         self._resume: StreamPosition | None = None
 
     # -- the module/data-module contract (mmpeft.data.contract.TaskData) --------------------------
+    def batches(self, images: int = 1, image_side: int | None = None) -> FilledBatches:
+        """Worst-case batches of this data's settings for the memory plan (mmpeft/data/filled.py)."""
+        hp = self.hparams
+        if not hp.processor:
+            raise ConfigError("data.processor is not set (it defaults to model.backbone.pretrained)")
+        return FilledBatches(
+            hp.processor,
+            batch_size=hp.batch_size,
+            max_length=hp.max_length,
+            images=images,
+            image_side=image_side,
+            image_resolution=hp.get("image_resolution"),
+            processor_kwargs=hp.processor_kwargs,
+            trust_remote_code=hp.trust_remote_code,
+        )
+
     def carry_prompts(self, on: bool) -> None:
         """Whether validation and test batches also carry each prompt to generate an answer from."""
         self.eval_prompts = on
