@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpeft.errors import ConfigError, MMPeftError
+from mmpeft.flags import readable_parse_error
 
 DEBUG_ENV = "MMPEFT_DEBUG"
 """``MMPEFT_DEBUG=1`` (or ``--debug`` anywhere on the command line): an error prints its traceback before its one
@@ -428,19 +429,6 @@ def run_lightning_cli(args: list[str] | None) -> None:
         raise
 
 
-def readable_parse_error(message: str) -> str:
-    """jsonargparse's "Parser key "X": Expected a <class 'str'>. Got value: None" as "X is not set", with where to
-    set it."""
-    missing = re.match(r"""Parser key "([^"]+)":\s*Expected a <class '[^']+'>\. Got value: None""", message)
-    if missing:
-        key = missing.group(1)
-        return (
-            f"{key} is not set: give a config with --config FILE (configs/demo.yaml is one to start from) "
-            f"or set it with --{key} VALUE"
-        )
-    return message
-
-
 def cmd_adapters(argv: list[str]) -> int:
     argparse.ArgumentParser(
         prog="mmpeft adapters",
@@ -496,6 +484,12 @@ def cmd_export(argv: list[str]) -> int:
     return cmd_export(argv)
 
 
+def cmd_estimate(argv: list[str]) -> int:
+    from mmpeft.estimate import cmd_estimate
+
+    return cmd_estimate(argv)
+
+
 def cmd_report(argv: list[str]) -> int:
     from mmpeft.report import cmd_report
 
@@ -509,6 +503,7 @@ TOOLS: dict[str, Callable[[list[str]], int]] = {
     "merge": cmd_merge,
     "export": cmd_export,
     "report": cmd_report,
+    "estimate": cmd_estimate,
 }
 
 
@@ -568,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in TOOLS:
             return TOOLS[command](argv[1:])
+        if command == "fit" and "--dry-run" in argv:  # the memory plan instead of training (mmpeft/estimate.py)
+            return cmd_estimate([arg for arg in argv[1:] if arg != "--dry-run"])
         if command is None or (not command.startswith("-") and command not in LIGHTNING_COMMANDS):
             raise ConfigError(unknown_command(command))
         if command in ("-h", "--help"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from typing import Any
 
 
@@ -78,3 +79,16 @@ def parse(parser: Any, argv: list[str]) -> Any:
             f"not {type(parser).__module__}.{type(parser).__qualname__}: its options would keep their underscores"
         )
     return parser.parse_args(dashed_argv(list(argv)))
+
+
+def readable_parse_error(message: str) -> str:
+    """jsonargparse's "Parser key "X": Expected a <class 'str'>. Got value: None" as "X is not set", with where to
+    set it."""
+    missing = re.match(r"""Parser key "([^"]+)":\s*Expected a <class '[^']+'>\. Got value: None""", message)
+    if missing:
+        key = missing.group(1)
+        return (
+            f"{key} is not set: give a config with --config FILE (configs/demo.yaml is one to start from) "
+            f"or set it with --{key} VALUE"
+        )
+    return message

@@ -156,8 +156,19 @@ class MMPeftModule(L.LightningModule):
         # Gradient checkpointing only costs time when nothing is trained.
         backbone = dataclasses.replace(self.backbone, gradient_checkpointing=False) if predicting else self.backbone
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
-            # Before any weight is read: from config.json on the meta device (mmpeft/memory.py).
-            preflight(self.preflight, backbone, self.adapter_groups, self.optim.optimizer, trainer.strategy.root_device)
+            # Before any weight is read: the run's peak planned on the meta device (mmpeft/planner.py).
+            data = self.data()
+            preflight(
+                self.preflight,
+                backbone,
+                self.adapter_groups,
+                self.optim.optimizer,
+                trainer.strategy.root_device,
+                batches=data.batches if data is not None else None,
+                speed=self.speed,
+                routing=self.routing,
+                accumulating=trainer.accumulate_grad_batches > 1,
+            )
         model = load_backbone(backbone, trainer.strategy.root_device, self.speed)
         if self.init_spec is not None:
             apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)

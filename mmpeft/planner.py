@@ -268,19 +268,21 @@ def preflight(
     optimizer: str,
     device: torch.device,
     *,
-    batches: Batches | None = None,
+    batches: Callable[[], Batches | None] | None = None,
     speed: Speed | None = None,
     routing: RoutingLosses | None = None,
     accumulating: bool = False,
 ) -> Plan | None:
     """Plan the run's peak and raise ConfigError when it exceeds the budget.
 
-    With ``batches`` the plan runs a worst-case batch of the data's settings and the error suggests the largest
-    settings that fit; without, it counts only what training holds before its first batch.
+    With ``batches`` (called only when there is a budget to check; it may return ``None``) the plan runs a
+    worst-case batch of the data's settings and the error suggests the largest settings that fit; without, it
+    counts only what training holds before its first batch.
     """
     limit = settings.limit(device)
     if limit is None:
         return None
+    maker = batches() if batches is not None else None
     where = "free on " + str(device) if settings.budget == "auto" else f"model.preflight.budget={settings.budget}"
 
     def planner(batch: dict[str, Any]) -> Plan:
@@ -296,11 +298,11 @@ def preflight(
         )
 
     try:
-        if batches is None:
+        if maker is None:
             parts = static_memory(backbone, adapters, optimizer, device.type)
             result = Plan(parts, device.type)
         else:
-            result = planner(batches(batches.batch_size, batches.max_length, batches.image_side))
+            result = planner(maker(maker.batch_size, maker.max_length, maker.image_side))
     except ConfigError:
         raise
     except Exception as exc:  # a check must not stop a run it cannot judge: say so and let the run go on
@@ -309,7 +311,7 @@ def preflight(
     if result.fits(limit):
         return result
     lines = ", ".join(f"{part.name} {gib(part.bytes)}" for part in result.parts if part.bytes)
-    if batches is None:
+    if maker is None:
         raise ConfigError(
             f"the run cannot fit: before its first batch training holds {gib(result.peak)} ({lines}), more than "
             f"the {gib(limit)} {where}, and activations come on top. Use a smaller model or fewer trainable values "
@@ -317,7 +319,7 @@ def preflight(
             "to skip this check"
         )
     hints = []
-    for suggestion in suggest(limit, batches, planner):
+    for suggestion in suggest(limit, maker, planner):
         if suggestion.value is not None:
             hints.append(f"{suggestion.key}: {suggestion.value}")
     advice = f"settings that fit (one at a time): {', '.join(hints)}" if hints else "no smaller batch or length fits"

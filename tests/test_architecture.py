@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("evaluation", ["mmpeft.metrics", "mmpeft.generation", "mmpeft.plots", "mmpeft.report"]),
     ("data", ["mmpeft.data"]),
     ("training", ["mmpeft.checkpoint", "mmpeft.saving", "mmpeft.module", "mmpeft.monitor"]),
-    ("tools", ["mmpeft.merge", "mmpeft.export", "mmpeft.cli", "mmpeft.__main__"]),
+    ("tools", ["mmpeft.merge", "mmpeft.export", "mmpeft.estimate", "mmpeft.cli", "mmpeft.__main__"]),
 ]
 
 

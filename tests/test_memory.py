@@ -102,46 +102,54 @@ def test_parse_size_reads_the_usual_spellings_and_names_the_key_otherwise():
 
 
 def test_a_run_that_cannot_fit_its_budget_stops_before_any_weight_is_loaded(tmp_path, tiny_model_dirs, capsys):
-    """Through the CLI: exit 2, one line with the breakdown; and in a Trainer, the module never loaded a model."""
+    """Through the CLI: exit 2, one line with the plan and the settings that fit; and in a Trainer, the module never
+    loaded a model, while a budget of exactly the planned peak trains."""
     import lightning as L
     from test_cli import demo_config, run_main
 
     from mmpeft.data.datamodule import ShardDataModule
     from mmpeft.module import MMPeftModule
-    from mmpeft.planner import Preflight
+    from mmpeft.planner import Preflight, plan
 
     path = tiny_model_dirs["llava"]
     config = demo_config(tmp_path, path, "llava", steps=2)
-    code, err = run_main(capsys, "fit", "--config", str(config), "--model.preflight.budget", "100KiB")
+    data = ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256)
+    batches = data.batches()
+    planned = plan(Backbone(pretrained=path), [AdapterGroup()], batches(2, 256, None), device_type="cpu")
+    static = sum(part.bytes for part in static_memory(Backbone(pretrained=path), [AdapterGroup()], "adamw", "cpu"))
+    assert planned.peak > static  # the step's activations come on top
+
+    budget = planned.peak // 2
+    code, err = run_main(capsys, "fit", "--config", str(config), "--model.preflight.budget", f"{budget}B")
     assert code == 2, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: the run cannot fit: before its first batch training holds ")
-    assert "quantized weights" in line and "optimizer state" in line and "model.preflight.budget=100KiB" in line
+    assert line.startswith("error: the run cannot fit: its peak is ")
+    assert "quantized weights" in line and "step: backward" in line and f"model.preflight.budget={budget}B" in line
+    assert "settings that fit (one at a time): data.batch_size: " in line or "no smaller batch" in line
 
-    parts = {
-        part.name: part.bytes for part in static_memory(Backbone(pretrained=path), [AdapterGroup()], "adamw", "cpu")
-    }
-    total = sum(parts.values())
-    module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{total - 1}B"))
-    data = ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
-    )
-    with pytest.raises(ConfigError, match="the run cannot fit"):
+    def fit(budget: int) -> MMPeftModule:
+        module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{budget}B"))
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            default_root_dir=tmp_path,
+            enable_progress_bar=False,
+        )
+        data = ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256)
         trainer.fit(module, data)
+        assert trainer.global_step == 1
+        return module
+
+    # The demo config's batches are 8 x 256 tokens; these 2 x 256. One byte short of the plan stops it,
+    # the planned peak itself trains.
+    module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{planned.peak - 1}B"))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="the run cannot fit"):
+        trainer.fit(module, ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256))
     assert module.model is None  # stopped in configure_model, before load_backbone
-    # One byte more and it passes the check (and trains).
-    module = MMPeftModule(Backbone(pretrained=path), preflight=Preflight(budget=f"{total}B"))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-    )
-    trainer.fit(module, ShardDataModule(train=yaml_train(config), processor=path, batch_size=2, max_length=256))
-    assert module.model is not None and trainer.global_step == 1
+    assert fit(planned.peak).model is not None
 
 
 def yaml_train(config) -> str:

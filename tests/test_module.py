@@ -166,6 +166,10 @@ def test_the_module_asks_the_data_module_only_what_the_contract_lists(tmp_path, 
             calls.append("tokenizer")
             return shards.tokenizer
 
+        def batches(self, images: int = 1, image_side: int | None = None):
+            calls.append("batches")
+            return None  # no worst-case batch: a preflight would count the static part only
+
         def train_dataloader(self):
             return shards.train_dataloader()
 

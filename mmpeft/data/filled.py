@@ -103,3 +103,9 @@ class FilledBatches:
                 + ("" if self.fixed_size else " or lower data.image_resolution (or --image-size)")
             ) from None
         return encoder.collate([item] * batch_size)
+
+    def image_tokens_in(self, batch: dict[str, Any]) -> int:
+        """Image placeholder tokens in the first sample of ``batch`` (Mllama, which reads images by cross-attention,
+        has one per image)."""
+        encoder = next(iter(self._encoders.values()))
+        return int((batch["inputs"]["input_ids"][0] == encoder.image_token_id).sum())
