@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -84,7 +85,7 @@ class StepMemory(TorchDispatchMode):
     ``scope`` names what is running (set by :func:`scopes`); the breakdown at the peak is by scope.
     """
 
-    def __init__(self, known: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, fake_mode: FakeTensorMode, known: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
@@ -95,7 +96,8 @@ class StepMemory(TorchDispatchMode):
         self._seen: dict[int, Any] = {}
         """Every storage met, counted or not (its weak reference, or None for one that is never counted)."""
         self._mirrors: dict[int, torch.Tensor] = {}
-        """Meta copies of real tensors, one per real storage, kept for the run (they stand for the real one)."""
+        """Fake CPU stand-ins of meta tensors, one per tensor, kept for the run."""
+        self.fake_mode = fake_mode
         for tensor in known:
             self._seen.setdefault(_storage_key(tensor), None)
 
@@ -129,13 +131,15 @@ class StepMemory(TorchDispatchMode):
                 at[scope] = at.get(scope, 0) + transient
             self.at_peak = at
 
-    def _on_meta(self, value: Any) -> Any:
-        """``value`` as a meta tensor when it is a real one: the real tensor's stand-in, not an allocation."""
-        if not isinstance(value, torch.Tensor) or value.device.type == "meta":
+    def _on_device(self, value: Any) -> Any:
+        """A meta tensor (a 4-bit weight, its quantization state) as a fake CPU tensor of the same size: its
+        stand-in, not an allocation. Real tensors are left to the fake tensor mode, which makes the same stand-ins."""
+        if not isinstance(value, torch.Tensor) or value.device.type != "meta":
             return value
         mirror = self._mirrors.get(id(value))
         if mirror is None:
-            mirror = value.to(META)
+            with self.fake_mode:
+                mirror = torch.empty_strided(value.size(), value.stride(), dtype=value.dtype, device="cpu")
             self._mirrors[id(value)] = mirror
             self._mirrors[-id(value)] = value  # keeps the id from being reused while the mirror stands for it
             self._seen.setdefault(_storage_key(mirror), None)
@@ -144,34 +148,22 @@ class StepMemory(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten._to_copy.default and kwargs.get("device") is not None:
-            # One device: a move between the batch's real tensors and the model's meta ones is no copy on a GPU.
+            # One device: a move between the batch's real tensors and the model's is no copy on a GPU.
             source = args[0]
             rest = {k: v for k, v in kwargs.items() if k != "device" and v is not None}
             if rest.get("dtype", source.dtype) == source.dtype and set(rest) <= {"dtype", "layout"}:
                 return source
-            out = func(source, **{k: v for k, v in kwargs.items() if k != "device"})
-            self._created(out)
-            return out
+            kwargs = {k: v for k, v in kwargs.items() if k != "device"}
         tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        if func in _FACTORIES and not tensors and kwargs.get("device") == META:
-            # A constant made on the model's device (ones, a range): made for real when small, so that what is
-            # computed from it (a mask, positions) is known, as everything computed from the batch is.
-            out = func(*args, **kwargs)
-            if out.numel() <= _REAL_CONSTANT:
-                out = func(*args, **{**kwargs, "device": torch.device("cpu")})
-            self._created(out)
-            return out
-        if any(t.device.type == "meta" for t in tensors):
-            if func in _INDEXING and any(
-                i is not None and i.dtype == torch.bool and i.device.type != "meta" for i in args[1]
-            ):
-                # A real boolean mask indexing meta data: its integer positions (the output's size needs them).
+        if any(not _is_real(t) for t in tensors):
+            if func in _INDEXING and any(i is not None and i.dtype == torch.bool and _is_real(i) for i in args[1]):
+                # A real boolean mask indexing a stand-in: its integer positions (the output's size needs them).
                 positions = []
                 for index in args[1]:
-                    is_mask = index is not None and index.dtype == torch.bool and index.device.type != "meta"
+                    is_mask = index is not None and index.dtype == torch.bool and _is_real(index)
                     positions.extend(index.nonzero().unbind(1) if is_mask else [index])
                 args = (args[0], positions, *args[2:])
-            args, kwargs = tree_map(self._on_meta, (args, kwargs))
+            args, kwargs = tree_map(self._on_device, (args, kwargs))
         out = func(*args, **kwargs)
         self._created(out)
         transient = _inside_kernel(func, args)
@@ -180,19 +172,11 @@ class StepMemory(TorchDispatchMode):
         return out
 
 
+def _is_real(tensor: torch.Tensor) -> bool:
+    return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
+
+
 _INDEXING = (aten.index.Tensor, aten.index_put.default, aten.index_put_.default)
-_FACTORIES = (
-    aten.ones.default,
-    aten.zeros.default,
-    aten.full.default,
-    aten.arange.default,
-    aten.arange.start,
-    aten.arange.start_step,
-    aten.scalar_tensor.default,
-    aten.eye.default,
-)
-_REAL_CONSTANT = 1 << 22
-"""Values up to which a constant made on the meta device is made for real instead."""
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -251,7 +235,7 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 def _make_attention(device_type: str) -> Callable[..., torch.Tensor]:
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type != "meta":
+        if not isinstance(query, FakeTensor) or device_type == "cpu":  # the stand-ins are CPU tensors: PyTorch's pick
             return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         backend = _attention_backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, device_type)
         if backend == "math":
@@ -378,6 +362,31 @@ def attach_meta_quant_states(model: nn.Module, double_quant: bool) -> None:
         layer.weight.quant_state = state
 
 
+def fake_tensors(model: nn.Module, mode: FakeTensorMode) -> None:
+    """Replace the meta parameters and buffers of ``model`` by fake CPU tensors of the same sizes (``mode``'s).
+
+    Fake CPU tensors, not meta ones, because autocast casts only tensors of its device type: under ``bf16-mixed``
+    the step must run as autocast runs it. bitsandbytes' ``Params4bit`` cannot hold a fake tensor: the 4-bit
+    weights stay on meta and :class:`StepMemory` gives each its stand-in when an operator reads it.
+    """
+    swapped: dict[int, torch.Tensor] = {}
+
+    def fake(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(tensor) not in swapped:
+            with mode:
+                out = torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device="cpu")
+            swapped[id(tensor)] = nn.Parameter(out, requires_grad=tensor.requires_grad) if parameter else out
+        return swapped[id(tensor)]
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta" and not isinstance(param, bnb.nn.Params4bit):
+                module._parameters[name] = fake(param, parameter=True)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = fake(buffer, parameter=False)
+
+
 def _state_tensors(model: nn.Module) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for layer in model.modules():
@@ -417,22 +426,28 @@ def step_peak(
     routing: RoutingLosses | None = None,
     accumulating: bool = False,
     optimizer: str = "adamw",
+    autocast: torch.dtype | None = None,
 ) -> StepPeak:
     """Run one training step of ``batch`` on the meta-device model and count what it allocates.
 
     ``batch`` is a collated batch (``inputs``, ``labels``, ``task_ids``) of real CPU tensors, as the data module
     yields it. ``accumulating``: gradients from earlier micro-batches are there (``accumulate_grad_batches > 1``),
     so backward adds into them. ``optimizer``: ``adamw`` runs PyTorch's AdamW step on the meta gradients (its
-    temporaries count); bitsandbytes' 8-bit optimizers update in one fused kernel (no temporaries).
+    temporaries count); bitsandbytes' 8-bit optimizers update in one fused kernel (no temporaries). ``autocast``:
+    the dtype of mixed precision (``bf16-mixed``: ``torch.bfloat16``), under which the forward runs as Lightning runs
+    it; CPU autocast's rules stand in for CUDA's (the same casts for matrix products and the losses).
     """
 
     speed = speed or Speed()
     routing = routing or RoutingLosses()
     model = meta_model(backbone, device_type, speed)
     context = RoutingContext()
-    inject_adapters(get_path(model, LANGUAGE_MODEL_PATHS, "language model")[1], adapters, context)
+    with torch.device(META):  # the adapters too: sizes only, no initialisation
+        inject_adapters(get_path(model, LANGUAGE_MODEL_PATHS, "language model")[1], adapters, context)
     apply_to_adapters(model, speed)
     attach_meta_quant_states(model, backbone.double_quant and backbone.quantization is not None)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_tensors(model, fake_mode)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Steady state: the optimizer's state exists (mmpeft.memory counts it), and with accumulation the gradients do.
@@ -449,10 +464,11 @@ def step_peak(
     known += [p.grad for p in trainable if p.grad is not None]
     if step is not None:
         known += [t for state in step.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    counter = StepMemory(known)
+    counter = StepMemory(fake_mode, known)
     with fused_attention(device_type), scopes(model, counter), counter:
         counter.scope = "loss"
-        loss = training_loss(model, context, batch, speed, routing)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = training_loss(model, context, batch, speed, routing)
         counter.scope = "backward"
         loss.backward()
         del loss

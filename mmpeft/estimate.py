@@ -158,6 +158,7 @@ def estimate(argv: list[str]) -> Report:
                 speed=module.speed,
                 routing=module.routing,
                 accumulating=accumulating,
+                precision=getattr(trainer, "precision", None),
             )
         except OSError as exc:
             raise ConfigError(

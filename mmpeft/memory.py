@@ -93,7 +93,7 @@ def meta_model(backbone: Backbone, device_type: str = "cuda", speed: Speed | Non
             config,
             dtype=dtype,
             trust_remote_code=backbone.trust_remote_code,
-            attn_implementation=backbone.attn_implementation,
+            attn_implementation=_planned_attention(backbone.attn_implementation),
         )
     quantization = quantization_config(backbone, dtype)
     if quantization is not None:
@@ -117,6 +117,12 @@ def meta_model(backbone: Backbone, device_type: str = "cuda", speed: Speed | Non
     return model
 
 
+def _planned_attention(name: str | None) -> str | None:
+    """The attention implementation the meta model is built with: flash-attention's packages need a GPU to import,
+    so its kernels are planned as SDPA's flash kernel (the same saved tensors: the output and its log-sum-exp)."""
+    return "sdpa" if name is not None and name.startswith("flash_attention") else name
+
+
 def _unique(tensors) -> list[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     out = []
@@ -132,7 +138,8 @@ def static_memory(
 ) -> list[Part]:
     """The breakdown of what training holds before its first batch (see the module's docstring)."""
     model = meta_model(backbone, device_type)
-    inject_adapters(language_model(model), adapters, RoutingContext())
+    with torch.device("meta"):  # the adapters too: sizes only, no initialisation
+        inject_adapters(language_model(model), adapters, RoutingContext())
     vision = get_path(model, VISION_PATHS, "vision tower", required=False)
     vision_ids = {id(t) for t in vision[1].parameters()} if vision is not None else set()
     four_bit = {id(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}

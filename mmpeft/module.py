@@ -168,6 +168,7 @@ class MMPeftModule(L.LightningModule):
                 speed=self.speed,
                 routing=self.routing,
                 accumulating=trainer.accumulate_grad_batches > 1,
+                precision=trainer.precision,
             )
         model = load_backbone(backbone, trainer.strategy.root_device, self.speed)
         if self.init_spec is not None:

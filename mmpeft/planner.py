@@ -147,8 +147,10 @@ def plan(
     speed: Speed | None = None,
     routing: RoutingLosses | None = None,
     accumulating: bool = False,
+    precision: str | int | None = None,
 ) -> Plan:
-    """The peak memory of training ``backbone`` with ``adapters`` on ``batch`` (a collated batch of CPU tensors)."""
+    """The peak memory of training ``backbone`` with ``adapters`` on ``batch`` (a collated batch of CPU tensors), under
+    the trainer's ``precision`` (``bf16-mixed``: the forward runs under autocast)."""
     static = static_memory(backbone, adapters, optimizer, device_type)
     step = step_peak(
         backbone,
@@ -159,6 +161,7 @@ def plan(
         routing=routing,
         accumulating=accumulating,
         optimizer=optimizer,
+        autocast=autocast_dtype(precision),
     )
     # Without accumulation the gradients are made during backward: the step's peak counts those made by then.
     parts = [part for part in static if accumulating or part.name != "gradients"]
@@ -167,6 +170,16 @@ def plan(
     peak = sum(part.bytes for part in parts)
     allowance = CUDA_CONTEXT + int(FRAGMENTATION * peak) if device_type == "cuda" else 0
     return Plan(parts, device_type, allowance, step)
+
+
+def autocast_dtype(precision: str | int | None) -> torch.dtype | None:
+    """The dtype Lightning's mixed ``precision`` runs the forward in under autocast; ``None`` for no autocast."""
+    text = str(precision)
+    if text == "bf16-mixed":
+        return torch.bfloat16
+    if text in ("16-mixed", "16"):
+        return torch.float16
+    return None
 
 
 # -- the largest setting that fits -------------------------------------------------------------------
@@ -184,19 +197,46 @@ class Batches(Protocol):
     def __call__(self, batch_size: int, max_length: int, image_side: int | None) -> dict[str, Any]: ...
 
 
-def largest(fits: Callable[[int], bool], low: int, high: int, step: int = 1) -> int | None:
-    """The largest multiple of ``step`` in ``[low, high]`` for which ``fits`` holds, assuming it holds below any value
-    where it holds; ``None`` when not even ``low`` fits."""
-    low, high = -(-low // step), high // step  # in units of step
-    if high < low or not fits(low * step):
+def largest(cost: Callable[[int], int | None], budget: int, low: int, high: int, step: int = 1) -> int | None:
+    """The largest multiple of ``step`` in ``[low, high]`` whose ``cost`` (bytes; ``None``: not a setting that
+    trains) is at most ``budget``, for a cost that grows with the value; ``None`` when not even ``low`` fits.
+
+    Each cost is a plan (seconds for a 7B model), so the search interpolates: the costs are close to linear in the
+    batch size and the length, and the boundary is usually found in three or four plans.
+    """
+    costs: dict[int, int | None] = {}
+
+    def fits(units: int) -> bool:
+        if units not in costs:
+            costs[units] = cost(units * step)
+        value = costs[units]
+        return value is not None and value <= budget
+
+    lo, hi = -(-low // step), high // step  # in units of step
+    if hi < lo or not fits(lo):
         return None
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle * step):
-            low = middle
+    if fits(hi):
+        return hi * step
+    while hi - lo > 1:  # lo fits, hi does not
+        c_lo, c_hi = costs[lo], costs[hi]
+        if c_hi is None or c_hi <= c_lo:
+            guess = (lo + hi) // 2
         else:
-            high = middle - 1
-    return low * step
+            guess = lo + int((budget - c_lo) * (hi - lo) / (c_hi - c_lo))
+        guess = min(max(guess, lo + 1), hi - 1)
+        if fits(guess):
+            lo = guess
+            if guess + 1 < hi and not fits(guess + 1):
+                hi = guess + 1
+            elif guess + 1 < hi:
+                lo = guess + 1
+        else:
+            hi = guess
+            if guess - 1 > lo and fits(guess - 1):
+                lo = guess - 1
+            elif guess - 1 > lo:
+                hi = guess - 1
+    return lo * step
 
 
 @dataclass(frozen=True)
@@ -212,25 +252,25 @@ def suggest(
     budget: int,
     batches: Batches,
     planner: Callable[[dict[str, Any]], Plan],
-    image_steps: int = 28,
 ) -> list[Suggestion]:
     """For ``budget`` bytes: the largest ``data.batch_size`` (up to 4 times the configured one), ``data.max_length``
-    (up to 4 times) and image side that fit, each with the other settings as configured."""
+    (up to 4 times, in steps of 64) and image side (in steps of 28 px, up to 4 times) that fit, each with the other
+    settings as configured."""
     b, n, side = batches.batch_size, batches.max_length, batches.image_side
 
-    def fits(batch_size: int, max_length: int, image_side: int | None) -> bool:
+    def cost(batch_size: int, max_length: int, image_side: int | None) -> int | None:
         try:
             batch = batches(batch_size, max_length, image_side)
         except ConfigError:  # the images no longer fit max_length: not a setting that trains
-            return False
-        return planner(batch).fits(budget)
+            return None
+        return planner(batch).needed
 
     out = [
-        Suggestion("data.batch_size", largest(lambda v: fits(v, n, side), 1, 4 * b)),
-        Suggestion("data.max_length", largest(lambda v: fits(b, v, side), 64, 4 * n, 64)),
+        Suggestion("data.batch_size", largest(lambda v: cost(v, n, side), budget, 1, 4 * b)),
+        Suggestion("data.max_length", largest(lambda v: cost(b, v, side), budget, 64, 4 * n, 64)),
     ]
     if side is not None:
-        out.append(Suggestion("data.image_resolution", largest(lambda v: fits(b, n, v), image_steps, 4 * side, 28)))
+        out.append(Suggestion("data.image_resolution", largest(lambda v: cost(b, n, v), budget, 28, 4 * side, 28)))
     return out
 
 
@@ -272,6 +312,7 @@ def preflight(
     speed: Speed | None = None,
     routing: RoutingLosses | None = None,
     accumulating: bool = False,
+    precision: str | int | None = None,
 ) -> Plan | None:
     """Plan the run's peak and raise ConfigError when it exceeds the budget.
 
@@ -295,6 +336,7 @@ def preflight(
             speed=speed,
             routing=routing,
             accumulating=accumulating,
+            precision=precision,
         )
 
     try:

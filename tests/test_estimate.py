@@ -80,17 +80,28 @@ def test_cards_by_name_and_by_size():
     assert card("12GiB")[1] == 12 * 2**30 and card("16GB")[1] == 16 * 10**9 and card("8")[1] == 8 * 2**30
 
 
-def test_largest_finds_the_boundary_of_a_monotone_test():
+@pytest.mark.parametrize("shape", ["linear", "quadratic", "steps"])
+def test_largest_finds_the_boundary_in_few_plans(shape):
+    costs = {
+        "linear": lambda v: 1000 + 37 * v,
+        "quadratic": lambda v: 1000 + 5 * v + v * v // 50,
+        "steps": lambda v: 1000 + 5000 * (v // 300),
+    }
     calls = []
 
-    def fits(value: int) -> bool:
+    def cost(value: int) -> int:
         calls.append(value)
-        return value <= 700
+        return costs[shape](value)
 
-    assert largest(fits, 64, 4096, 64) == 640
-    assert len(calls) <= 8  # bisection, not a scan
-    assert largest(lambda v: False, 1, 8) is None
-    assert largest(lambda v: True, 1, 8) == 8
+    budget = 30_000
+    found = largest(cost, budget, 64, 4096, 64)
+    assert found is not None and cost(found) <= budget and cost(found + 64) > budget
+    calls.pop(), calls.pop()
+    assert len(calls) <= (5 if shape == "linear" else 12)
+    assert largest(lambda v: None, budget, 1, 8) is None  # nothing trains
+    assert largest(lambda v: 10**9, budget, 1, 8) is None
+    assert largest(lambda v: 1, budget, 1, 8) == 8
+    assert largest(lambda v: None if v > 5 else v, budget, 1, 8) == 5  # images no longer fit past 5
 
 
 @pytest.fixture()
