@@ -48,8 +48,9 @@ steps (weights, adapters, optimizer state), the peak of the steps above it, and 
 On CUDA the total is ``torch.cuda.max_memory_allocated`` over the timed steps; on a CPU the step
 peak comes from torch's profiler memory events (every allocation and free of the steps, summed in
 time order, as ``vs_peft.py``) and the resident bytes are counted from the tensors. The
-``estimate`` column is for mmpeft's predicted peak for the same setup: "pending" while
-``mmpeft.memory`` counts only what training holds before its first batch (no activations yet).
+``estimate`` column is mmpeft's planned peak for the same setup (``mmpeft.planner.plan`` from the
+config alone: the static breakdown plus one step of the same batch run on the meta device, under
+the same precision), and ``peak / estimate`` its ratio to the measured peak.
 
 ``--cpu``: the same code path with the models scaled down (2 layers, widths of 64-128, a vocabulary
 of 8192 with the special ids moved into it, 256-token samples with 64 image tokens) so that it
@@ -499,13 +500,26 @@ def free(device: torch.device) -> None:
 
 # -- the estimate -----------------------------------------------------------------------------
 
-ESTIMATE_PENDING = "estimate: pending (mmpeft.memory counts no activations yet)"
 
+def estimate_peak(shape: Shape, adapter: str, adapter_config: dict, args: argparse.Namespace, device, dtype) -> int:
+    """mmpeft's planned peak bytes for this row (``mmpeft.planner.plan``: weights, adapters, AdamW's state and one
+    step of the same batch run on the meta device, under the same precision), from the model's config alone."""
+    import tempfile
 
-def estimate_peak(config: Any, adapter: str, adapter_config: dict, batch: int, seq: int, n_image: int) -> int | None:
-    """mmpeft's predicted peak bytes for this setup; ``None`` (the column says "pending") until ``mmpeft.memory``
-    counts activations: what it counts now, the state before the first batch, is not a peak."""
-    return None
+    from mmpeft.planner import plan
+
+    with tempfile.TemporaryDirectory() as folder:
+        model_config(shape).save_pretrained(folder)  # config.json only: the plan reads no weight
+        backbone = Backbone(pretrained=folder, compute_dtype=str(dtype).removeprefix("torch."))
+        batch = make_batch(shape, args.batch, args.seq, torch.device("cpu"), dtype, args.seed)
+        result = plan(
+            backbone,
+            [AdapterGroup(adapter, ["all-linear"], adapter_config)],
+            batch,
+            device_type=device.type,
+            precision="bf16-mixed" if device.type == "cuda" else None,
+        )
+    return result.peak
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -517,7 +531,6 @@ def check_family(shape: Shape, args: argparse.Namespace, device: torch.device, d
     variants = [("lora", "lora", lora), ("asymlora", "asymlora", {**lora, "heads": args.heads})]
     batch = make_batch(shape, args.batch, args.seq, device, dtype, args.seed)
     tokens = int(batch["inputs"]["attention_mask"].sum())
-    config = model_config(shape)
     rows: list[Row] = []
     names: list[str] = []
     a_init: dict[str, torch.Tensor] = {}
@@ -537,7 +550,7 @@ def check_family(shape: Shape, args: argparse.Namespace, device: torch.device, d
         loss0 = first_loss(model, loss_fn, batch, autocast)
         losses, seconds, resident, step_peak = run_steps(model, optimizer, loss_fn, batch, args.steps, device, autocast)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        estimate = estimate_peak(config, adapter, adapter_config, args.batch, args.seq, image_tokens(shape))
+        estimate = estimate_peak(shape, adapter, adapter_config, args, device, dtype)
         rows.append(
             row(shape, variant, adapter, trainable, loss0, losses, seconds, tokens, resident, step_peak, estimate)
         )
@@ -599,7 +612,7 @@ def table(rows: list[Row], device: torch.device) -> str:
     ]
     peft = next(r for r in rows if r.variant == "peft")
     for r in rows:
-        estimate = "pending" if r.estimate_bytes is None else mib(r.estimate_bytes)
+        estimate = "-" if r.estimate_bytes is None else mib(r.estimate_bytes)  # PEFT: not mmpeft's to plan
         ratio = "-" if r.estimate_bytes is None else f"{r.peak_bytes / r.estimate_bytes:.3f}"
         lines.append(
             f"| {r.variant} | {r.trainable_params:,} | {r.loss_step0:.4f} | {r.step_s_median:.3f} "
@@ -660,7 +673,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.cpu:
         print("mode: CPU-sized (models scaled down; these are not GPU numbers)")
-    print(ESTIMATE_PENDING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -691,8 +703,6 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"\n{family}: step-0 losses agree: mmpeft LoRA {ours:.6f}, PEFT {theirs:.6f} (relative {rel:.1e})")
         print(table(rows, device))
-        if all(r.estimate_bytes is None for r in rows):
-            print(ESTIMATE_PENDING)
         report["setup"]["families"][family] = {"source": shape.source, **dataclasses.asdict(shape)}
         report.setdefault("step0_relative_difference", {})[family] = rel
         all_rows += rows

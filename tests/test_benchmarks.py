@@ -102,6 +102,28 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     assert len(targets) == 2
 
 
+def test_memory_model_quick_predicts_every_measured_peak_within_15_percent(tmp_path):
+    """Issue 16's calibration: the planner's peak against the CPU profiler's on real 4-bit models, row by row."""
+    out = tmp_path / "memory_model.json"
+    result = run_script("memory_model", "--quick", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    for r in rows:
+        assert 0.85 <= r["ratio"] <= 1.15, (r["name"], r["ratio"], r["step_lines"], r["tracked"])
+        assert r["ratio"] == r["predicted_bytes"] / r["measured_bytes"]
+        assert r["measured_bytes"] == r["resident_bytes"] + r["measured_step_bytes"]
+        assert r["resident_bytes"] > 0 and r["measured_step_bytes"] > 0 and r["predicted_step_bytes"] > 0
+    assert len({r["family"] for r in rows}) >= 2
+    assert len({r["adapter"] for r in rows}) >= 2
+    assert {r["checkpointing"] for r in rows} == {True, False}
+    worst = max(rows, key=lambda r: abs(r["ratio"] - 1))
+    assert f"worst ratio: {worst['ratio']:.3f} ({worst['name']}); every row within 15%: yes" in result.stdout
+    # bf16-mixed is measured and printed apart (the plan does not model autocast yet), the real step tracked too
+    mixed = report["bf16_mixed"]
+    assert mixed and all(r["autocast"] and r["dtype"] == "bfloat16" for r in mixed)
+    assert all(r["measured_step_bytes"] > 0 and r["tracked"]["peak"] > 0 for r in mixed)
+
+
 @pytest.mark.slow
 def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_scores_every_task(tmp_path):
     """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out
@@ -163,7 +185,8 @@ def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp
             step, rate, resident, peak = float(cells[3]), float(cells[4]), float(cells[5]), float(cells[7])
             assert all(math.isfinite(v) and v > 0 for v in (step, rate, resident, peak)), (family, name, cells)
             assert peak > resident  # the step allocates above what it holds
-            assert cells[8] in ("pending",) or float(cells[8]) > 0  # the estimate column, filled once it exists
+            if name != "peft":  # mmpeft's planned peak, from the config alone, against the measured one
+                assert 0.85 <= float(cells[9]) <= 1.15, (family, name, cells)
         # same model, same batch, zero-init B: mmpeft's LoRA computes PEFT's loss at step 0
         ours, theirs = float(rows["lora"][2]), float(rows["peft"][2])
         assert abs(ours - theirs) <= 1e-4 * abs(theirs), (family, ours, theirs)
