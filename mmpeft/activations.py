@@ -62,6 +62,8 @@ from mmpeft.speed import Speed, apply_to_adapters
 
 aten = torch.ops.aten
 META = torch.device("meta")
+CUDA_BLOCK = 512
+"""PyTorch's CUDA caching allocator hands out multiples of 512 bytes (its smallest block size)."""
 
 
 def training_loss(
@@ -85,8 +87,10 @@ class StepMemory(TorchDispatchMode):
     ``scope`` names what is running (set by :func:`scopes`); the breakdown at the peak is by scope.
     """
 
-    def __init__(self, fake_mode: FakeTensorMode, known: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, fake_mode: FakeTensorMode, known: Iterable[torch.Tensor] = (), block: int = 1) -> None:
         super().__init__()
+        self.block = block
+        """Allocation granularity: CUDA's caching allocator rounds every block up to 512 bytes."""
         self.live = 0
         self.peak = 0
         self.scope = "other"
@@ -110,7 +114,7 @@ class StepMemory(TorchDispatchMode):
             key = storage._cdata
             if key in self._seen:
                 continue
-            size = storage.nbytes()
+            size = -(-storage.nbytes() // self.block) * self.block
             self._seen[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
             self._sizes[key] = (size, self.scope)
             self.live += size
@@ -464,7 +468,7 @@ def step_peak(
     known += [p.grad for p in trainable if p.grad is not None]
     if step is not None:
         known += [t for state in step.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    counter = StepMemory(fake_mode, known)
+    counter = StepMemory(fake_mode, known, block=CUDA_BLOCK if device_type == "cuda" else 1)
     with fused_attention(device_type), scopes(model, counter), counter:
         counter.scope = "loss"
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):

@@ -89,8 +89,9 @@ class MMPeftModule(L.LightningModule):
                 metrics (docs/evaluation.md).
             speed: Training-step speed and memory levers (chunked loss, in-place adapter add, where gradients and
                 recomputation go; docs/speed.md). None changes the loss beyond floating-point noise.
-            preflight: The memory check ``fit`` runs before loading any weight: on CUDA it stops a run whose
-                weights, adapters, gradients and optimizer state alone exceed the device's free memory.
+            preflight: The memory check ``fit`` runs before loading any weight: on CUDA it plans the run's peak
+                (docs/memory.md) and stops, with the breakdown and the settings that would fit, a run that exceeds
+                the device's free memory.
         """
         super().__init__()
         self.save_hyperparameters()
