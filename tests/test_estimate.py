@@ -139,3 +139,21 @@ def test_the_plan_answers_each_setting(llava):
     assert "gradients" in accumulating and "gradients" not in base
     assert accumulating["gradients"] == accumulating["trainable tensors"]
     assert acc_plan.peak > base_plan.peak
+
+
+def test_image_side_changes_the_plan_where_the_family_reads_larger_images(tiny_model_dirs):
+    """Qwen2-VL reads a larger image with more tokens (in the same max_length: the image's tokens take text's
+    place), and the vision tower runs over more patches, so the plan never shrinks with the side; LLaVA resizes every
+    image, so it has no side to search."""
+    path = tiny_model_dirs["qwen2_vl"]
+    batches = FilledBatches(path, batch_size=1, max_length=512, image_resolution=112)
+    assert batches.image_side == 112
+    small, large = batches(1, 512, 56), batches(1, 512, 112)
+    assert batches.image_tokens_in(large) > 2 * batches.image_tokens_in(small) > 0  # (sides round to whole merges)
+    backbone = Backbone(pretrained=path)
+    costs = [plan(backbone, [AdapterGroup()], b, device_type="cpu").peak for b in (small, large)]
+    assert costs[0] <= costs[1]
+    two = FilledBatches(path, batch_size=1, max_length=512, images=2, image_resolution=112)
+    assert two.image_tokens_in(two(1, 512, 112)) == 2 * batches.image_tokens_in(large)
+    llava = FilledBatches(tiny_model_dirs["llava"], batch_size=1, max_length=256, image_resolution=None)
+    assert llava.fixed_size and llava.image_side is None
