@@ -466,7 +466,19 @@ def run_steps(model, optimizer, loss_fn, batch, steps: int, device: torch.device
             step()
             sync(device)
             seconds.append(time.perf_counter() - start)
-        return losses, seconds, resident, torch.cuda.max_memory_allocated(device) - resident
+        peak = torch.cuda.max_memory_allocated(device)
+        free_now, total = torch.cuda.mem_get_info(device)
+        # What the memory planner's CUDA allowance stands for, measured: memory the process uses outside
+        # PyTorch's allocator (context, library workspaces), and what the caching allocator reserved beyond the
+        # allocated peak.
+        outside = total - free_now - torch.cuda.memory_reserved(device)
+        reserved = torch.cuda.max_memory_reserved(device)
+        print(
+            f"  CUDA: peak allocated {mib(peak)} MiB, peak reserved {mib(reserved)} MiB "
+            f"(+{reserved / peak - 1:.1%}), outside PyTorch's allocator {mib(outside)} MiB",
+            flush=True,
+        )
+        return losses, seconds, resident, peak - resident
 
     def timed_steps() -> None:
         for _ in range(steps):
