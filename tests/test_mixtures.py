@@ -19,11 +19,14 @@ from mmpeft.adapters.routing import (
     Router,
     RouterRecord,
     RoutingContext,
+    RoutingLosses,
     RoutingStats,
     bind_routers,
     load_balance_loss,
     localized_balance_loss,
     mutual_information_loss,
+    pooled_load_balance_loss,
+    routing_losses,
     selection_weights,
     task_groups,
     top_k_gate,
@@ -424,6 +427,48 @@ def test_load_balance_and_z_loss_by_hand():
     assert torch.isclose(load_balance_loss(rec, MASK), 3 * (f * mean_p).sum())
     lse = [torch.logsumexp(LOGITS[0, 0], 0), torch.logsumexp(LOGITS[0, 1], 0), torch.logsumexp(LOGITS[1, 0], 0)]
     assert torch.isclose(z_loss(record(), MASK), sum(v**2 for v in lse) / 3)
+
+
+def test_the_reference_codes_pooled_load_balance_by_hand():
+    """AsymLoRA/HydraLoRA's form: per sample over every layer's real tokens, no factor E, mean over samples."""
+    probs = torch.softmax(LOGITS, -1)
+    second = LOGITS.flip(-1)  # a second layer that routes otherwise
+    probs2 = torch.softmax(second, -1)
+    layers = [
+        record(),
+        RouterRecord("layer2", second, probs2, torch.ones_like(probs2, dtype=torch.bool), 3, "token", probs2),
+    ]
+    # Sample 0: tokens 0, 1 of both layers; sample 1: token 0 of both layers (its token 1 is padding).
+    by_sample = []
+    for b, tokens in ((0, [0, 1]), (1, [0])):
+        p = torch.stack([q[b, t] for q in (probs, probs2) for t in tokens])  # (layers x tokens, E)
+        top1 = torch.nn.functional.one_hot(p.argmax(-1), 3).float()
+        by_sample.append((p.mean(0) * top1.mean(0)).sum())
+    expected = sum(by_sample) / 2
+    assert torch.isclose(pooled_load_balance_loss(layers, [MASK, MASK]), expected)
+    # Through routing_losses, selected by load_balance_pooling; the layer form sums E * sum f P over the layers.
+    context = RoutingContext()
+    context.records = layers
+    context.attention_mask = MASK
+    pooled = routing_losses(context, RoutingLosses(load_balance_pooling="sample", z_loss=0))["load_balance"]
+    summed = routing_losses(context, RoutingLosses(z_loss=0))["load_balance"]
+    assert torch.isclose(pooled, expected)
+    assert torch.isclose(summed, load_balance_loss(layers[0], MASK) + load_balance_loss(layers[1], MASK))
+    # At uniform routing the two forms are 1/E and L (= 2 layers): the E x L factor the coefficient must absorb.
+    flat = torch.zeros(2, 2, 3)
+    uniform = RouterRecord(
+        "u",
+        flat,
+        torch.softmax(flat, -1),
+        torch.ones(2, 2, 3, dtype=torch.bool),
+        3,
+        "token",
+        torch.full((2, 2, 3), 1 / 3),
+    )
+    context.records = [uniform, uniform]
+    pooled = routing_losses(context, RoutingLosses(load_balance_pooling="sample", z_loss=0))["load_balance"]
+    summed = routing_losses(context, RoutingLosses(z_loss=0))["load_balance"]
+    assert torch.isclose(pooled, torch.tensor(1 / 3)) and torch.isclose(summed, torch.tensor(2.0))
 
 
 def test_localized_balance_by_hand():

@@ -496,6 +496,15 @@ def _mask(record: RouterRecord, context: RoutingContext) -> torch.Tensor:
     return mask
 
 
+def _chosen(record: RouterRecord) -> torch.Tensor:
+    """``(batch, T, E)``: 1 on the experts each token or instance counts as using for load balance: its top-k, or
+    its top-1 for a dense router, whose every expert is "used"."""
+    experts = record.probs.shape[-1]
+    if record.top_k >= experts:
+        return F.one_hot(record.probs.argmax(-1), experts).to(record.probs.dtype)
+    return record.selected.to(record.probs.dtype)
+
+
 def load_balance_loss(record: RouterRecord, mask: torch.Tensor) -> torch.Tensor:
     """Switch / Mixtral: ``E * sum_e f_e * P_e`` over real tokens.
 
@@ -504,12 +513,31 @@ def load_balance_loss(record: RouterRecord, mask: torch.Tensor) -> torch.Tensor:
     ``k`` when routing is uniform; gradients flow through ``P_e``.
     """
     probs = record.probs[mask]  # (tokens, E)
-    experts = probs.shape[-1]
-    if record.top_k >= experts:
-        chosen = F.one_hot(probs.argmax(-1), experts).to(probs.dtype)  # (tokens, E)
-    else:
-        chosen = record.selected[mask].to(probs.dtype)
-    return experts * (chosen.mean(0) * probs.mean(0)).sum()
+    chosen = _chosen(record)[mask]  # (tokens, E)
+    return probs.shape[-1] * (chosen.mean(0) * probs.mean(0)).sum()
+
+
+def pooled_load_balance_loss(records: list[RouterRecord], masks: list[torch.Tensor]) -> torch.Tensor:
+    """The AsymLoRA/HydraLoRA reference code's load balance: per sample, ``sum_e f_e * P_e`` with ``f_e`` and ``P_e``
+    taken over the sample's real tokens in every routed layer at once, without the factor ``E``; the mean over the
+    batch. It equals ``1 / E`` when routing is uniform (top-1), where the per-layer form summed over ``L`` layers is
+    ``L``. Routers with different numbers of experts are pooled separately and their losses added."""
+    groups: dict[int, list[tuple[RouterRecord, torch.Tensor]]] = {}
+    for record, mask in zip(records, masks):
+        groups.setdefault(record.probs.shape[-1], []).append((record, mask))
+    total = None
+    for pairs in groups.values():
+        probs = chosen = count = None
+        for record, mask in pairs:
+            weight = mask.to(record.probs.dtype).unsqueeze(-1)  # (batch, T, 1)
+            p = (record.probs * weight).sum(1)  # (batch, E)
+            c = (_chosen(record) * weight).sum(1)  # (batch, E)
+            n = weight.sum((1, 2))  # (batch,)
+            probs, chosen, count = (p, c, n) if probs is None else (probs + p, chosen + c, count + n)
+        count = count.clamp(min=1).unsqueeze(-1)  # (batch, 1)
+        loss = ((probs / count) * (chosen / count)).sum(-1).mean()  # per sample, then over the batch
+        total = loss if total is None else total + loss
+    return total
 
 
 def z_loss(record: RouterRecord, mask: torch.Tensor) -> torch.Tensor:
@@ -569,8 +597,15 @@ class RoutingLosses:
     """Coefficients of the routers' auxiliary losses, each summed over every routed layer."""
 
     load_balance: float = 0.01
-    """Switch/Mixtral load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022). 0.01 is the usual value;
-    HydraLoRA's MLLM script uses 0.05."""
+    """Switch/Mixtral load balance ``E * sum_e f_e P_e`` (Fedus et al. 2022). 0.01 is the usual value for the
+    ``layer`` form; HydraLoRA's MLLM script uses 0.05 with the ``sample`` form (:attr:`load_balance_pooling`)."""
+
+    load_balance_pooling: Literal["layer", "sample"] = "layer"
+    """How the load balance is taken. ``layer`` (Switch/Mixtral): ``E * sum_e f_e P_e`` per routed layer over the
+    batch's real tokens, summed over the layers (``L`` at uniform top-1 routing). ``sample`` (the AsymLoRA/HydraLoRA
+    reference code): per sample, ``f`` and ``P`` over its real tokens in every routed layer pooled,
+    ``sum_e f_e P_e`` without ``E``, then the mean over samples (``1 / E`` at uniform routing): about ``E x L``
+    times smaller, so the reference's coefficient keeps the strength it had there."""
 
     z_loss: float = 0.001
     """Router z-loss ``mean(logsumexp(logits)^2)`` (Zoph et al. 2022, ST-MoE), keeps router logits small."""
@@ -594,11 +629,14 @@ def routing_losses(context: RoutingContext, coefficients: RoutingLosses) -> dict
 
     task_ids = context.task_ids
     num_tasks = context.num_tasks or (int(task_ids.max()) + 1 if task_ids is not None and task_ids.numel() else None)
+    pooled: list[tuple[RouterRecord, torch.Tensor]] = []
     for record in context.records:
         mask = _mask(record, context)
         if record.probs.shape[-1] < 2:
             continue  # one expert: nothing to balance
-        if coefficients.load_balance:
+        if coefficients.load_balance and coefficients.load_balance_pooling == "sample":
+            pooled.append((record, mask))
+        elif coefficients.load_balance:
             add("load_balance", load_balance_loss(record, mask))
         if coefficients.z_loss:
             add("z_loss", z_loss(record, mask))
@@ -610,6 +648,8 @@ def routing_losses(context: RoutingContext, coefficients: RoutingLosses) -> dict
                 )
             if coefficients.mutual_information:
                 add("mutual_information", mutual_information_loss(record, mask, task_ids, num_tasks))
+    if pooled:
+        add("load_balance", pooled_load_balance_loss([r for r, _ in pooled], [m for _, m in pooled]))
     return losses
 
 
