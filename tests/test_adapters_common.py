@@ -39,6 +39,8 @@ CASES = {
     "lora": ("lora", {"r": 4, "dropout": 0.0}),
     "asymlora": ("asymlora", {"r": 4, "heads": 3, "dropout": 0.0}),
     "asymlora-inst-top2": ("asymlora", {"r": 4, "heads": 3, "routing": "instance", "top_k": 2, "dropout": 0.0}),
+    # One router per block (attention, MLP), with a bias, as the reference code routes: every check below holds too.
+    "asymlora-block": ("asymlora", {"r": 4, "heads": 3, "router": "block", "router_bias": True, "dropout": 0.0}),
     "moelora": ("moelora", {"r": 2, "experts": 4, "dropout": 0.0}),
     "moelora-top2": ("moelora", {"r": 2, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "mixlora": ("mixlora", {"r": 4, "factors": 8, "dropout": 0.0}),
@@ -50,7 +52,7 @@ MIXTURES = [case for case, (name, _) in CASES.items() if name in ROUTED]
 CPU = torch.device("cpu")
 ABILITIES = {
     "lora": {Ability.AS_LORA, Ability.DELTA_WEIGHT},
-    "asymlora": {Ability.AS_LORA},
+    "asymlora": {Ability.AS_LORA, Ability.BLOCK_ROUTER},
     "moelora": {Ability.AS_LORA},
     "mixlora": {Ability.UNMERGEABLE},
     "dora": {Ability.READS_BASE_WEIGHT, Ability.AS_DORA},

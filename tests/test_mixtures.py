@@ -22,6 +22,7 @@ from mmpeft.adapters.routing import (
     RoutingLosses,
     RoutingStats,
     bind_routers,
+    block_gate,
     load_balance_loss,
     localized_balance_loss,
     mutual_information_loss,
@@ -365,6 +366,64 @@ def test_selecting_router_weights_and_records():
 
 
 # -- AsymLoRA's routing names the router's level ------------------------------------------------
+
+
+def test_a_block_router_gates_the_whole_mlp_from_its_input(tiny_model_dirs):
+    """router: block (the reference code's routing): one router per MLP, with its bias, reading the block's input;
+    gate_proj, up_proj and down_proj all apply its gate, and only it is recorded and saved."""
+    import torch.nn.functional as F
+    from test_backbone import _batch
+
+    from mmpeft.adapters import adapter_state_dict
+    from mmpeft.objective import routed
+
+    path = tiny_model_dirs["llava"]
+    model = load_backbone(Backbone(pretrained=path), torch.device("cpu"))
+    context = RoutingContext()
+    config = {"r": 4, "heads": 3, "router": "block", "router_bias": True, "dropout": 0.0}
+    wrapped = inject_adapters(language_model(model), [AdapterGroup("asymlora", ["mlp"], config)], context)
+    layers = len(language_model(model).layers)
+    routers = {n: m for n, m in model.named_modules() if isinstance(m, Router)}
+    assert len(routers) == layers and all(n.endswith("mlp.gate_proj.adapter.router") for n in routers)
+    assert all(r.bias is not None for r in routers.values())
+    saved = [k for k in adapter_state_dict(model) if ".router." in k]
+    assert len(saved) == 2 * layers  # weight and bias, once per block
+    torch.manual_seed(0)
+    for layer in wrapped.values():
+        torch.nn.init.normal_(layer.adapter.B, std=0.1)
+    seen = {}
+    mlp = language_model(model).layers[0].mlp
+
+    def block_input(module, args):
+        seen.setdefault("x", args[0].detach())
+
+    def down_output(module, args, out):
+        seen.setdefault("down", (args[0].detach(), out.detach()))
+
+    mlp.register_forward_pre_hook(block_input)
+    down = wrapped["layers.0.mlp.down_proj"]
+    down.register_forward_hook(down_output)
+    batch = _batch(path)
+    with routed(context, batch):
+        model(**batch["inputs"])
+    assert [r.name for r in context.records] == [f"layers.{i}.mlp" for i in range(layers)]
+    router = down.adapter.shared_router
+    expected = torch.softmax(F.linear(seen["x"].float(), router.weight, router.bias), -1)  # (batch, seq, 3)
+    assert torch.allclose(context.records[0].gate, expected, atol=1e-6)
+    # down_proj reads the intermediate activations but applies the block's gate.
+    x_down, out = seen["down"]
+    adapter = down.adapter
+    z = F.linear(x_down.float(), adapter.A)  # (batch, seq, r)
+    delta = F.linear((expected.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2), adapter.B) * adapter.scaling
+    assert torch.allclose(out.float(), down.base(x_down).float() + delta, atol=1e-4)
+
+
+def test_a_block_router_refuses_a_projection_that_reads_another_sequence():
+    router = Router(8, 3)
+    router.shared_gate = torch.softmax(torch.randn(2, 5, 3), -1)
+    with pytest.raises(RuntimeError, match="gates \\(2, 5\\) tokens but a projection of the block reads \\(2, 7\\)"):
+        block_gate(router, torch.randn(2, 7, 8))
+    assert block_gate(router, torch.randn(2, 5, 16)) is router.shared_gate
 
 
 def test_asymlora_reads_the_old_routing_name_sequence_as_instance():

@@ -62,6 +62,12 @@ class Ability(StrEnum):
     """``delta_weight()``: the update as a dense ``(out_features, in_features)`` matrix, for an
     adapter that merges into the base weight but is no LoRA (merge uses it; export refuses it)."""
 
+    BLOCK_ROUTER = "block_router"
+    """Its config has ``router: projection | block``; with ``block``, ``block_router(width)`` makes the one
+    :class:`~mmpeft.adapters.routing.Router` every adapter of a block (``layers.3.mlp``) shares, reading the block's
+    input of ``width`` features (:func:`~mmpeft.adapters.routing.share_block_routers` sets it up at injection), and the
+    adapter gates with ``block_gate(self.block_router, x)`` instead of a router of its own. AsymLoRA."""
+
     UNMERGEABLE = "unmergeable"
     """Its update has no single weight at all (MixLoRA: one per input): the class attribute
     ``unmergeable`` is the reason, a sentence merge and export stop with."""
@@ -73,6 +79,7 @@ REQUIRES: dict[Ability, str | None] = {
     Ability.AS_LORA: "as_lora",
     Ability.AS_DORA: "as_dora",
     Ability.DELTA_WEIGHT: "delta_weight",
+    Ability.BLOCK_ROUTER: "block_router",
     Ability.UNMERGEABLE: "unmergeable",
 }
 """The method (or, for ``unmergeable``, the string attribute) each ability obliges the class to define."""

@@ -20,7 +20,7 @@ from torch import nn
 from mmpeft import registry
 from mmpeft.adapters.base import Ability, AdaptedLinear, abilities_of, check_adapter_class
 from mmpeft.adapters.quant import BaseLayerView, is_linear
-from mmpeft.adapters.routing import RoutingContext, bind_routers
+from mmpeft.adapters.routing import RoutingContext, bind_routers, share_block_routers
 from mmpeft.errors import ConfigError
 
 # Every supported family names its language model's layers the Llama way, except Phi's fused ones
@@ -137,6 +137,12 @@ def inject_adapters(
         layer.train(base.training)  # new modules start in train mode; follow the model's (dropout off in eval)
         language_model.set_submodule(name, layer)
         wrapped[name] = layer
+    blocks: dict[str, list[tuple[str, nn.Module]]] = {}
+    for name, layer in wrapped.items():
+        if Ability.BLOCK_ROUTER in abilities_of(type(layer.adapter)) and layer.adapter.config.router == "block":
+            blocks.setdefault(name.rpartition(".")[0], []).append((name, layer.adapter))
+    if blocks:  # one router per block, shared by its adapted projections (routing.share_block_routers)
+        share_block_routers(language_model, blocks, context if context is not None else RoutingContext())
     return wrapped
 
 

@@ -270,6 +270,7 @@ class Router(nn.Module):
         top_k: int | None = None,
         temperature: float = 1.0,
         weighting: Weighting = "straight_through",
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if experts < 1:
@@ -287,6 +288,14 @@ class Router(nn.Module):
         """How :meth:`select` weights the chosen experts; :meth:`forward`'s gate is the renormalised top-k."""
         self.weight = nn.Parameter(torch.empty(experts, in_features))  # (experts, d_in)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default, as HydraLoRA's router
+        # HydraLoRA's router is an nn.Linear with its bias; the default (no bias) keeps older adapters' tensors.
+        self.bias = nn.Parameter(torch.empty(experts)) if bias else None  # (experts,)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)  # nn.Linear's default
+        self.shared_gate: torch.Tensor | None = None
+        """A block router's gate for the current forward (:func:`share_block_routers`), read by every adapter of
+        the block."""
         # Plain attributes, not submodules: the context is shared by every router of the model.
         self.context = RoutingContext()
         self.name = ""
@@ -299,7 +308,7 @@ class Router(nn.Module):
         self.context, self.name = context, name
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h.to(self.weight.dtype), self.weight)  # (..., experts)
+        return F.linear(h.to(self.weight.dtype), self.weight, self.bias)  # (..., experts)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """What the router reads from a layer input ``x`` ``(batch, seq, d)``: ``x`` itself for token
@@ -362,6 +371,82 @@ def bind_routers(module: nn.Module, context: RoutingContext, name: str, group: s
         router.bind(context, f"{name}.{sub_name}" if several else name)
         if group is not None:
             context.groups[router.name] = f"{group}/{sub_name}" if several else group
+
+
+# -- one router per block -------------------------------------------------------------------
+
+
+def block_width(layers: list[tuple[int, int]]) -> int:
+    """The width of a block's input, from its adapted layers' ``(in_features, out_features)``: a residual block's
+    output is as wide as its input, so the input width is the one some layer reads and some layer writes (a
+    Llama MLP's hidden size: ``gate_proj``/``up_proj`` read it, ``down_proj`` writes it); else the width most of its
+    layers read."""
+    outs = {out for _, out in layers}
+    for width, _ in layers:
+        if width in outs:
+            return width
+    ins = [width for width, _ in layers]
+    return max(ins, key=ins.count)
+
+
+def share_block_routers(
+    model: nn.Module, members: dict[str, list[tuple[str, nn.Module]]], context: RoutingContext
+) -> dict[str, Router]:
+    """One router per block: for each block path (``layers.3.mlp``) and its adapters ``[(layer path, adapter)]``
+    (each declaring ``block_router``), the router ``block_router(block width)`` of the first reads the block's input
+    once per forward (a forward pre-hook on the block) and every adapter of the block applies that gate (it holds the
+    router as ``shared_router``, a reference, not a submodule).
+
+    The router is kept by the block's first adapter (as ``adapter.router``), so it is saved once, with it; the others
+    keep no router. It is recorded under the block's path. This is how AsymLoRA's reference code routes its MLP: one
+    router on the block's input, shared by ``gate_proj``, ``up_proj`` and ``down_proj``, so that head ``i`` of the
+    three projections works as one.
+    """
+    routers: dict[str, Router] = {}
+    for block_path, adapters in members.items():
+        block = model.get_submodule(block_path)
+        width = block_width([(a.in_features, a.out_features) for _, a in adapters])
+        router = adapters[0][1].block_router(width)
+        label = context.groups.get(adapters[0][0])
+        for layer_path, adapter in adapters:
+            context.groups.pop(layer_path, None)
+            if "router" in adapter._modules:
+                del adapter.router
+            object.__setattr__(adapter, "shared_router", router)
+        adapters[0][1].router = router
+        router.bind(context, block_path)
+        if label is not None:
+            context.groups[block_path] = label
+        block.register_forward_pre_hook(_route_block(router, block_path, width), with_kwargs=True)
+        routers[block_path] = router
+    return routers
+
+
+def _route_block(router: Router, path: str, width: int) -> Callable[..., None]:
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != width:
+            got = "no tensor" if not isinstance(x, torch.Tensor) else f"width {x.shape[-1]}"
+            raise RuntimeError(
+                f"router: block at {path!r} reads the block's input (its first argument or hidden_states) of width "
+                f"{width}, got {got}; use router: projection for this block"
+            )
+        router.shared_gate = router(x)
+
+    return hook
+
+
+def block_gate(router: Router, x: torch.Tensor) -> torch.Tensor:
+    """The gate a block router computed for this forward, checked against a projection's input ``x``."""
+    gate = router.shared_gate
+    if gate is None:
+        raise RuntimeError(f"the block router of {router.name!r} has not run: its block's forward was not called")
+    if gate.shape[-2] not in (1, x.shape[-2]) or gate.shape[:-2] != x.shape[:-2]:
+        raise RuntimeError(
+            f"router: block at {router.name!r} gates {tuple(gate.shape[:-1])} tokens but a projection of the block "
+            f"reads {tuple(x.shape[:-1])} (cross-attention reads another sequence); use router: projection"
+        )
+    return gate
 
 
 # -- auxiliary losses -----------------------------------------------------------------------

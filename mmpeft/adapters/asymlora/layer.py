@@ -8,7 +8,7 @@ from torch import nn
 
 from mmpeft.adapters.asymlora.config import AsymLoRAConfig
 from mmpeft.adapters.base import Ability, lora_parts
-from mmpeft.adapters.routing import Router, expert_gate
+from mmpeft.adapters.routing import Router, block_gate, expert_gate
 
 
 class AsymLoRA(nn.Module):
@@ -20,7 +20,7 @@ class AsymLoRA(nn.Module):
     """
 
     config_class = AsymLoRAConfig
-    abilities = frozenset({Ability.AS_LORA})
+    abilities = frozenset({Ability.AS_LORA, Ability.BLOCK_ROUTER})
 
     def __init__(self, in_features: int, out_features: int, config: AsymLoRAConfig) -> None:
         super().__init__()
@@ -29,13 +29,20 @@ class AsymLoRA(nn.Module):
         # A (r, d_in), shared by every head; B (d_out, N * r): head i is B[:, i*r:(i+1)*r]
         columns = config.heads * config.r
         self.A, self.B, self.dropout, self.scaling = lora_parts(in_features, out_features, config, columns=columns)
-        self.router = Router(
-            in_features, config.heads, level=config.routing, top_k=config.top_k, temperature=config.temperature
-        )
+        self.in_features, self.out_features = in_features, out_features
+        self.router = self.block_router(in_features)  # with router: block, replaced at injection by the block's
+
+    def block_router(self, width: int) -> Router:
+        """A router over the heads reading ``width`` features: this projection's own, or its block's."""
+        c = self.config
+        return Router(width, c.heads, level=c.routing, top_k=c.top_k, temperature=c.temperature, bias=c.router_bias)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
-        gate = self.router(x)  # (..., N), or (batch, 1, N) per instance
+        if self.config.router == "block":
+            gate = block_gate(self.shared_router, x)  # the block's gate, from the block's input
+        else:
+            gate = self.router(x)  # (..., N), or (batch, 1, N) per instance
         z = F.linear(self.dropout(x), self.A)  # (..., r)
         gated = (gate.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)  # (..., N * r): [g_1 z, ..., g_N z]
         return F.linear(gated, self.B) * self.scaling  # (..., d_out)
