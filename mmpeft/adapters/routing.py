@@ -648,12 +648,13 @@ def localized_balance_loss(
 
     ``Q`` ``(E, batch)`` is each expert's importance for each sample (its routing probability
     summed over the sample's real tokens); ``I`` is ``1 + delta`` for the experts assigned to
-    the sample's task and ``1 - delta`` for the others.
+    the sample's task and ``1 - delta`` for the others. ``CV^2`` is LoRAMoE's ``cv_squared`` (the sparsely-gated
+    MoE's): the sample variance (unbiased) over the mean squared, with its ``1e-10`` guard.
     """
     importance = (record.probs * mask.unsqueeze(-1)).sum(1).T  # (E, batch)
     assigned = task_groups(importance.shape[0], num_tasks).to(importance.device)[task_ids].T  # (E, batch)
     weighted = importance * (1 + delta * (2 * assigned.to(importance.dtype) - 1))
-    return weighted.var(unbiased=False) / weighted.mean() ** 2
+    return weighted.float().var() / (weighted.float().mean() ** 2 + 1e-10)
 
 
 def mutual_information_loss(
