@@ -58,11 +58,15 @@ def fake_distribution(folder, name: str, version: str, entry_points: str) -> Non
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The per-family tables: conformance (tests/test_families.py) and image tokens (tests/test_images.py), a row
-    per family, a column per check."""
+    """The per-family tables: conformance (tests/test_families.py), image tokens (tests/test_images.py) and memory
+    plans (tests/test_estimate_configs.py), a row per family, a column per check."""
     import sys
 
-    for name, title in (("test_families", "family conformance"), ("test_images", "image tokens and resolution")):
+    for name, title in (
+        ("test_families", "family conformance"),
+        ("test_images", "image tokens and resolution"),
+        ("test_estimate_configs", "memory plan, LoRA on all-linear, 2 samples, CUDA"),
+    ):
         module = sys.modules.get(name)
         if module is not None and module.RESULTS:
             _family_table(terminalreporter, module, f"{title} (tests/{name}.py)")
