@@ -282,7 +282,11 @@ class MMPeftModule(L.LightningModule):
         # Generation first: it resets the routing records, which the teacher-forced pass below leaves for the callbacks.
         if "prompt_inputs" in batch and metrics.wants_answers(task_ids):
             answers = self.generate_answers(
-                batch["prompt_inputs"], max_new_tokens=self.evaluation.max_new_tokens, do_sample=False, num_beams=1
+                batch["prompt_inputs"],
+                routing_mask=batch.get("prompt_routing_mask"),
+                max_new_tokens=self.evaluation.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
             )
             metrics.update_answers(answers, batch["references"], task_ids)
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
@@ -338,16 +342,19 @@ class MMPeftModule(L.LightningModule):
             title = {"val": "validation", "test": "test"}[stage] + f": scores per task ({len(results.tasks)} tasks)"
             print_table(results.table(title))
 
-    def generate_answers(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> list[str]:
+    def generate_answers(
+        self, inputs: dict[str, torch.Tensor], routing_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> list[str]:
         """The decoded new text of each left-padded prompt of ``inputs`` (leading whitespace stripped), generated with
         ``kwargs`` in the routing context.
 
-        Instance routing (MixLoRA, AsymLoRA with ``routing: instance``) is computed once on each prompt and
+        Instance routing (MixLoRA, AsymLoRA with ``routing: instance``) is computed once on each prompt, over the
+        tokens of ``routing_mask`` (``(batch, prompt_len)``; the tokens before the first answer, as in training), and
         reused at every new token, through the KV cache.
         """
         prompt_len = inputs["input_ids"].shape[1]
         tokens = self.routing_context.generate(
-            self.model, **inputs, **kwargs, use_cache=True
+            self.model, **inputs, routing_mask=routing_mask, **kwargs, use_cache=True
         )  # (batch, prompt_len + new)
         # The first new token usually starts a word, which BPE and SentencePiece tokenizers decode with its leading
         # space.
@@ -356,7 +363,7 @@ class MMPeftModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Answers to a batch of left-padded prompts (``ChatEncoder.collate_prompts``), one dict per sample
         (see :meth:`generate_answers`)."""
-        answers = self.generate_answers(batch["inputs"], **self.generation.kwargs())
+        answers = self.generate_answers(batch["inputs"], batch.get("routing_mask"), **self.generation.kwargs())
         rows = []
         for key, task, prompt, reference, answer in zip(
             batch["keys"], batch["tasks"], batch["prompts"], batch["reference"], answers

@@ -48,10 +48,17 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def routing_masks(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The masks routers read: the real tokens ``(batch, seq)`` bool (``None`` without an attention mask) and the
-    prompt tokens ``(batch, seq)`` bool, real and not trained on, which instance routers pool over."""
+    prompt tokens ``(batch, seq)`` bool, which instance routers pool over: the real tokens before the sample's first
+    trained token.
+
+    Before the *first* trained token, not every untrained one: in a multi-turn chat, a gate computed from later user
+    turns would route earlier answers with what comes after them, which generation never has. Generation pools the
+    same tokens of its prompt (the ``routing_mask`` :meth:`ChatEncoder.encode_prompt` adds), so every turn routes
+    as it trained."""
     attention = inputs.get("attention_mask")
     attention = None if attention is None else attention.bool()
-    prompt = labels.to(attention.device if attention is not None else labels.device) == IGNORE_INDEX
+    trained = labels.to(attention.device if attention is not None else labels.device) != IGNORE_INDEX
+    prompt = trained.cumsum(dim=1) == 0  # (batch, seq): before the first trained token
     if attention is not None:
         prompt &= attention
     return attention, prompt

@@ -87,6 +87,8 @@ def test_an_adapter_directory_round_trips_onto_a_fresh_base(tiny_model_dirs, sav
         "routing": "instance",  # given as "sequence", its earlier name: written in the one spelling
         "top_k": None,
         "temperature": 1.0,
+        "router": "projection",
+        "router_bias": False,
     }
     assert config["base_model"]["text.hidden_size"] == 64 and len(config["base_model"]["fingerprint"]) == 16
     tensors = load_file(out / WEIGHTS_NAME)

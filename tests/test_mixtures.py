@@ -626,3 +626,63 @@ def test_mixlora_generates_the_same_tokens_with_and_without_the_kv_cache(tiny_mo
     layers = sum(isinstance(m, MixLoRA) for m in model.modules())
     assert all(len(s.steps) == 8 and len(s.steps[0]) == layers > 0 and s.reused() for s in snapshots)
     assert context._instance_cache is None  # routing is cached only for the duration of one generation
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_multi_turn_chat_routes_in_generation_as_it_trained(tiny_model_dirs, family):
+    """Instance routing pools the tokens before the first answer: in training (objective.routing_masks) and when
+    generating the next turn of the same chat (encode_prompt's routing_mask), with or without the KV cache."""
+    from PIL import Image
+
+    from mmpeft.data.encode import ChatEncoder
+    from mmpeft.data.sample import Sample
+    from mmpeft.models.backbone import load_processor
+    from mmpeft.objective import IGNORE_INDEX, routed, routing_masks
+
+    path = tiny_model_dirs[family]
+    encoder = ChatEncoder(load_processor(path), ["chat"], max_length=512)
+
+    def turn(role: str, text: str, images: int = 0) -> dict:
+        return {"role": role, "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
+
+    messages = [turn("user", "What colour is it?", 1), turn("assistant", "green"), turn("user", "And the shape?")]
+    messages += [turn("assistant", "a square")]
+    sample = Sample("k", "chat", messages, [Image.new("RGB", (40, 36), (10, 200, 30))])
+    batch = encoder.collate([encoder.encode(sample)])
+    prompt_item = encoder.encode_prompt(sample)  # the chat up to its last answer: user, answer, user
+    prompts = encoder.collate_prompts([prompt_item])
+    _, trained_mask = routing_masks(batch["inputs"], batch["labels"])
+    first = int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    assert trained_mask[0].tolist() == [True] * first + [False] * (batch["labels"].shape[1] - first)
+    routing = prompts["routing_mask"][0]
+    assert routing.sum() == first < prompts["inputs"]["input_ids"].shape[1]  # the earlier answer is not pooled
+    assert torch.equal(prompts["inputs"]["input_ids"][0, :first], batch["inputs"]["input_ids"][0, :first])
+
+    model = load_backbone(Backbone(pretrained=path), torch.device("cpu")).eval()
+    context = RoutingContext()
+    torch.manual_seed(0)
+    config = {"r": 4, "heads": 3, "routing": "instance", "dropout": 0.0}
+    inject_adapters(language_model(model), [AdapterGroup("asymlora", ["all-linear"], config)], context)
+    with torch.no_grad(), routed(context, batch):
+        model(**batch["inputs"])
+    trained = {record.name: record.gate for record in context.records}  # (1, 1, heads) each
+    outputs = []
+    for cache in (True, False):
+        snapshots = RoutingSnapshots(context)
+        outputs.append(
+            context.generate(
+                model,
+                **prompts["inputs"],
+                routing_mask=prompts["routing_mask"],
+                max_new_tokens=4,
+                do_sample=False,
+                use_cache=cache,
+                stopping_criteria=StoppingCriteriaList([snapshots]),
+            )
+        )
+        assert snapshots.reused()
+        generated = {router.name: gate for router, gate in snapshots.steps[0].items()}
+        assert generated.keys() == trained.keys()
+        for name, gate in generated.items():
+            assert torch.allclose(gate, trained[name], atol=1e-6), name
+    assert torch.equal(outputs[0], outputs[1])

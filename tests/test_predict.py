@@ -162,7 +162,12 @@ def test_every_adapter_predicts_what_uncached_generation_gives_and_not_the_base_
     for batch in dm.predict_dataloader():
         inputs, prompt_len = batch["inputs"], batch["inputs"]["input_ids"].shape[1]
         tokens = model.routing_context.generate(
-            model.model, **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False
+            model.model,
+            **inputs,
+            routing_mask=batch["routing_mask"],  # what predict routes on: the tokens before the first answer
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            use_cache=False,
         )
         uncached += decode(processor, tokens, prompt_len)
         base_answers += decode(

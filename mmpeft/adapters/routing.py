@@ -136,12 +136,20 @@ class RoutingContext:
             self.recording = False
 
     @contextmanager
-    def generation(self, attention_mask: torch.Tensor | None = None) -> Iterator[RoutingContext]:
+    def generation(
+        self, attention_mask: torch.Tensor | None = None, routing_mask: torch.Tensor | None = None
+    ) -> Iterator[RoutingContext]:
         """Generate with instance routing computed once on the prompt and reused for every new token.
 
-        ``attention_mask`` is the prompt's ``(batch, prompt_len)`` mask (left padding is fine).
+        ``attention_mask`` is the prompt's ``(batch, prompt_len)`` mask (left padding is fine); ``routing_mask``
+        ``(batch, prompt_len)`` the tokens instance routers pool (default: the real ones), the tokens before the first
+        answer of a multi-turn prompt (``ChatEncoder.encode_prompt``).
         """
-        self.attention_mask = self.prompt_mask = None if attention_mask is None else attention_mask.bool()
+        self.attention_mask = None if attention_mask is None else attention_mask.bool()
+        self.prompt_mask = self.attention_mask
+        if routing_mask is not None:
+            routing = routing_mask.bool()
+            self.prompt_mask = routing if self.attention_mask is None else routing & self.attention_mask
         self.task_ids = None
         self.records = []
         self.recording = False
@@ -153,12 +161,14 @@ class RoutingContext:
             self.attention_mask = self.prompt_mask = None
 
     def generate(self, model: nn.Module, **kwargs: Any) -> Any:
-        """``model.generate(**kwargs)`` inside :meth:`generation` (the prompt's mask taken from the kwargs).
+        """``model.generate(**kwargs)`` inside :meth:`generation` (the prompt's masks taken from the kwargs: a
+        ``routing_mask`` there is the context's, not passed on to the model).
 
         ``generate`` repeats every prompt ``num_beams`` times for beam search, else
         ``num_return_sequences`` times, before its first forward; the mask is repeated the same way.
         """
         mask = kwargs.get("attention_mask")
+        routing = kwargs.pop("routing_mask", None)  # ours, not the model's
         config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
         beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
         copies = (
@@ -166,9 +176,10 @@ class RoutingContext:
             if beams > 1
             else kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
         )
-        if mask is not None and copies > 1:
-            mask = mask.repeat_interleave(copies, dim=0)  # (batch * copies, prompt_len), as generate expands the inputs
-        with self.generation(mask):
+        if copies > 1:  # (batch * copies, prompt_len), as generate expands the inputs
+            mask = None if mask is None else mask.repeat_interleave(copies, dim=0)
+            routing = None if routing is None else routing.repeat_interleave(copies, dim=0)
+        with self.generation(mask, routing):
             return model.generate(**kwargs)
 
     # -- used by routers --------------------------------------------------------------------

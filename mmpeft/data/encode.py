@@ -363,6 +363,15 @@ class ChatEncoder:
             exc.length = length
             raise exc
         tokens, images = self._split_inputs(enc, length)
+        # What instance routers pool: the tokens before the first answer, as in training (objective.routing_masks);
+        # a prompt holding earlier answers (a multi-turn chat) pools only what precedes the first of them.
+        routing = torch.ones(length, dtype=torch.bool)  # (seq,)
+        if not self.prefix_lm and any(m["role"] == "assistant" for m in messages):
+            history = Sample(sample.key, sample.task, messages, sample.images[:n_images])
+            _, _, answered, _ = self._encode_chat(history)
+            if answered.any():
+                routing[int(answered.nonzero()[0]) :] = False
+
         return {
             "key": sample.key,
             "task": sample.task,
@@ -373,6 +382,7 @@ class ChatEncoder:
             "images": images,
             "text": text,
             "pictures": sample.images[:n_images],
+            "routing_mask": routing,
         }
 
     # -- a batch ----------------------------------------------------------------------------
@@ -442,14 +452,25 @@ class ChatEncoder:
             "skipped": skipped,
         }
         if "prompt" in items[0]:
-            batch["prompt_inputs"] = self._pad([item["prompt"] for item in items], left=True)
+            prompts = [item["prompt"] for item in items]
+            batch["prompt_inputs"] = self._pad(prompts, left=True)
+            batch["prompt_routing_mask"] = self.routing_masks(prompts, batch["prompt_inputs"])
             batch["references"] = [item["prompt"]["references"] for item in items]
         return batch
 
+    @staticmethod
+    def routing_masks(prompts: list[dict[str, Any]], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The prompts' ``routing_mask`` padded on the left as ``inputs`` are: ``(batch, prompt_len)`` bool."""
+        length = inputs["input_ids"].shape[1]
+        return _stack_padded([item["routing_mask"] for item in prompts], length, False, left=True)
+
     def collate_prompts(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """A batch of :meth:`encode_prompt` items: token inputs padded on the left (generation appends on the right)."""
+        """A batch of :meth:`encode_prompt` items: token inputs padded on the left (generation appends on the right),
+        and the tokens instance routers pool (``routing_mask``, for :meth:`RoutingContext.generate`)."""
+        inputs = self._pad(items, left=True)
         return {
-            "inputs": self._pad(items, left=True),
+            "inputs": inputs,
+            "routing_mask": self.routing_masks(items, inputs),
             "keys": [item["key"] for item in items],
             "tasks": [item["task"] for item in items],
             "prompts": [item["prompt"] for item in items],
