@@ -1,38 +1,45 @@
-"""What a training step adds to memory: one step run on the meta device, every allocation counted.
+"""What a training step adds to memory: one step run with stand-ins for the weights, every allocation counted.
 
 :mod:`mmpeft.memory` counts what training holds before its first batch. What a batch adds on top
 (activations, the recomputation of checkpointed layers, the LM head's logits, gradients in flight,
 the optimizer's temporaries) depends on the model's own code, the batch's images and tokens,
-checkpointing and the attention kernel, so it is not written down here as a formula: the step is
-*run*, with the model's weights on the meta device (no weight read, no arithmetic done), and a
-torch dispatch mode (:class:`StepMemory`) counts the bytes of every storage an operation creates
-and frees, in order, as the allocator would see them. Its peak is what the step adds.
+checkpointing, precision and the attention kernel, so it is not written down here as a formula: the
+step is *run*, with the model built on the meta device and its tensors then replaced by fake CPU
+tensors (PyTorch's ``FakeTensor``: sizes, dtypes and devices, no data, no arithmetic), and a torch
+dispatch mode (:class:`StepMemory`) counts the bytes of every storage an operation creates and frees,
+in order, as the allocator would see them. Its peak is what the step adds.
 
-What makes the meta run the real one:
+What makes the run the real one:
 
 - **The batch is real.** Token ids, masks, image grids and pixel values stay real CPU tensors, so
-  everything the model computes from them (image-token positions, rotary indices, masks) is
-  computed for real; an operation that mixes them with meta tensors runs on the meta device. A
-  ``.to(device)`` between the two is what it is on one GPU: no copy.
+  everything the model computes from them alone (image-token positions, rotary indices, masks) is
+  computed for real; an operation that mixes them with the model's stand-ins runs on stand-ins. A
+  ``.to(device)`` is what it is on one GPU: no copy.
+- **Fake CPU tensors, not meta ones**, because autocast casts only tensors of its own device type:
+  under ``bf16-mixed`` the forward runs under autocast as Lightning runs it (CPU autocast's rules
+  stand in for CUDA's). bitsandbytes' ``Params4bit`` cannot hold a fake tensor, so the 4-bit weights
+  stay on meta, with meta quantization states (:func:`attach_meta_quant_states`), and get a fake
+  stand-in when an operator reads them; bitsandbytes' 4-bit matmul runs its own code (its operators
+  have fake kernels).
 - **The same step.** :func:`training_loss` is the loss :class:`mmpeft.module.MMPeftModule` trains
   on (``routed`` + ``lm_losses`` with the chunked LM head + the weighted routing losses), on the
   model :func:`mmpeft.memory.meta_model` builds as ``load_backbone`` loads it (4-bit layers with
   their quantization state, norms in float32, checkpointing as ``model.speed`` places it) with the
-  adapters injected as training injects them. bitsandbytes' 4-bit matmul runs its own code: its
-  operators have meta kernels.
-- **The attention kernel of the target device.** On the meta device PyTorch's
-  ``scaled_dot_product_attention`` would pick its math fallback, which holds the
-  ``(heads, length, length)`` scores; :func:`fused_attention` calls the kernel the target device
-  picks instead (on a CPU: PyTorch's own choice, asked on small real tensors; on CUDA: flash
-  attention without a mask in 16-bit, memory-efficient attention otherwise).
+  adapters injected as training injects them, then backward and AdamW's step (its state made
+  beforehand: steady state).
+- **The attention kernel of the target device.** On a CPU the stand-ins get PyTorch's own choice;
+  for CUDA, :func:`fused_attention` calls the kernel CUDA would pick (flash attention without a mask
+  in 16-bit, memory-efficient attention otherwise), which keeps no ``(heads, length, length)``
+  scores.
 - **Allocations inside a kernel.** The dispatcher sees operators, not what a kernel allocates for
   itself. Two such allocations matter and are added while their operator runs (:func:`_inside_kernel`):
   bitsandbytes' 4-bit matmul for more than a few rows dequantizes the whole weight (``out x in`` in
   the compute dtype) before multiplying, and ``logsumexp`` (the chunked loss's) exponentiates a copy
-  of its input.
+  of its input. On CUDA every allocation is rounded up to the caching allocator's 512-byte blocks.
 
 ``benchmarks/memory_model.py`` compares the result with the measured peak (the CPU profiler's
-memory events) over widths, lengths, batch sizes, image sizes, adapters and checkpointing.
+memory events) over families, widths, lengths, batch sizes, image sizes, adapters, checkpointing and
+precision: every row within 1% (docs/benchmarks.md).
 """
 
 from __future__ import annotations
