@@ -147,18 +147,8 @@ def config_args(name: str, standins, tiny_model_dirs) -> list[str]:
     return ["--config", str(ROOT / "configs" / name), "--model.backbone.pretrained", path]
 
 
-# The report's image tokens per sample count the processor's image_token_id, which for Gemma 3 is the
-# <start_of_image> its template writes (1 per image), not the 256 soft tokens the batch holds (the batch itself is
-# checked right). Strict: when FilledBatches.image_tokens_in counts the soft tokens, this xfail fails and goes.
-_KNOWN = {
-    "gemma3-4b-qlora.yaml": pytest.mark.xfail(
-        reason="estimate reports 1 image token per Gemma 3 image (<start_of_image>), not 256", strict=True
-    )
-}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(name, marks=_KNOWN.get(name, ())) for name in CONFIGS])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_estimate_every_shipped_config(name, standins, tiny_model_dirs):
     from mmpeft.estimate import estimate, parse_config
 

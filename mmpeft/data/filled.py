@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from PIL import Image
+from transformers import AutoConfig
 
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample, SampleError
@@ -57,6 +58,7 @@ class FilledBatches:
         self.trust_remote_code = trust_remote_code
         self.image_resolution = image_resolution
         self._encoders: dict[int | None, ChatEncoder] = {}
+        self._image_id: int | None = None
         base = self._encoder(image_resolution)
         self.fixed_size = type(base.processor).__name__ in FIXED_SIZE
         """The family resizes every image to one size: the image side changes nothing (no side to search)."""
@@ -105,7 +107,19 @@ class FilledBatches:
         return encoder.collate([item] * batch_size)
 
     def image_tokens_in(self, batch: dict[str, Any]) -> int:
-        """Image placeholder tokens in the first sample of ``batch`` (Mllama, which reads images by cross-attention,
-        has one per image)."""
-        encoder = next(iter(self._encoders.values()))
-        return int((batch["inputs"]["input_ids"][0] == encoder.image_token_id).sum())
+        """The image tokens in the first sample of ``batch``: the positions the vision features fill, the ids equal to
+        the model config's ``image_token_id`` (as :func:`mmpeft.models.images.image_tokens` counts them; Gemma 3's
+        processor names its ``<start_of_image>``, the config its soft tokens). Mllama, which reads images by
+        cross-attention, has one per image."""
+        if self._image_id is None:
+            encoder = next(iter(self._encoders.values()))
+            self._image_id = encoder.image_token_id
+            try:
+                config = AutoConfig.from_pretrained(self.processor_path, trust_remote_code=self.trust_remote_code)
+            except (OSError, ValueError):  # a processor-only folder: the processor's own image token
+                config = None
+            for key in ("image_token_id", "image_token_index"):
+                if isinstance(getattr(config, key, None), int):
+                    self._image_id = getattr(config, key)
+                    break
+        return int((batch["inputs"]["input_ids"][0] == self._image_id).sum())
