@@ -13,6 +13,11 @@ class ConfigError(MMPeftError, ValueError):
     """A setting, path or name in the user's configuration is wrong. The message names it."""
 
 
+class ImagesDoNotFit(ConfigError):
+    """A sample's images take more tokens than ``data.max_length`` holds: a setting that cannot train (the memory
+    planner's worst-case batch raises it, and its search for the largest settings skips such values)."""
+
+
 class DataError(MMPeftError):
     """The data cannot be trained on as it is (e.g. too many bad samples). The message names the shard."""
 

@@ -56,6 +56,8 @@ class Report:
     card: str | None = None
     budget: int | None = None
     suggestions: dict[str, int | None] = field(default_factory=dict)
+    not_searched: dict[str, str] = field(default_factory=dict)
+    """Settings the search left alone, and why."""
 
 
 def split_args(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
@@ -181,6 +183,7 @@ def estimate(argv: list[str]) -> Report:
     if budget is not None and "--no-search" not in own:
         found: list[Suggestion] = suggest(budget, batches, planner)
         report.suggestions = {s.key: s.value for s in found}
+        report.not_searched = {s.key: s.reason for s in found if s.reason}
     return report
 
 
@@ -225,7 +228,10 @@ def render(report: Report, config: str) -> str:
         if report.suggestions:
             out.append("largest settings that fit it (one at a time, the others as configured):")
             for key, value in report.suggestions.items():
-                out.append(f"  {key}: {value if value is not None else 'none fits'}")
+                if key in report.not_searched:
+                    out.append(f"  {key}: not searched ({report.not_searched[key]})")
+                else:
+                    out.append(f"  {key}: {value if value is not None else 'none fits'}")
     return "\n".join(out)
 
 

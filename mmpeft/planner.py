@@ -28,7 +28,7 @@ import torch
 from mmpeft.activations import StepPeak, step_peak
 from mmpeft.adapters import AdapterGroup
 from mmpeft.adapters.routing import RoutingLosses
-from mmpeft.errors import ConfigError
+from mmpeft.errors import ConfigError, ImagesDoNotFit
 from mmpeft.memory import Part, gib, parse_size, static_memory
 from mmpeft.models.backbone import Backbone
 from mmpeft.speed import Speed
@@ -245,7 +245,24 @@ class Suggestion:
 
     key: str
     value: int | None
-    """``None``: not even the smallest value tried fits."""
+    """``None``: not even the smallest value tried fits (or, with a :attr:`reason`, none was tried)."""
+    reason: str = ""
+    """Why the setting was not searched (the data's settings leave it nothing to vary)."""
+
+
+def smallest_valid(valid: Callable[[int], bool], low: int, high: int, step: int = 1) -> int | None:
+    """The smallest multiple of ``step`` in ``[low, high]`` for which ``valid`` holds, for a test that, once it holds,
+    holds for every larger value (a length long enough for the sample's images); ``None`` when it never holds."""
+    lo, hi = -(-low // step), high // step
+    if hi < lo or not valid(hi * step):
+        return None
+    while lo < hi:  # valid(hi)
+        middle = (lo + hi) // 2
+        if valid(middle * step):
+            hi = middle
+        else:
+            lo = middle + 1
+    return lo * step
 
 
 def suggest(
@@ -261,16 +278,28 @@ def suggest(
     def cost(batch_size: int, max_length: int, image_side: int | None) -> int | None:
         try:
             batch = batches(batch_size, max_length, image_side)
-        except ConfigError:  # the images no longer fit max_length: not a setting that trains
+        except ImagesDoNotFit:  # the images no longer fit max_length: not a setting that trains
             return None
         return planner(batch).needed
 
-    out = [
-        Suggestion("data.batch_size", largest(lambda v: cost(v, n, side), budget, 1, 4 * b)),
-        Suggestion("data.max_length", largest(lambda v: cost(b, v, side), budget, 64, 4 * n, 64)),
-    ]
+    def holds_images(max_length: int) -> bool:
+        try:
+            batches(1, max_length, side)
+        except ImagesDoNotFit:
+            return False
+        return True
+
+    out = [Suggestion("data.batch_size", largest(lambda v: cost(v, n, side), budget, 1, 4 * b))]
+    # From the shortest length that holds the sample's images (making a batch is cheap; planning it is not).
+    shortest = smallest_valid(holds_images, 64, 4 * n, 64) or 64
+    out.append(Suggestion("data.max_length", largest(lambda v: cost(b, v, side), budget, shortest, 4 * n, 64)))
     if side is not None:
-        out.append(Suggestion("data.image_resolution", largest(lambda v: cost(b, n, v), budget, 28, 4 * side, 28)))
+        try:
+            found = largest(lambda v: cost(b, n, v), budget, 28, 4 * side, 28)
+        except ConfigError as exc:  # e.g. data.processor_kwargs sets the pixel limits the resolution would set
+            out.append(Suggestion("data.image_resolution", None, str(exc)))
+        else:
+            out.append(Suggestion("data.image_resolution", found))
     return out
 
 

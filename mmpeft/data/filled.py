@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.data.sample import Sample, SampleError
-from mmpeft.errors import ConfigError
+from mmpeft.errors import ConfigError, ImagesDoNotFit
 from mmpeft.models.backbone import load_processor
 from mmpeft.models.images import FIXED_SIZE, resolution_kwargs
 
@@ -99,7 +99,7 @@ class FilledBatches:
         try:
             item = encoder.encode(sample)
         except SampleError as exc:
-            raise ConfigError(
+            raise ImagesDoNotFit(
                 f"a sample with {self.images} image(s) of {side}x{side} px does not fit data.max_length={max_length} "
                 f"({exc}); raise data.max_length"
                 + ("" if self.fixed_size else " or lower data.image_resolution (or --image-size)")
