@@ -64,10 +64,11 @@ def plan_config(config: Path, standins: Path) -> dict[str, Report]:
 def _setting(report: Report) -> str:
     """``batch_size / max_length [/ image side]`` that fit the report's card."""
     values = report.suggestions
-    cells = [values.get("data.batch_size"), values.get("data.max_length")]
-    if "data.image_resolution" in values:
-        cells.append(values["data.image_resolution"])
-    return " / ".join("none" if v is None else str(v) for v in cells)
+    keys = ["data.batch_size", "data.max_length"] + [k for k in ("data.image_resolution",) if k in values]
+    # "-": not searched (data.processor_kwargs fixes the pixel limits); "none": not even the smallest value fits.
+    return " / ".join(
+        "-" if k in report.not_searched else "none" if values.get(k) is None else str(values[k]) for k in keys
+    )
 
 
 def table(rows: dict[str, dict[str, Report]]) -> list[str]:

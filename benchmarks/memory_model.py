@@ -49,7 +49,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -67,6 +66,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adapter_overhead import environment
 from profiling import cpu_peak_bytes
 
 from mmpeft.activations import StepMemory, scopes, training_loss
@@ -413,29 +413,6 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {mib(r['predicted_step_bytes'])} | {mib(r['measured_step_bytes'])} | {r['step_ratio']:.3f} | {top} |"
         )
     return lines
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "bitsandbytes": bnb.__version__,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        except (OSError, StopIteration):
-            cpu = platform.processor() or "unknown"
-        env["cpu"] = f"{cpu}, {os.cpu_count()} logical cores"
-    return env
 
 
 def main(argv: list[str] | None = None) -> int:
