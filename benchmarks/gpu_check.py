@@ -82,9 +82,10 @@ from adapter_overhead import environment, loadavg, mib, sync  # noqa: E402
 from profiling import cpu_peak_bytes  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mmpeft.activations import training_loss  # noqa: E402
 from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters  # noqa: E402
 from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
-from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum  # noqa: E402
+from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
 from mmpeft.models.backbone import (  # noqa: E402
     LANGUAGE_MODEL_PATHS,
     Backbone,
@@ -93,7 +94,7 @@ from mmpeft.models.backbone import (  # noqa: E402
     prepare_for_training,
     quantization_config,
 )
-from mmpeft.objective import IGNORE_INDEX, lm_losses, routed  # noqa: E402
+from mmpeft.objective import IGNORE_INDEX  # noqa: E402
 from mmpeft.speed import Speed, apply_to_adapters  # noqa: E402
 
 # -- the published shapes -------------------------------------------------------------------
@@ -406,15 +407,6 @@ def peft_model(shape: Shape, names: list[str], lora: dict, a_init: dict[str, tor
     return model
 
 
-def mmpeft_loss(model: nn.Module, context: RoutingContext, speed: Speed, batch: dict) -> torch.Tensor:
-    """``MMPeftModule.training_step``'s loss: the LM loss on the trained tokens plus the weighted routing losses."""
-    coefficients = RoutingLosses()
-    with routed(context, batch):
-        loss = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk)[0]
-        extra = weighted_sum(routing_losses(context, coefficients), coefficients)
-    return loss if extra is None else loss + extra
-
-
 def peft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch["inputs"], labels=batch["labels"], use_cache=False).loss
 
@@ -557,7 +549,7 @@ def check_family(shape: Shape, args: argparse.Namespace, device: torch.device, d
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def loss_fn(b: dict, model=model, context=context, speed=speed) -> torch.Tensor:
-            return mmpeft_loss(model, context, speed, b)
+            return training_loss(model, context, b, speed, RoutingLosses())
 
         loss0 = first_loss(model, loss_fn, batch, autocast)
         losses, seconds, resident, step_peak = run_steps(model, optimizer, loss_fn, batch, args.steps, device, autocast)

@@ -205,36 +205,22 @@ def _inside_kernel(func: Any, args: tuple) -> int:
         return args[0].numel() * args[0].element_size()
     if getattr(func, "_schema", None) is None or func._schema.name != "bitsandbytes::gemm_4bit":
         return 0
-    a, shape = args[0], args[2]
+    a, shape, blocksize = args[0], args[2], args[4]
     values = math.prod(shape)
-    nested = 4 * math.ceil(values / 64) if len(args) > 7 and args[7] is not None else 0
+    nested = 4 * math.ceil(values / blocksize) if len(args) > 7 and args[7] is not None else 0
     return values * a.element_size() + nested
 
 
 # -- the attention kernel the target device picks ---------------------------------------------------
 
 _SDPA = F.scaled_dot_product_attention
-_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
-def _attention_backend(q, k, v, mask, dropout: float, causal: bool, scale, gqa: bool, device_type: str) -> str:
-    """The kernel ``scaled_dot_product_attention`` picks for these inputs on ``device_type``."""
-    if device_type == "cuda":
-        sixteen = q.dtype in (torch.float16, torch.bfloat16)
-        if mask is None and sixteen and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
-            return "flash"
-        return "efficient"
-
-    def small(t: torch.Tensor, rows: int) -> torch.Tensor:
-        return torch.zeros(*t.shape[:-2], min(t.shape[-2], rows), t.shape[-1], dtype=t.dtype)
-
-    small_mask = None
-    if mask is not None:
-        small_mask = torch.zeros(*mask.shape[:-2], min(mask.shape[-2], 4), min(mask.shape[-1], 4), dtype=mask.dtype)
-    choice = torch._fused_sdp_choice(
-        small(q, 4), small(k, 4), small(v, 4), small_mask, dropout, causal, scale=scale, enable_gqa=gqa
-    )
-    return _BACKENDS.get(int(choice), "math")
+def _cuda_backend(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """The kernel CUDA's ``scaled_dot_product_attention`` picks: flash attention without a mask in 16-bit with a head
+    size it takes, memory-efficient attention otherwise."""
+    sixteen = q.dtype in (torch.float16, torch.bfloat16)
+    return "flash" if mask is None and sixteen and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0 else "efficient"
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -248,18 +234,12 @@ def _make_attention(device_type: str) -> Callable[..., torch.Tensor]:
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if not isinstance(query, FakeTensor) or device_type == "cpu":  # the stand-ins are CPU tensors: PyTorch's pick
             return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
-        backend = _attention_backend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, device_type)
-        if backend == "math":
-            return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        backend = _cuda_backend(query, attn_mask)
         if key.shape[-3] != query.shape[-3]:  # grouped-query attention: the kernels read the shared heads in place
             groups = query.shape[-3] // key.shape[-3]
             key = key.repeat_interleave(groups, dim=-3) if backend == "efficient" else _expanded(key, groups)
             value = value.repeat_interleave(groups, dim=-3) if backend == "efficient" else _expanded(value, groups)
         mask = _float_mask(attn_mask, query.dtype)
-        if device_type == "cpu":
-            return aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=mask, scale=scale
-            )[0]
         if backend == "flash":
             return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[0]
         if mask is not None:
@@ -281,7 +261,7 @@ def _expanded(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def fused_attention(device_type: str) -> Iterator[None]:
-    """While on, ``F.scaled_dot_product_attention`` on meta tensors runs the kernel ``device_type`` would pick.
+    """While on, ``F.scaled_dot_product_attention`` on the stand-ins runs the kernel ``device_type`` would pick.
 
     A function replaced for the run, not a torch function mode: checkpointed layers recompute in backward, where
     no torch function mode is active.
@@ -305,7 +285,8 @@ SCOPES = (
 @contextlib.contextmanager
 def scopes(model: nn.Module, counter: StepMemory) -> Iterator[None]:
     """Name what runs in ``counter.scope``: the vision tower, the projector, the language model (forward and its
-    recomputation in backward), else ``loss`` in forward and ``backward`` once :func:`backward_scope` says so."""
+    recomputation in backward); what runs outside them is named by the caller (``loss``, ``backward``,
+    ``optimizer``)."""
     handles = []
     for name, paths in SCOPES:
         found = get_path(model, paths, name, required=False)
@@ -423,9 +404,6 @@ class StepPeak:
     by_scope: dict[str, int]
     """Those bytes by what created them: ``vision tower``, ``projector``, ``language model``, ``loss`` (the LM
     head's chunks and the cross-entropy), ``backward``, ``optimizer``."""
-    gradients_held: bool
-    """Whether the gradients were there before the step (gradient accumulation): then they are in the baseline,
-    not in this peak."""
 
 
 def step_peak(
@@ -439,11 +417,11 @@ def step_peak(
     optimizer: str = "adamw",
     autocast: torch.dtype | None = None,
 ) -> StepPeak:
-    """Run one training step of ``batch`` on the meta-device model and count what it allocates.
+    """Run one training step of ``batch`` with stand-ins for the model's tensors and count what it allocates.
 
     ``batch`` is a collated batch (``inputs``, ``labels``, ``task_ids``) of real CPU tensors, as the data module
     yields it. ``accumulating``: gradients from earlier micro-batches are there (``accumulate_grad_batches > 1``),
-    so backward adds into them. ``optimizer``: ``adamw`` runs PyTorch's AdamW step on the meta gradients (its
+    so backward adds into them. ``optimizer``: ``adamw`` runs PyTorch's AdamW step on the stand-in gradients (its
     temporaries count); bitsandbytes' 8-bit optimizers update in one fused kernel (no temporaries). ``autocast``:
     the dtype of mixed precision (``bf16-mixed``: ``torch.bfloat16``), under which the forward runs as Lightning runs
     it; CPU autocast's rules stand in for CUDA's (the same casts for matrix products and the losses).
@@ -486,9 +464,4 @@ def step_peak(
         if step is not None:
             counter.scope = "optimizer"
             step.step()
-    return StepPeak(counter.peak, dict(counter.at_peak), accumulating)
-
-
-def batch_shapes(batch: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shapes of a batch's tensors, for the estimate's report."""
-    return {k: tuple(v.shape) for k, v in batch["inputs"].items() if isinstance(v, torch.Tensor)}
+    return StepPeak(counter.peak, dict(counter.at_peak))

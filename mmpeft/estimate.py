@@ -25,7 +25,8 @@ import torch
 
 from mmpeft.errors import ConfigError
 from mmpeft.files import write_json
-from mmpeft.memory import gib
+from mmpeft.memory import Part, gib
+from mmpeft.objective import IGNORE_INDEX
 from mmpeft.planner import COMMON_SIZES, Plan, Suggestion, card, plan, suggest
 
 OWN_OPTIONS = {
@@ -193,7 +194,7 @@ def describe_batch(batch: dict[str, Any], batches: Any) -> dict[str, Any]:
     return {
         "samples": int(labels.shape[0]),
         "tokens_per_sample": int(labels.shape[1]),
-        "trained_tokens": int((labels[:, 1:] != -100).sum()),
+        "trained_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "image_tokens_per_sample": batches.image_tokens_in(batch),
         "images_per_sample": batches.images,
         "image_side": batches.image_side,
@@ -212,7 +213,7 @@ def render(report: Report, config: str) -> str:
         "",
     ]
     plan_ = Plan(
-        [_part(p) for p in report.parts],
+        [Part(**p) for p in report.parts],
         report.device,
         report.allowance,
     )
@@ -233,12 +234,6 @@ def render(report: Report, config: str) -> str:
                 else:
                     out.append(f"  {key}: {value if value is not None else 'none fits'}")
     return "\n".join(out)
-
-
-def _part(values: dict[str, Any]):
-    from mmpeft.memory import Part
-
-    return Part(**values)
 
 
 def cmd_estimate(argv: list[str]) -> int:
