@@ -1,9 +1,9 @@
 """One table of checks every adapter passes, on the 4-bit tiny models of both families.
 
-A new adapter joins by adding a row to ``CASES``. The DoRA plugin (plugins/mmpeft-dora) has a row
-too: it is registered from its source folder for this module, as a third party's installed plugin
-would be. The adapter contract itself (mmpeft.adapters.base.check_adapter_class) is checked on
-every row and on plugins that break it.
+A new adapter joins by adding a row to ``CASES``. The DoRA and MASA plugins (plugins/mmpeft-dora,
+plugins/mmpeft-masa) have rows too: each is registered from its source folder for this module, as a
+third party's installed plugin would be. The adapter contract itself
+(mmpeft.adapters.base.check_adapter_class) is checked on every row and on plugins that break it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from conftest import fake_distribution
 from test_backbone import _batch
 from test_dora_plugin import forget_dora, register_dora
+from test_masa_plugin import forget_masa, register_masa
 
 from mmpeft import registry
 from mmpeft.adapters import (
@@ -46,8 +47,11 @@ CASES = {
     "mixlora": ("mixlora", {"r": 4, "factors": 8, "dropout": 0.0}),
     "mixlora-score": ("mixlora", {"r": 4, "factors": 8, "weighting": "score", "dropout": 0.0}),
     "dora": ("dora", {"r": 4, "dropout": 0.0}),  # the third-party plugin, from plugins/mmpeft-dora
+    # Several A_i, one shared B (plugins/mmpeft-masa), per token and per instance with top-2.
+    "masa": ("masa", {"r": 4, "heads": 3, "dropout": 0.0}),
+    "masa-inst-top2": ("masa", {"r": 4, "heads": 3, "routing": "instance", "top_k": 2, "dropout": 0.0}),
 }
-ROUTED = {"asymlora", "moelora", "mixlora"}
+ROUTED = {"asymlora", "moelora", "mixlora", "masa"}
 MIXTURES = [case for case, (name, _) in CASES.items() if name in ROUTED]
 CPU = torch.device("cpu")
 ABILITIES = {
@@ -56,6 +60,7 @@ ABILITIES = {
     "moelora": {Ability.AS_LORA},
     "mixlora": {Ability.UNMERGEABLE},
     "dora": {Ability.READS_BASE_WEIGHT, Ability.AS_DORA},
+    "masa": {Ability.AS_LORA},
 }
 """What each adapter declares; merge, export and injection act on exactly these."""
 
@@ -67,6 +72,15 @@ def dora_plugin(tmp_path_factory):
         register_dora(tmp_path_factory.mktemp("dora-dist"), patch)
         yield
     forget_dora()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def masa_plugin(tmp_path_factory):
+    """The MASA plugin from its source folder, registered as ``masa`` for this module (as an installed plugin)."""
+    with pytest.MonkeyPatch.context() as patch:
+        register_masa(tmp_path_factory.mktemp("masa-dist"), patch)
+        yield
+    forget_masa()
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +202,7 @@ def test_every_adapter_meets_the_contract_and_declares_its_abilities(name):
     assert row.error is None
 
 
-@pytest.mark.parametrize("case", ["lora", "asymlora", "moelora", "mixlora", "dora"])
+@pytest.mark.parametrize("case", ["lora", "asymlora", "moelora", "mixlora", "dora", "masa"])
 def test_the_shared_lora_init_draws_what_each_adapter_always_drew(case):
     """``lora_parts`` replaced five copies of the init: the same seed still gives the same ``A``, ``B``,
     dropout and scaling.
@@ -206,6 +220,7 @@ def test_the_shared_lora_init_draws_what_each_adapter_always_drew(case):
         "moelora": (4 * r, 4 * r),  # experts stacked in A, side by side in B
         "mixlora": (8, 8),  # pools of 8 factors
         "dora": (r, r),
+        "masa": (3 * r, r),  # heads stacked in A, one shared B
     }[case]
     for seed in (0, 7):
         torch.manual_seed(seed)
