@@ -281,10 +281,10 @@ def test_mixlora_forward_and_gradients_are_those_from_before_the_shared_router(w
     assert seen[0][0].tolist() == index_a and seen[0][2].tolist() == index_b
 
 
-def conditioned_mixlora(weighting: str = "straight_through") -> tuple[MixLoRA, torch.Tensor]:
+def conditioned_mixlora(weighting: str = "straight_through", **config) -> tuple[MixLoRA, torch.Tensor]:
     """A MixLoRA (6 factors, r=2) and an input on which ``p_B``'s own top-2 is factors {0, 1} while the
     B scores with the conditional term, ``p_B + sum_k softmax(C a_k)``, choose {4, 5}."""
-    adapter = MixLoRA(4, 3, MixLoRAConfig(r=2, alpha=4, dropout=0.0, factors=6, weighting=weighting))
+    adapter = MixLoRA(4, 3, MixLoRAConfig(r=2, alpha=4, dropout=0.0, factors=6, weighting=weighting, **config))
     torch.nn.init.normal_(adapter.B)
     preference = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0, -2.0])  # (E,): logits for the input direction e_0
     with torch.no_grad():
@@ -335,6 +335,57 @@ def test_mixlora_logs_the_factors_its_forward_used(weighting):
     torch.testing.assert_close(results["mixlora/router_b"].task_expert, record_b.gate[:, 0])
     torch.testing.assert_close(means.means()["layer.router_b"], load_b)
     torch.testing.assert_close(means.means()["layer.router_a"], results["mixlora/router_a"].load)
+
+
+@pytest.mark.parametrize("weighting", ["straight_through", "score"])
+def test_mixlora_index_pairing_multiplies_the_same_chosen_factors_in_factor_order(weighting):
+    """``pairing: index`` chooses the same A- and B-factors as the paper's score order, and pairs them in factor-index
+    order: the update is ``s sum_k w_k (x . a_{i_k}) b_{j_k}`` with ``i`` and ``j`` each sorted, by hand."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 5, D_IN)  # (batch, seq, d_in)
+    scored = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=3, alpha=6, dropout=0.0, factors=7, weighting=weighting))
+    indexed = MixLoRA(
+        D_IN, D_OUT, MixLoRAConfig(r=3, alpha=6, dropout=0.0, factors=7, weighting=weighting, pairing="index")
+    )
+    with torch.no_grad():
+        for param in scored.parameters():
+            param.normal_()
+    indexed.load_state_dict(scored.state_dict())
+    for adapter in (scored, indexed):
+        bind_routers(adapter, RoutingContext(), "layer")
+    seen_scored, seen_indexed = spy_on_route(scored), spy_on_route(indexed)
+    out = delta(indexed, x)  # (batch, seq, d_out)
+    delta(scored, x)
+    (ia, wa, ib, wb), (sa, _, sb, _) = seen_indexed[0], seen_scored[0]
+    assert torch.equal(ia, sa.sort(dim=1).values) and torch.equal(ib, sb.sort(dim=1).values)
+    assert not torch.equal(sa, ia) or not torch.equal(sb, ib)  # the two orders differ somewhere here
+    expected = torch.zeros(3, 5, D_OUT)
+    for n in range(3):
+        for k in range(3):
+            a, b = indexed.A[ia[n, k]] * wa[n, k], indexed.B[:, ib[n, k]] * wb[n, k]
+            expected[n] += (x[n] @ a)[:, None] * b[None, :]
+    torch.testing.assert_close(out, expected * indexed.scaling, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("condition_in_losses", [False, True])
+def test_mixlora_condition_reaches_the_routing_losses_only_when_asked(condition_in_losses):
+    """With ``condition_in_losses`` the B router's record is its whole score over ``1 + r`` (a distribution), so the
+    load balance has a gradient on ``C``; without, the record is ``softmax(R_B h)`` and ``C`` gets none from it."""
+    adapter, x = conditioned_mixlora("score", condition_in_losses=condition_in_losses)
+    context = RoutingContext()
+    bind_routers(adapter, context, "layer", group="mixlora")
+    with context.step(torch.ones(2, 3), task_ids=torch.tensor([0, 1])):
+        delta(adapter, x)
+        loss = routing_losses(context, RoutingLosses(z_loss=0))["load_balance"]
+    record_b = context.records[1]
+    torch.testing.assert_close(record_b.probs.sum(-1), torch.ones(2, 1))
+    (grad,) = torch.autograd.grad(loss, adapter.condition, allow_unused=True)
+    if condition_in_losses:
+        assert record_b.probs[0, 0, 4] > 0.2  # the conditional term's mass on factors 4 and 5 is in the record
+        assert grad is not None and grad.abs().sum() > 0
+    else:
+        assert record_b.probs[0, 0, 4] < 0.05
+        assert grad is None or grad.abs().sum() == 0
 
 
 def test_selecting_router_weights_and_records():

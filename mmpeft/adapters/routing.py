@@ -340,15 +340,19 @@ class Router(nn.Module):
         self.context.record(RouterRecord(self.name, logits, probs, selected, k, self.level, gate.detach()))
         return gate
 
-    def select(self, h: torch.Tensor, conditional_logits: torch.Tensor | None = None) -> Selection:
+    def select(
+        self, h: torch.Tensor, conditional_logits: torch.Tensor | None = None, record_conditional: bool = False
+    ) -> Selection:
         """The top-k experts for ``h`` ``(batch, T, d_in)`` (see :meth:`pool`), each ``(batch, T, k)``.
 
         The score of expert ``e`` is ``p_e = softmax(R h / temperature)_e``, plus, with
         ``conditional_logits`` ``(batch, T, n, experts)``, ``sum_n softmax(conditional_logits_n /
         temperature)_e`` (MixLoRA's B-factor router: one softmax per chosen A-factor). Scores are
         summed in log space so that a saturated router, whose probabilities underflow to 0, still
-        gives finite weights and gradients. The weights follow :attr:`weighting`. Not cached for
-        generation: an adapter that selects per instance wraps its whole routing in
+        gives finite weights and gradients. The weights follow :attr:`weighting`. The routing losses see
+        the router's own probabilities, or with ``record_conditional`` the whole score divided by ``1 + n``
+        (a distribution over the experts, through which the conditional terms get the losses' gradient).
+        Not cached for generation: an adapter that selects per instance wraps its whole routing in
         :meth:`RoutingContext.instance_routing`.
         """
         logits = self.logits(h)  # (batch, T, experts)
@@ -366,7 +370,10 @@ class Router(nn.Module):
         gate = torch.zeros_like(log_probs).scatter_(
             -1, index, (applied / applied.sum(-1, keepdim=True)).to(log_probs.dtype)
         )  # (batch, T, experts): the applied weights over the chosen experts, summing to 1
-        self.context.record(RouterRecord(self.name, logits, log_probs.exp(), selected, k, self.level, gate.detach()))
+        recorded = log_probs.exp()  # (batch, T, experts)
+        if record_conditional and conditional_logits is not None:
+            recorded = (log_scores - math.log(1 + conditional_logits.shape[-2])).exp()  # sums to 1 over experts
+        self.context.record(RouterRecord(self.name, logits, recorded, selected, k, self.level, gate.detach()))
         return Selection(index, weight)
 
 

@@ -22,6 +22,16 @@ class MixLoRAConfig(LoRAConfig):
     temperature: float = 1.0
     """Softmax temperature of both routers."""
 
+    pairing: Literal["score", "index"] = "score"
+    """Which chosen B-factor multiplies which chosen A-factor. ``score`` (the paper's code: both top-r lists in
+    score order, ``b_k`` with ``a_k``): the same chosen sets pair differently whenever their score order differs.
+    ``index``: both chosen sets in factor-index order, so the same sets always give the same pairs."""
+
+    condition_in_losses: bool = False
+    """Whether the routing losses see the B router's whole score (``softmax(R_B h) + sum_k softmax(C a_k)``,
+    divided by ``1 + r`` to sum to 1), so the condition projection ``C`` gets their gradient; off, they see
+    ``softmax(R_B h)`` alone."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.factors < self.r:

@@ -19,7 +19,8 @@ class MixLoRA(nn.Module):
     - A-factors: ``p_A = softmax(R_A h)``, the top-r factors ``a_1..a_r``.
     - B-factors: ``p_B = softmax(R_B h) + sum_k softmax(C a_k)``: each chosen A-factor is
       projected to ``E`` logits by ``C``; the top-r factors ``b_1..b_r``.
-    - ``b_k`` pairs with ``a_k`` in rank order of their scores.
+    - ``b_k`` pairs with ``a_k`` in rank order of their scores (``pairing: score``, the paper's code), or both
+      chosen sets are taken in factor-index order (``pairing: index``).
 
     Both routers are :class:`~mmpeft.adapters.routing.Router` objects (:meth:`Router.select`): the softmax,
     the top-r, the weighting of the chosen factors (``config.weighting``) and the records are the
@@ -58,8 +59,14 @@ class MixLoRA(nn.Module):
         a = self.router_a.select(h)  # (batch, 1, r): top-r of p_A
         # Each chosen A-factor projected to E logits by C: the B router adds their softmaxes to p_B.
         conditional = F.linear(self.A[a.index], self.condition)  # (batch, 1, r, E)
-        b = self.router_b.select(h, conditional_logits=conditional)  # (batch, 1, r)
-        return a.index[:, 0], a.weight[:, 0], b.index[:, 0], b.weight[:, 0]
+        b = self.router_b.select(
+            h, conditional_logits=conditional, record_conditional=self.config.condition_in_losses
+        )  # (batch, 1, r)
+        chosen_a, chosen_b = (a.index[:, 0], a.weight[:, 0]), (b.index[:, 0], b.weight[:, 0])  # each (batch, r)
+        if self.config.pairing == "index":
+            chosen_a, chosen_b = in_index_order(*chosen_a), in_index_order(*chosen_b)
+        (index_a, weight_a), (index_b, weight_b) = chosen_a, chosen_b
+        return index_a, weight_a, index_b, weight_b
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
@@ -68,3 +75,9 @@ class MixLoRA(nn.Module):
         chosen_b = self.B.T[index_b] * weight_b.unsqueeze(-1)  # (batch, r, d_out)
         z = torch.bmm(self.dropout(x), chosen_a.transpose(1, 2))  # (batch, seq, r)
         return torch.bmm(z, chosen_b) * self.scaling  # (batch, seq, d_out)
+
+
+def in_index_order(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen factors ``(batch, r)`` and their weights, reordered by factor index."""
+    order = index.argsort(dim=1)  # (batch, r)
+    return index.gather(1, order), weight.gather(1, order)
