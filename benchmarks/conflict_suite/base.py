@@ -11,13 +11,24 @@ cosine decay, plain torch: this is the benchmark's set-up, not the product) on
 init and data), and saves model and processor with ``save_pretrained``, so it loads back through
 ``AutoModelForImageTextToText.from_pretrained`` / ``load_backbone`` exactly as a real checkpoint.
 
-The folder is ``.cache/mmpeft/conflict_suite/base-<hash of the settings>/``, written atomically
-(``mmpeft.files.staged_dir``); ``base.json`` in it holds the settings, the training time, the
-final loss and the base's greedy exact-match accuracy on held-out general questions.
+The folder is ``.cache/mmpeft/conflict_suite/base-<hash of the settings and library versions>/``,
+written atomically (``mmpeft.files.staged_dir``); ``base.json`` in it holds the settings, the
+training time, the final loss, the base's greedy exact-match accuracy on held-out general questions
+(overall and per skill) and its **fingerprint**: the SHA-256 of the saved weights, which every
+result of the suite quotes.
+
+**Reproducible.** The build runs with one torch thread (a CPU reduction's order depends on the thread
+count, and float sums in another order give other bits), deterministic algorithms, seeded model
+init and seeded data, so the same settings and the same torch and transformers versions give the
+same weights to the bit (``tests/test_benchmarks.py`` builds the smoke base twice, under different
+thread settings, and compares fingerprints). The library versions are part of the cache key:
+another transformers may initialise the same config differently (an earlier rebuild under
+another version scored 0.507 where the documented base scored 0.553).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +36,7 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,8 +78,38 @@ class BaseSettings:
     seed: int = 0
 
     def key(self) -> str:
-        text = json.dumps({**asdict(self), "version": VERSION}, sort_keys=True)
+        text = json.dumps({**asdict(self), "version": VERSION, **library_versions()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def library_versions() -> dict[str, str]:
+    """The versions the weights depend on (initialisation and kernels)."""
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def fingerprint(folder: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a saved model's weight files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """One torch thread and deterministic algorithms for the block; the caller's settings restored after."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
 
 
 def base_dir(cache: Path, settings: BaseSettings) -> Path:
@@ -81,7 +123,9 @@ def ensure_base(cache: Path, settings: BaseSettings, progress: bool = True) -> t
     if isinstance(info, dict) and info.get("settings") == asdict(settings) and (out / "config.json").is_file():
         return out, {**info, "cached": True}
     with staged_dir(out) as staging:
-        info = _build(staging, settings, progress)
+        with deterministic():
+            info = _build(staging, settings, progress)
+        info["fingerprint"] = fingerprint(staging)
         (staging / "base.json").write_text(json.dumps(info, indent=2) + "\n")
     return out, {**info, "cached": False}
 
@@ -164,7 +208,7 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
             )
     trained = time.perf_counter() - started
 
-    accuracy = general_accuracy(model, encoder, held_out)
+    accuracy, per_skill = general_accuracy(model, encoder, held_out)
     model.eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -179,19 +223,45 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
         "train_s": round(trained - encoded, 1),
         "final_loss": round(sum(tail) / len(tail), 4),
         "held_out_general_exact_match": round(accuracy, 4),
+        "held_out_by_skill": {skill: round(value, 4) for skill, value in per_skill.items()},
+        **library_versions(),
     }
 
 
+SKILLS = (
+    ("What color is the shape on", "left/right colour"),
+    ("What shape is on", "left/right shape"),
+    ("What color", "colour"),
+    ("What shape", "shape"),
+    ("How many", "count"),
+    ("Where", "corner"),
+    ("Describe", "describe"),
+)
+"""The general questions' skills, by the question's first words (first match)."""
+
+
+def skill_of(question: str) -> str:
+    return next((skill for start, skill in SKILLS if question.startswith(start)), "other")
+
+
 @torch.no_grad()
-def general_accuracy(model: torch.nn.Module, encoder: ChatEncoder, samples: list, batch: int = 50) -> float:
-    """Greedy exact match (normalised) of ``model`` on general-skill ``samples`` (float32, no quantization)."""
+def general_accuracy(
+    model: torch.nn.Module, encoder: ChatEncoder, samples: list, batch: int = 50
+) -> tuple[float, dict[str, float]]:
+    """Greedy exact match (normalised) of ``model`` on general-skill ``samples`` (float32, no quantization), overall
+    and per skill (:data:`SKILLS`)."""
     model.eval()
-    right = 0
+    right: dict[str, list[bool]] = {}
     for i in range(0, len(samples), batch):
-        items = [encoder.encode_prompt(sample) for sample in samples[i : i + batch]]
+        chunk = samples[i : i + batch]
+        items = [encoder.encode_prompt(sample) for sample in chunk]
         inputs = encoder.collate_prompts(items)["inputs"]
         tokens = model.generate(**inputs, max_new_tokens=24, do_sample=False, num_beams=1)
         answers = encoder.tokenizer.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        right += sum(normalize_answer(a) == normalize_answer(item["reference"]) for a, item in zip(answers, items))
+        for sample, answer, item in zip(chunk, answers, items):
+            question = next(part["text"] for part in sample.messages[0]["content"] if part["type"] == "text")
+            ok = normalize_answer(answer) == normalize_answer(item["reference"])
+            right.setdefault(skill_of(question), []).append(ok)
     model.train()
-    return right / max(1, len(samples))
+    every = [ok for oks in right.values() for ok in oks]
+    return sum(every) / max(1, len(every)), {skill: sum(oks) / len(oks) for skill, oks in sorted(right.items())}
