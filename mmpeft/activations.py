@@ -60,10 +60,17 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.adapters import AdapterGroup
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.memory import meta_model
-from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, PROJECTOR_PATHS, VISION_PATHS, Backbone, get_path
+from mmpeft.models.backbone import (
+    LANGUAGE_MODEL_PATHS,
+    PROJECTOR_PATHS,
+    VISION_PATHS,
+    Backbone,
+    get_path,
+    inject_model_adapters,
+)
 from mmpeft.objective import lm_losses, routed
 from mmpeft.speed import Speed, apply_to_adapters
 
@@ -432,7 +439,7 @@ def step_peak(
     model = meta_model(backbone, device_type, speed)
     context = RoutingContext()
     with torch.device(META):  # the adapters too: sizes only, no initialisation
-        inject_adapters(get_path(model, LANGUAGE_MODEL_PATHS, "language model")[1], adapters, context)
+        inject_model_adapters(model, adapters, context)
     apply_to_adapters(model, speed)
     attach_meta_quant_states(model, backbone.double_quant and backbone.quantization is not None)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)

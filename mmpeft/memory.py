@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.quantizers import AutoHfQuantizer
 
-from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.adapters import AdapterGroup
 from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import (
@@ -42,7 +42,7 @@ from mmpeft.models.backbone import (
     Backbone,
     auto_model_class,
     get_path,
-    language_model,
+    inject_model_adapters,
     prepare_for_training,
     quantization_config,
 )
@@ -139,7 +139,7 @@ def static_memory(
     """The breakdown of what training holds before its first batch (see the module's docstring)."""
     model = meta_model(backbone, device_type)
     with torch.device("meta"):  # the adapters too: sizes only, no initialisation
-        inject_adapters(language_model(model), adapters, RoutingContext())
+        inject_model_adapters(model, adapters, RoutingContext())
     vision = get_path(model, VISION_PATHS, "vision tower", required=False)
     vision_ids = {id(t) for t in vision[1].parameters()} if vision is not None else set()
     four_bit = {id(m.weight) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}

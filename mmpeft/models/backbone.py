@@ -36,7 +36,10 @@ from transformers.models.auto.configuration_auto import model_type_to_module_nam
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING, PROCESSOR_MAPPING_NAMES
 from transformers.utils import is_torchvision_available
 
+from mmpeft.adapters.base import AdaptedLinear
+from mmpeft.adapters.inject import PARTS, AdapterGroup, ModelPart, inject_parts
 from mmpeft.adapters.quant import keep_standard_layout
+from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.speed import Speed, place_checkpointing
 
@@ -69,7 +72,9 @@ class Backbone:
     """Recompute activations in backward (non-reentrant, so auxiliary losses survive it)."""
 
     train_projector: bool = False
-    """Train the vision-language projector in full (it is then kept unquantized). The vision tower is always frozen."""
+    """Train the vision-language projector in full (it is then kept unquantized; its learning rate is
+    ``optim.projector_lr``). The vision tower's own weights are always frozen; adapters may go on it
+    (``model.adapters[i].part: vision``)."""
 
     trust_remote_code: bool = False
     """Allow model code from the checkpoint's repository. Off unless you trust it."""
@@ -123,6 +128,28 @@ def get_path(
 
 def language_model(model: nn.Module) -> nn.Module:
     return get_path(model, LANGUAGE_MODEL_PATHS, "language model")[1]
+
+
+def model_parts(model: nn.Module) -> dict[str, ModelPart]:
+    """The language model, vision tower and projector of a multimodal ``model`` that it has, by part (the first path
+    of each table that exists)."""
+    parts = {}
+    for part, paths in (("language", LANGUAGE_MODEL_PATHS), ("vision", VISION_PATHS), ("projector", PROJECTOR_PATHS)):
+        found = get_path(model, paths, PARTS[part], required=False)
+        if found is not None:
+            parts[part] = ModelPart(part, found[0], found[1])
+    for part in parts.values():
+        part.others = [p.path for p in parts.values() if p is not part]
+    return parts
+
+
+def inject_model_adapters(
+    model: nn.Module, groups: list[AdapterGroup], context: RoutingContext | None = None
+) -> dict[str, AdaptedLinear]:
+    """Put the adapter groups into the multimodal ``model``: each into the part its ``part`` names (language model,
+    vision tower, projector; see :func:`mmpeft.adapters.inject.inject_parts`). Returns the adapted layers by their
+    path in ``model``."""
+    return inject_parts(model, model_parts(model), groups, context)
 
 
 def _skip_modules(backbone: Backbone) -> list[str]:
