@@ -1,4 +1,5 @@
-"""The LightningModule: a quantized multimodal backbone with adapters in its language model.
+"""The LightningModule: a quantized multimodal backbone with adapters in its language model (and, where the
+adapter groups say so, in its vision tower and projector).
 
 The loss is the LM loss on assistant tokens plus the adapters' auxiliary losses.
 The model is loaded in ``configure_model`` (on the strategy's device, after the data
@@ -24,14 +25,22 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
-from mmpeft.adapters import AdapterGroup, inject_adapters
+from mmpeft.adapters import AdaptedLinear, AdapterGroup
+from mmpeft.adapters.inject import TowerContext, group_of, tower_contexts, tower_routing_losses
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
 from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
 from mmpeft.generation import Generation
 from mmpeft.metrics import Evaluation, TaskMetrics, print_table
-from mmpeft.models.backbone import PROJECTOR_PATHS, Backbone, get_path, language_model, load_backbone, load_processor
+from mmpeft.models.backbone import (
+    PROJECTOR_PATHS,
+    Backbone,
+    get_path,
+    inject_model_adapters,
+    load_backbone,
+    load_processor,
+)
 from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
 from mmpeft.planner import Preflight, preflight
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
@@ -59,6 +68,14 @@ class Optim:
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam's moment decay rates."""
 
+    projector_lr: float | None = None
+    """Peak learning rate of the projector when ``model.backbone.train_projector`` trains it in full (its own AdamW
+    parameter group, scaled by the same schedule); ``None``: ``lr``. Adapter groups set theirs in
+    ``model.adapters[i].lr``."""
+
+    projector_weight_decay: float | None = None
+    """AdamW weight decay of the projector trained in full; ``None``: ``weight_decay``."""
+
 
 class MMPeftModule(L.LightningModule):
     def __init__(
@@ -77,8 +94,10 @@ class MMPeftModule(L.LightningModule):
 
         Args:
             backbone: The multimodal checkpoint and how to load it.
-            adapters: Adapter groups: which adapter goes on which linear layers of the language model. Default: LoRA on
-                every linear layer, or ``init_adapter``'s groups.
+            adapters: Adapter groups: which adapter goes on which linear layers of the language model (or, with
+                ``part``, of the vision tower or projector; docs/adapters.md), each with its own ``lr`` and
+                ``weight_decay`` if given. Default: LoRA on every linear layer of the language model, or
+                ``init_adapter``'s groups.
             optim: Optimizer and schedule.
             routing: Coefficients of the mixture adapters' auxiliary routing losses (ignored by adapters without a
                 router).
@@ -100,7 +119,7 @@ class MMPeftModule(L.LightningModule):
             self.init_spec = read_spec(init_adapter)  # a missing or malformed directory fails here, before any loading
             if adapters is None:
                 adapters = self.init_spec.groups
-            elif AdapterSpec(adapters, "", {}).resolved().groups != self.init_spec.resolved().groups:
+            elif _layout(AdapterSpec(adapters, "", {}).resolved().groups) != _layout(self.init_spec.resolved().groups):
                 raise ConfigError(
                     f"model.adapters differs from the adapters of model.init_adapter={init_adapter!r}; "
                     "leave model.adapters unset to use the directory's"
@@ -110,6 +129,11 @@ class MMPeftModule(L.LightningModule):
                     backbone, train_projector=True
                 )  # its projector weights are in the directory
         adapters = adapters if adapters is not None else [AdapterGroup()]
+        if backbone.train_projector and any(g.part == "projector" for g in adapters):
+            raise ConfigError(
+                "model.backbone.train_projector trains the projector in full and model.adapters has a group with "
+                "part: projector; train the projector one way (set its learning rate with optim.projector_lr)"
+            )
         self.backbone = backbone
         self.adapter_groups = adapters
         self.optim = optim
@@ -130,6 +154,8 @@ class MMPeftModule(L.LightningModule):
         is off."""
         # Shared by every router of the model: carries the batch's masks and task ids in, router records out.
         self.routing_context = RoutingContext()
+        self.tower_contexts: list[TowerContext] = []
+        """The routing contexts of the vision and projector groups' routers (found after injection)."""
         for i, group in enumerate(adapters):
             group.resolve(i)  # unknown adapter names and keys fail here, before any model is loaded
         backbone.check_exists()
@@ -175,7 +201,8 @@ class MMPeftModule(L.LightningModule):
         if self.init_spec is not None:
             apply_adapter(model, self.hparams.init_adapter, self.routing_context, trainable=not predicting)
         else:
-            inject_adapters(language_model(model), self.adapter_groups, self.routing_context)
+            inject_model_adapters(model, self.adapter_groups, self.routing_context)
+        self.tower_contexts = tower_contexts(model)
         apply_to_adapters(model, self.speed)
         # from_pretrained returns eval mode; train like transformers' Trainer (Lightning keeps modes as found).
         self.model = model.eval() if predicting else model.train()
@@ -244,7 +271,9 @@ class MMPeftModule(L.LightningModule):
         # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
         with routed(self.routing_context, batch):
             loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk)
-            aux = routing_losses(self.routing_context, self.routing)
+            aux = tower_routing_losses(
+                self.tower_contexts, self.routing, routing_losses(self.routing_context, self.routing)
+            )  # the vision and projector groups' routers only where the group asks (routing_losses: true)
         size = batch["labels"].shape[0]
         self.log("train/loss", loss, batch_size=size, prog_bar=True)
         for name, value in aux.items():
@@ -375,9 +404,54 @@ class MMPeftModule(L.LightningModule):
         return rows
 
     # -- optimisation -----------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable tensors as one optimizer parameter group per distinct ``(lr, weight_decay)``.
+
+        An adapter group's tensors take its ``lr`` / ``weight_decay``, the projector trained in full
+        ``optim.projector_lr`` / ``optim.projector_weight_decay``, each ``None`` falling back to ``optim.lr`` /
+        ``optim.weight_decay``; the group of those defaults comes first (``train/lr`` logs it). Each group's
+        ``name`` says whose tensors it holds.
+        """
+        o = self.optim
+        owner: dict[int, tuple[float, float, str]] = {}
+        sources: list[tuple[float, float, str]] = []  # in the optimizer's order: the adapter groups, the projector
+        for i, g in enumerate(self.adapter_groups):
+            lr, decay = o.lr if g.lr is None else g.lr, o.weight_decay if g.weight_decay is None else g.weight_decay
+            sources.append((lr, decay, f"adapters[{i}]"))
+        for module in self.model.modules():
+            if isinstance(module, AdaptedLinear) and group_of(module) is not None:
+                for param in module.adapter.parameters():
+                    owner[id(param)] = sources[group_of(module)]
+        if self.backbone.train_projector:
+            lr = o.lr if o.projector_lr is None else o.projector_lr
+            decay = o.weight_decay if o.projector_weight_decay is None else o.projector_weight_decay
+            sources.append((lr, decay, "projector"))
+            for param in get_path(self.model, PROJECTOR_PATHS, "projector")[1].parameters():
+                owner.setdefault(id(param), sources[-1])
+        groups: dict[tuple[float, float], dict[str, list]] = {(o.lr, o.weight_decay): {"params": [], "names": []}}
+        for lr, decay, _ in sources:
+            groups.setdefault((lr, decay), {"params": [], "names": []})
+        for param in self.trainable_parameters():
+            lr, decay, who = owner.get(id(param), (o.lr, o.weight_decay, "other"))
+            group = groups[lr, decay]  # every setting has its group already
+            group["params"].append(param)
+            if who not in group["names"]:
+                group["names"].append(who)
+        order = [who for *_, who in sources] + ["other"]
+        return [
+            {
+                "params": g["params"],
+                "lr": lr,
+                "weight_decay": decay,
+                "name": ", ".join(sorted(g["names"], key=order.index)),
+            }
+            for (lr, decay), g in groups.items()
+            if g["params"]
+        ]
+
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim
-        params = self.trainable_parameters()
+        params = self.param_groups()
         if o.optimizer == "adamw":
             optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         else:
@@ -393,7 +467,7 @@ class MMPeftModule(L.LightningModule):
             )
         total = int(total)
         warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)  # scales each group's own lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -433,6 +507,11 @@ class MMPeftModule(L.LightningModule):
         if self.trainer.is_global_zero:
             self.save_adapter(out)
             log.info("adapter written to %s", out)
+
+
+def _layout(groups: list[AdapterGroup]) -> list[AdapterGroup]:
+    """The groups without their optimizer settings (``lr``, ``weight_decay``), which further training may change."""
+    return [dataclasses.replace(g, lr=None, weight_decay=None) for g in groups]
 
 
 def adapter_dir(trainer: L.Trainer) -> Path:
