@@ -4,8 +4,9 @@ The output loads with ``peft.PeftModel.from_pretrained(base, out)`` on the base 
 transformers: ``adapter_config.json`` is a ``peft.LoraConfig`` (saved by PEFT itself) and
 ``adapter_model.safetensors`` holds ``lora_A``/``lora_B`` under PEFT's key names.
 
-- ``target_modules`` lists the exact paths of the adapted language-model layers, sorted, so the
-  vision tower's layers of the same name (``q_proj``, ...) are not targeted;
+- ``target_modules`` lists the exact paths of the adapted layers, sorted, in the language model
+  and, for groups with ``part: vision`` or ``part: projector``, the vision tower and projector, so
+  no layer of the same name elsewhere (the vision tower's ``q_proj``, ...) is targeted by mistake;
 - ``r`` and ``lora_alpha`` are those of most layers, with ``lora_alpha / r`` equal to mmpeft's
   scaling; layers that differ (another group, a LoRA-MoE collapsed to rank ``N * r``) get
   ``rank_pattern``/``alpha_pattern`` entries;

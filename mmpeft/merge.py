@@ -47,7 +47,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from mmpeft.adapters.base import Ability, AdaptedLinear, abilities_of
-from mmpeft.adapters.inject import inject_adapters, load_adapter
+from mmpeft.adapters.inject import load_adapter, tower_contexts
 from mmpeft.adapters.lora import LoRA, LoRAConfig
 from mmpeft.adapters.quant import dequantized_weight, keep_standard_layout, quantization_of
 from mmpeft.adapters.routing import GateMeans, Router, RoutingContext
@@ -61,6 +61,7 @@ from mmpeft.models.backbone import (
     auto_model_class,
     check_checkpoint,
     get_path,
+    inject_model_adapters,
     load_backbone,
     load_processor,
     quantization_config,
@@ -224,8 +225,7 @@ def plan(
     # The model without weights (meta device): its module paths, the adapters rebuilt on it, their tensors assigned.
     with torch.device("meta"):
         skeleton = auto_model_class(config, "--base").from_config(config, trust_remote_code=o.trust_remote_code)
-    prefix, lm = get_path(skeleton, LANGUAGE_MODEL_PATHS, "language model")
-    adapted = {f"{prefix}.{name}": layer for name, layer in inject_adapters(lm, spec.groups, RoutingContext()).items()}
+    adapted = inject_model_adapters(skeleton, spec.groups, RoutingContext())  # by full path: every part's layers
     try:
         result = skeleton.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as exc:  # a shape mismatch
@@ -378,14 +378,16 @@ def load_adapted(p: Plan) -> tuple[nn.Module, RoutingContext]:
 
 def measure_gates(model: nn.Module, context: RoutingContext, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Each router's mean applied gate over the batches' real tokens (samples, for instance routing), by full layer
-    path."""
-    meter = GateMeans()
+    path; a router in the vision tower or projector over every position (patch) of the tower."""
+    meter, towers, tower_meter = GateMeans(), tower_contexts(model), GateMeans()
     for batch in batches:
         token_logits(model, batch, context, record=True)
         meter.add(context)
+        for tower in towers:  # their own records, named by full path (mmpeft.adapters.inject.TowerContext)
+            tower_meter.add(tower)
     context.records = []
     prefix = get_path(model, LANGUAGE_MODEL_PATHS, "language model")[0]
-    return {f"{prefix}.{name}": gate for name, gate in meter.means().items()}
+    return {f"{prefix}.{name}": gate for name, gate in meter.means().items()} | tower_meter.means()
 
 
 def is_dora(layer: AdaptedLinear) -> bool:
@@ -534,7 +536,8 @@ def fold_into(
 ) -> int:
     """Write into ``target`` (the base loaded unquantized) the weights the adapted ``model`` computes with.
 
-    Adapted layers get ``W + delta`` (DoRA: ``m / ||W + s B A||_row * (W + s B A)``) in float32, ``W``
+    Adapted layers, in whichever part of the model they are (language model, vision tower,
+    projector), get ``W + delta`` (DoRA: ``m / ||W + s B A||_row * (W + s B A)``) in float32, ``W``
     being the dequantized base weight (``merge_into="dequantized"``) or the original one from the
     checkpoint (``"original"``);
     with ``"dequantized"`` every other quantized layer (vision tower included) gets its

@@ -2,7 +2,8 @@
 
 An adapter directory holds everything needed to put a trained adapter back on its base model::
 
-    adapter_config.json    the adapter groups (plugin name, targets, every hyperparameter), the
+    adapter_config.json    the adapter groups (plugin name, part of the model, targets, every
+                           hyperparameter, optimizer settings), the
                            base model's name and a fingerprint of its architecture, the task
                            vocabulary, whether the projector was trained, the mmpeft version
     adapter.safetensors    the trained tensors, keyed by their path in the transformers model
@@ -29,7 +30,7 @@ from torch import nn
 
 import mmpeft
 from mmpeft.adapters.base import AdaptedLinear
-from mmpeft.adapters.inject import AdapterGroup, inject_adapters
+from mmpeft.adapters.inject import AdapterGroup
 from mmpeft.adapters.routing import RoutingContext
 from mmpeft.errors import ConfigError
 from mmpeft.files import staged_dir, write_json
@@ -80,7 +81,8 @@ class AdapterSpec:
     """The contents of ``adapter_config.json``."""
 
     groups: list[AdapterGroup]
-    """Which adapter plugin goes on which layers, with every hyperparameter spelled out."""
+    """Which adapter plugin goes on which layers of which part (language model, vision tower, projector), with every
+    hyperparameter spelled out."""
 
     base_model: str
     """``backbone.pretrained`` of the run that trained the adapter (written absolute when it is a local folder)."""
@@ -129,7 +131,17 @@ class AdapterSpec:
             )
         try:
             groups = [
-                AdapterGroup(name=g["name"], targets=list(g["targets"]), config=dict(g["config"]))
+                AdapterGroup(
+                    name=g["name"],
+                    targets=list(g["targets"]),
+                    config=dict(g["config"]),
+                    # Written since adapters could go beyond the language model; older directories hold only it.
+                    part=g.get("part", "language"),
+                    layers=None if g.get("layers") is None else [int(n) for n in g["layers"]],
+                    lr=g.get("lr"),
+                    weight_decay=g.get("weight_decay"),
+                    routing_losses=bool(g.get("routing_losses", False)),
+                )
                 for g in data["adapters"]
             ]
             base = {k: v for k, v in data["base_model"].items() if k not in ("name_or_path", "fingerprint")}
@@ -153,7 +165,7 @@ class AdapterSpec:
         groups = []
         for i, group in enumerate(self.groups):
             _, config = group.resolve(i)
-            groups.append(AdapterGroup(group.name, list(group.targets), dataclasses.asdict(config)))
+            groups.append(dataclasses.replace(group, targets=list(group.targets), config=dataclasses.asdict(config)))
         return dataclasses.replace(self, groups=groups)
 
     def check_base(self, config: Any, where: str) -> None:
@@ -281,17 +293,17 @@ def apply_adapter(
 ) -> AdapterSpec:
     """Put the adapter directory ``path`` onto the loaded transformers ``model``.
 
-    Checks the base model, injects the adapter groups into its language model (routers bound to
-    ``context``), and loads the tensors. With ``trainable`` the adapter tensors require grad
-    (further training), else the whole model is frozen (inference). Returns the spec.
+    Checks the base model, injects the adapter groups into the parts of the model they name (language
+    model, vision tower, projector; routers bound to ``context``), and loads the tensors. With
+    ``trainable`` the adapter tensors require grad (further training), else the whole model is frozen
+    (inference). Returns the spec.
     """
-    from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, get_path
+    from mmpeft.models.backbone import inject_model_adapters
 
     spec = read_spec(path)
     spec.check_base(model.config, f"adapter {str(path)!r}")
     tensors = read_tensors(path)  # before touching the model: a damaged file changes nothing
-    _, lm = get_path(model, LANGUAGE_MODEL_PATHS, "language model")
-    inject_adapters(lm, spec.groups, context)
+    inject_model_adapters(model, spec.groups, context)
     load_tensors(model, tensors, f"adapter {str(path)!r}")
     for name, param in model.named_parameters():
         param.requires_grad_(trainable and (".adapter." in name or name in tensors))
@@ -303,7 +315,7 @@ class AdaptedModel:
     """What :func:`load_adapted` returns."""
 
     model: nn.Module
-    """The transformers model with the adapter in its language model (eval mode unless ``trainable``)."""
+    """The transformers model with the adapter in it (eval mode unless ``trainable``)."""
     processor: Any
     spec: AdapterSpec
     routing: RoutingContext
