@@ -45,7 +45,10 @@ CASES = {
     "moelora": ("moelora", {"r": 2, "experts": 4, "dropout": 0.0}),
     "moelora-top2": ("moelora", {"r": 2, "experts": 4, "top_k": 2, "dropout": 0.0}),
     "mixlora": ("mixlora", {"r": 4, "factors": 8, "dropout": 0.0}),
-    "mixlora-score": ("mixlora", {"r": 4, "factors": 8, "weighting": "score", "dropout": 0.0}),
+    "mixlora-paper": (
+        "mixlora",
+        {"r": 4, "factors": 8, "weighting": "straight_through", "pairing": "score", "dropout": 0.0},
+    ),
     "dora": ("dora", {"r": 4, "dropout": 0.0}),  # the third-party plugin, from plugins/mmpeft-dora
     # Several A_i, one shared B (plugins/mmpeft-masa), per token and per instance with top-2.
     "masa": ("masa", {"r": 4, "heads": 3, "dropout": 0.0}),

@@ -105,10 +105,14 @@ def test_asymlora_and_moelora_equal_their_per_expert_loops():
     assert math.isclose(moe.scaling, 4.0)
 
 
+PAPER = {"weighting": "straight_through", "pairing": "score"}
+"""MixLoRA's released forward (chosen factors unweighted, paired in score order), with gradients to the routers."""
+
+
 def test_mixlora_equals_its_per_instance_dense_update_and_routes_on_the_prompt():
     """The reference materialises ``delta_W`` per instance; ours gathers factors. Routing ignores answer tokens."""
     torch.manual_seed(0)
-    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, weighting="score"))
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, pairing="score"))
     torch.nn.init.normal_(adapter.B)
     torch.nn.init.normal_(adapter.condition)
     x = torch.randn(3, 6, D_IN)
@@ -143,7 +147,7 @@ def test_mixlora_equals_its_per_instance_dense_update_and_routes_on_the_prompt()
 
 def test_mixlora_straight_through_keeps_the_paper_forward_and_trains_the_routers():
     torch.manual_seed(0)
-    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10))
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, **PAPER))
     torch.nn.init.normal_(adapter.B)
     x = torch.randn(2, 5, D_IN)
     index_a, weight_a, index_b, weight_b = adapter.route(x)
@@ -157,7 +161,7 @@ def test_mixlora_stays_finite_when_its_routers_saturate():
     # Saturated routers give chosen factors a probability of exactly 0 in float32, where
     # score / stop_grad(score) was 0 / 0: NaN outputs, and training diverged (the conflict suite saw it).
     torch.manual_seed(0)
-    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10))
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, **PAPER))
     torch.nn.init.normal_(adapter.B)
     with torch.no_grad():
         for router in (adapter.router_a, adapter.router_b):
@@ -250,7 +254,8 @@ def spy_on_route(adapter: MixLoRA) -> list:
 
 @pytest.mark.parametrize(("weighting", "router_scale"), list(MIXLORA_BEFORE))
 def test_mixlora_forward_and_gradients_are_those_from_before_the_shared_router(weighting, router_scale):
-    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, weighting=weighting))
+    config = MixLoRAConfig(r=R, alpha=8, dropout=0.0, factors=10, weighting=weighting, pairing="score")
+    adapter = MixLoRA(D_IN, D_OUT, config)
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():  # every parameter set here, whatever the constructor's initialisation draws
         for name, param in sorted(adapter.named_parameters()):
@@ -343,7 +348,9 @@ def test_mixlora_index_pairing_multiplies_the_same_chosen_factors_in_factor_orde
     order: the update is ``s sum_k w_k (x . a_{i_k}) b_{j_k}`` with ``i`` and ``j`` each sorted, by hand."""
     torch.manual_seed(3)
     x = torch.randn(3, 5, D_IN)  # (batch, seq, d_in)
-    scored = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=3, alpha=6, dropout=0.0, factors=7, weighting=weighting))
+    scored = MixLoRA(
+        D_IN, D_OUT, MixLoRAConfig(r=3, alpha=6, dropout=0.0, factors=7, weighting=weighting, pairing="score")
+    )
     indexed = MixLoRA(
         D_IN, D_OUT, MixLoRAConfig(r=3, alpha=6, dropout=0.0, factors=7, weighting=weighting, pairing="index")
     )

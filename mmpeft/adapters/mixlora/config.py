@@ -13,19 +13,21 @@ class MixLoRAConfig(LoRAConfig):
     factors: int = 32
     """Size ``E`` of each pool of rank-1 factors (A-factors and B-factors); each instance uses ``r`` of each."""
 
-    weighting: Literal["straight_through", "score"] = "straight_through"
+    weighting: Literal["straight_through", "score"] = "score"
     """How the chosen factors carry their router scores so the routers learn (the released code
-    uses them unweighted, so its routers get no gradient). ``straight_through``: the forward is the
-    unweighted paper formula, the backward passes the gradient to the scores. ``score``: each factor
-    is scaled by its score, renormalised over the chosen ones to average 1."""
+    uses them unweighted, so its routers get no gradient). ``score`` (default): each factor is scaled
+    by its score, renormalised over the chosen ones to average 1. ``straight_through``: the forward is
+    the unweighted paper formula, the backward passes the gradient to the scores; it trained worse on
+    the conflict suite (docs/benchmarks.md, MixLoRA ablation), and collapsed without routing losses."""
 
     temperature: float = 1.0
     """Softmax temperature of both routers."""
 
-    pairing: Literal["score", "index"] = "score"
-    """Which chosen B-factor multiplies which chosen A-factor. ``score`` (the paper's code: both top-r lists in
-    score order, ``b_k`` with ``a_k``): the same chosen sets pair differently whenever their score order differs.
-    ``index``: both chosen sets in factor-index order, so the same sets always give the same pairs."""
+    pairing: Literal["score", "index"] = "index"
+    """Which chosen B-factor multiplies which chosen A-factor. ``index`` (default): both chosen sets in factor-index
+    order, so the same sets always give the same pairs. ``score`` (the paper's code: both top-r lists in score
+    order, ``b_k`` with ``a_k``): the same chosen sets pair differently whenever their score order differs; it
+    trained worse on the conflict suite (docs/benchmarks.md, MixLoRA ablation)."""
 
     condition_in_losses: bool = False
     """Whether the routing losses see the B router's whole score (``softmax(R_B h) + sum_k softmax(C a_k)``,
