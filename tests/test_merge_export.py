@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from test_dora_plugin import PLUGIN, forget_dora, register_dora
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data_recipes.synthetic import SyntheticRecipe
-from mmpeft.adapters import AdaptedLinear, AdapterGroup, inject_adapters
+from mmpeft.adapters import AdaptedLinear, AdapterGroup
 from mmpeft.adapters.asymlora import AsymLoRA, AsymLoRAConfig
 from mmpeft.adapters.moelora import MoELoRA, MoELoRAConfig
 from mmpeft.adapters.quant import keep_standard_layout
@@ -26,7 +27,7 @@ from mmpeft.adapters.routing import GateMeans, RouterRecord, RoutingContext, exp
 from mmpeft.errors import ConfigError, MergeError
 from mmpeft.export import export_peft
 from mmpeft.merge import REPORT_NAME, builtin_batch, merge, task_batches, token_logits
-from mmpeft.models.backbone import Backbone, language_model, load_backbone, load_processor
+from mmpeft.models.backbone import Backbone, inject_model_adapters, load_backbone, load_processor
 from mmpeft.saving import (
     WEIGHTS_NAME,
     AdapterError,
@@ -55,7 +56,7 @@ def write_adapter(
 ) -> Path:
     """An adapter directory as training writes it, with random nonzero B, routers and (optionally) projector."""
     model = load_backbone(Backbone(base, quantization="none", train_projector=train_projector), CPU)
-    inject_adapters(language_model(model), groups, RoutingContext())
+    inject_model_adapters(model, groups, RoutingContext())
     torch.manual_seed(seed)
     projector = "model.multi_modal_projector" if train_projector else None
     with torch.no_grad():
@@ -233,6 +234,93 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, tiny_model_dirs, sh
         assert (theirs - ours).abs().max().item() == pytest.approx(report["collapse"]["max_logit_diff"], abs=1e-4)
     if family == "qwen2_vl" and task:
         assert config["r"] == 6 and config["lora_alpha"] == 12  # 3 experts of rank 2 -> rank 6, alpha / r = 2 kept
+
+
+# -- adapters in the vision tower and the projector ---------------------------------------------
+
+VISION_GROUPS = {
+    # family: groups, the adapted layers outside the language model
+    "llava": (
+        [
+            AdapterGroup("lora", ["attention"], LORA),
+            # LLaVA reads the penultimate block's features: [-1] is block 0 of the tiny CLIP's 2.
+            AdapterGroup("lora", ["all-linear"], {"r": 2, "alpha": 6, "dropout": 0.0}, part="vision", layers=[-1]),
+            AdapterGroup("lora", ["all-linear"], LORA, part="projector"),
+        ],
+        [
+            "model.multi_modal_projector.linear_1",
+            "model.multi_modal_projector.linear_2",
+            *(
+                f"model.vision_tower.encoder.layers.0.{name}"
+                for name in ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj")
+            ),
+            "model.vision_tower.encoder.layers.0.self_attn.v_proj",
+        ],
+    ),
+    "qwen2_vl": (  # the projector (merger) inside the vision tower
+        [
+            AdapterGroup("lora", ["mlp"], LORA),
+            AdapterGroup("lora", ["qkv", "*.attn.proj"], LORA, part="vision", layers=[-1]),
+            AdapterGroup("lora", ["all-linear"], LORA, part="projector"),
+        ],
+        [
+            "model.visual.blocks.1.attn.proj",
+            "model.visual.blocks.1.attn.qkv",
+            "model.visual.merger.mlp.0",
+            "model.visual.merger.mlp.2",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(VISION_GROUPS))
+def test_vision_and_projector_adapters_export_to_peft_and_merge_with_the_adapted_logits(
+    tmp_path, tiny_model_dirs, shards, family
+):
+    from peft import PeftModel
+
+    groups, outside = VISION_GROUPS[family]
+    base = tiny_model_dirs[family]
+    adapter = write_adapter(tmp_path / "adapter", base, groups)
+    export_peft(adapter, tmp_path / "peft", quantization="none", progress=lambda _: None)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert [m for m in config["target_modules"] if ".language_model." not in m] == outside
+    if family == "llava":  # the vision group's r=2 / alpha=6 as PEFT patterns of its exact paths
+        assert config["rank_pattern"] == {re.escape(m): 2 for m in outside if ".vision_tower." in m}
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32), tmp_path / "peft"
+    ).eval()
+    batch = first_batch(base, shards, None, 4)
+    ours = adapted_logits(adapter, base, batch)
+    assert (ours - adapted_logits(write_adapter(tmp_path / "lm", base, groups[:1]), base, batch)).abs().max() > 1e-3
+    torch.testing.assert_close(plain_logits(peft_model, batch), ours, rtol=0, atol=1e-4)
+
+    report = merge(
+        adapter, tmp_path / "merged", data=shards, dtype="fp32", quantization="none", progress=lambda _: None
+    )
+    assert report["adapted_layers"] == len(outside) + len(
+        [m for m in config["target_modules"] if ".language_model." in m]
+    )
+    assert report["max_logit_diff"] < 1e-4
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(plain_logits(merged, batch), ours, rtol=0, atol=1e-4)
+
+
+def test_a_routed_vision_adapter_collapses_with_its_gate_over_the_towers_patches(tmp_path, tiny_model_dirs, shards):
+    base = tiny_model_dirs["qwen2_vl"]
+    groups = [
+        AdapterGroup("lora", ["attention"], LORA),
+        AdapterGroup("asymlora", ["fc1"], {**LORA, "heads": 2}, part="vision"),  # token routing over patches
+    ]
+    adapter = write_adapter(tmp_path / "adapter", base, groups)
+    report = export_peft(
+        adapter, tmp_path / "peft", task="shape", data=shards, samples=2, quantization="none", progress=lambda _: None
+    )
+    gates = report["collapse"]["gates"]
+    assert sorted(gates) == ["model.visual.blocks.0.mlp.fc1", "model.visual.blocks.1.mlp.fc1"]
+    assert all(abs(sum(g) - 1) < 1e-5 and min(g) > 0 for g in gates.values())
+    # Token routing gives patches different gates: the collapse is the mean gate's LoRA, its error reported.
+    assert not report["collapse"]["exact"] and report["collapse"]["max_logit_diff"] > 1e-4
 
 
 # -- merge ---------------------------------------------------------------------------------------
