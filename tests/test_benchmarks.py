@@ -6,6 +6,7 @@ import ast
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,39 +126,90 @@ def test_memory_model_quick_predicts_every_measured_peak_within_15_percent(tmp_p
     assert "bf16_mixed" not in report
 
 
+def test_conflict_suite_base_build_is_reproducible_to_the_bit_whatever_the_callers_thread_settings(tmp_path):
+    """The suite's base model: the same settings give the same weights (fingerprint), with 2 threads or 1 set by the
+    caller, and the caller's settings come back after the build."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.conflict_suite.base import BaseSettings, ensure_base
+
+    settings = BaseSettings(steps=20, pool=160, held_out=10, warmup=4, batch=8)
+    threads = torch.get_num_threads()
+    prints = []
+    for n, folder in ((2, "a"), (1, "b")):
+        torch.set_num_threads(n)
+        out, info = ensure_base(tmp_path / folder, settings, progress=False)
+        assert torch.get_num_threads() == n and not torch.are_deterministic_algorithms_enabled()
+        assert not info["cached"] and len(info["fingerprint"]) == 16
+        assert set(info["held_out_by_skill"]) <= {
+            "colour",
+            "shape",
+            "count",
+            "corner",
+            "describe",
+            "left/right colour",
+            "left/right shape",
+        }
+        prints.append(info["fingerprint"])
+    torch.set_num_threads(threads)
+    assert prints[0] == prints[1]
+    again = ensure_base(tmp_path / "a", settings, progress=False)[1]
+    assert again["cached"] and again["fingerprint"] == prints[0]
+
+
 @pytest.mark.slow
-def test_conflict_suite_check_trains_every_adapter_at_equal_parameters_and_scores_every_task(tmp_path):
-    """The quality suite's smoke mode: every adapter x seed trained through the product and scored per task on held-out
-    samples."""
+def test_conflict_suite_check_trains_every_row_and_compares_each_with_its_lora_paired_by_seed(tmp_path):
+    """The quality suite's smoke mode, in two worker processes: every row x seed trained through the product (the
+    MASA plugin registered from its source folder) and scored per task on held-out samples; both tables printed, each
+    row with its paired difference from its LoRA."""
     out = tmp_path / "conflict.json"
-    result = run_script("conflict_suite/run", "--check", "--out", str(out), timeout=600)
+    result = run_script("conflict_suite/run", "--check", "--jobs", "2", "--out", str(out), timeout=900)
     report = json.loads(out.read_text())
     tasks = report["setup"]["tasks"]
-    assert len(tasks) >= 5
+    assert len(tasks) == 5 and report["setup"]["mixture"] == "conflict"
+    assert len(report["setup"]["base fingerprint"]) == 16
     counts = report["param_counts"]
-    assert set(counts) == {"lora", "asymlora", "moelora", "mixlora"}
-    assert all(abs(n / counts["lora"] - 1) <= 0.05 for n in counts.values())
+    equal = ["lora", "asymlora", "asymlora-block", "moelora", "mixlora", "mixlora-r8", "masa"]
+    assert set(counts) == {*equal, "lora-r4", "lora-r9"}
+    assert all(abs(counts[n] / counts["lora"] - 1) <= 0.05 for n in equal)
+    assert counts["lora-r4"] == counts["lora"] // 5 and counts["masa"] == counts["asymlora"]
     seeds = report["setup"]["seeds"]
     assert len(seeds) == 3
-    for name, adapter in report["adapters"].items():
-        assert adapter["trainable_params"] == counts[name]
-        assert adapter["chosen_lr"] in report["setup"]["lr grid"]
-        assert [run["seed"] for run in adapter["runs"]] == seeds
-        for run in adapter["runs"]:
-            assert run["lr"] == adapter["chosen_lr"] and run["trainable_params"] == counts[name]
+    for name, row in report["rows"].items():
+        assert row["trainable_params"] == counts[name]
+        assert row["chosen_lr"] in report["setup"]["lr grid"]
+        assert [run["seed"] for run in row["runs"]] == seeds
+        for run in row["runs"]:
+            assert run["lr"] == row["chosen_lr"] and run["row"] == name
             scores = run["test"]
             assert set(scores) == {*tasks, "mean"} and all(0.0 <= v <= 1.0 for v in scores.values())
             assert abs(scores["mean"] - sum(scores[t] for t in tasks) / len(tasks)) < 1e-6
-    # The printed table: the base model's row and one row per adapter, a mean ± std cell per task.
-    rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith(("| base (no adapter) |", "| lora |", "| asymlora |", "| moelora |", "| mixlora |"))
-    ]
-    assert len(rows) == 5
-    assert all(line.count("±") == len(tasks) + 1 for line in rows[1:])
-    assert result.stdout.startswith("command: python benchmarks/conflict_suite/run.py --check")
-    assert "environment: python" in result.stdout
+    assert list(report["tables"]) == ["equal trainable parameters", "equal rank"]
+    # The printed tables: the base model's row, then each LoRA and each row, a mean ± std cell per task; a compared
+    # row ends with its paired difference, a 95% interval and the seeds won (of 3).
+    text = result.stdout
+    first, second = text.index("**equal trainable parameters**"), text.index("**equal rank**")
+    for part, names in ((text[first:second], equal), (text[second:], ["lora-r4", "mixlora", "lora-r9", "asymlora"])):
+        lines = {line.split(" | ")[0][2:]: line for line in part.splitlines() if line.startswith("| ")}
+        assert "base (no adapter)" in lines and set(names) <= set(lines)
+        for name in names:
+            assert lines[name].count("±") == len(tasks) + 1
+            compared = name not in ("lora", "lora-r4", "lora-r9")
+            assert (re.search(r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\], [0-3]/3 \|$", lines[name]) is not None) == compared
+    assert text.startswith("command: python benchmarks/conflict_suite/run.py --check")
+    assert "environment: python" in text and f"fingerprint {report['setup']['base fingerprint']}" in text
+
+
+def test_conflict_suite_paired_difference_and_its_interval_by_hand():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.conflict_suite.run import paired
+
+    d = paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])  # differences 0.1, 0.2, 0.1
+    sd = math.sqrt(((0.1 - 0.4 / 3) ** 2 * 2 + (0.2 - 0.4 / 3) ** 2) / 2)
+    half = 4.303 * sd / math.sqrt(3)  # Student's t, 2 degrees of freedom, 97.5%
+    assert d["mean"] == pytest.approx(0.4 / 3) and d["won"] == 3 and d["n"] == 3
+    assert (d["low"], d["high"]) == pytest.approx((0.4 / 3 - half, 0.4 / 3 + half))
 
 
 @pytest.mark.slow

@@ -66,6 +66,8 @@ class BaseSettings:
     vision_hidden: int = 64
     vision_intermediate: int = 128
     vision_layers: int = 2
+    vision_feature_layer: int = -2
+    """Which vision layer's output the projector reads (LLaVA's default, -2, leaves the last of 2 layers unused)."""
     steps: int = 3000
     """AdamW steps of full training on general skills."""
     batch: int = 32
@@ -152,6 +154,7 @@ def _model_and_processor(settings: BaseSettings):
         s.vision_layers,
     )
     vision.projection_dim = s.vision_hidden
+    config.vision_feature_layer = s.vision_feature_layer
     torch.manual_seed(s.seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32)
     model.generation_config = generation

@@ -33,6 +33,23 @@ differ from all of these (the base answers "What color is the shape on the left?
 the left?"), so every task has something to learn. Answers are scored by exact match after
 ``mmpeft.metrics.normalize_answer`` (``There are three shapes.`` = ``there are 3 shapes``).
 
+**The second mixture** (``ConflictRecipe(mixture="format")``), conflicts of another kind: one question
+with three answer conventions (English, French, spelled out), and two conventions that contradict the
+base's own general skills. It uses only the skills the base knows well (colour, count, position;
+its shape answers are weak: ``base.json``'s per-skill scores), so every task is learnable.
+
+============== ============================= =============================== ==========================
+task           domain                        instruction (one of 3 wordings) answer
+============== ============================= =============================== ==========================
+colour_en      light grey background         "What colour is the shape?"     ``red``
+colour_fr      dark slate background         the same three wordings         ``rouge`` (French)
+colour_spelled cream background              the same three wordings         ``r e d`` (spelled out)
+count_fr       pale blue background          "How many shapes are in the     ``trois`` (the base says
+                                             picture?"                       ``3``)
+where_grid     white background, black       "Where is the {colour}          ``row 1 column 2`` (the
+               border                        {shape}?"                       base says ``top right``)
+============== ============================= =============================== ==========================
+
 Splits are the same recipe with different seeds (train, val and test never share a generator).
 """
 
@@ -63,19 +80,42 @@ SHAPES = ("circle", "square", "triangle")
 CORNERS = ("top left", "top right", "bottom left", "bottom right")  # grid cells in row-major order
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
-# The fine-tuning domains: background colour and border (None: no border).
-DOMAINS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int] | None]] = {
-    "count_digit": ((200, 200, 200), None),
-    "count_sentence": ((55, 65, 75), None),
-    "left_color": ((245, 230, 185), None),
-    "left_shape": ((190, 215, 245), None),
-    "corner": ((255, 255, 255), (0, 0, 0)),
+# The fine-tuning domains: background colour and border (None: no border). The two mixtures draw their five
+# tasks in the same five domains, in the same order.
+Domain = tuple[tuple[int, int, int], tuple[int, int, int] | None]
+LIGHT_GREY, DARK_SLATE, CREAM, PALE_BLUE = (200, 200, 200), (55, 65, 75), (245, 230, 185), (190, 215, 245)
+BORDERED: Domain = ((255, 255, 255), (0, 0, 0))
+MIXTURES: dict[str, dict[str, Domain]] = {
+    "conflict": {
+        "count_digit": (LIGHT_GREY, None),
+        "count_sentence": (DARK_SLATE, None),
+        "left_color": (CREAM, None),
+        "left_shape": (PALE_BLUE, None),
+        "corner": BORDERED,
+    },
+    "format": {
+        "colour_en": (LIGHT_GREY, None),
+        "colour_fr": (DARK_SLATE, None),
+        "colour_spelled": (CREAM, None),
+        "count_fr": (PALE_BLUE, None),
+        "where_grid": BORDERED,
+    },
 }
-TASKS = tuple(DOMAINS)
+"""Each mixture's tasks and their image domains."""
+DOMAINS: dict[str, Domain] = {task: domain for tasks in MIXTURES.values() for task, domain in tasks.items()}
+TASKS = tuple(MIXTURES["conflict"])
+FRENCH = {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet", "orange": "orange"}
+FRENCH_NUMBERS = ("zéro", "un", "deux", "trois", "quatre")
 
 PROMPTS: dict[str, tuple[str, ...]] = {
     "count": ("How many shapes are in the picture?", "How many objects can you see?", "Count the shapes."),
     "left": ("What is on the left?", "What is on the left side?", "Tell me what is on the left."),
+    "colour": ("What colour is the shape?", "Which colour does the shape have?", "Name the colour of the shape."),
+    "where": (
+        "Where is the {colour} {shape}?",
+        "Where can you see the {colour} {shape}?",
+        "Locate the {colour} {shape}.",
+    ),
     "corner": (
         "Which corner is the {colour} {shape} in?",
         "In which corner is the {colour} {shape}?",
@@ -207,11 +247,13 @@ def general_samples(count: int, seed: int) -> list[Sample]:
 
 def task_sample(task: str, rng: random.Random) -> tuple[list[dict[str, Any]], Image.Image]:
     background, border = DOMAINS[task]
-    if task in ("count_digit", "count_sentence"):
+    if task in ("count_digit", "count_sentence", "count_fr"):
         n = rng.randint(1, 4)
         question = rng.choice(PROMPTS["count"])
         if task == "count_digit":
             answer = str(n)
+        elif task == "count_fr":
+            answer = FRENCH_NUMBERS[n]
         else:
             answer = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
         return chat(question, answer), render(rng, background, random_items(rng, n), border)
@@ -219,11 +261,17 @@ def task_sample(task: str, rng: random.Random) -> tuple[list[dict[str, Any]], Im
         items, (shape, colour), _ = left_right_items(rng)
         answer = colour if task == "left_color" else shape
         return chat(rng.choice(PROMPTS["left"]), answer), render(rng, background, items, border)
-    if task == "corner":
+    if task in ("corner", "where_grid"):
         items = distinct_items(rng, rng.randint(2, 4))
         cell, (shape, colour) = rng.choice(sorted(items.items()))
-        question = rng.choice(PROMPTS["corner"]).format(colour=colour, shape=shape)
-        return chat(question, CORNERS[cell]), render(rng, background, items, border)
+        question = rng.choice(PROMPTS["corner" if task == "corner" else "where"]).format(colour=colour, shape=shape)
+        answer = CORNERS[cell] if task == "corner" else f"row {cell // 2 + 1} column {cell % 2 + 1}"
+        return chat(question, answer), render(rng, background, items, border)
+    if task in ("colour_en", "colour_fr", "colour_spelled"):
+        items = random_items(rng, 1)
+        colour = next(iter(items.values()))[1]
+        answer = {"colour_en": colour, "colour_fr": FRENCH[colour]}.get(task, " ".join(colour))
+        return chat(rng.choice(PROMPTS["colour"]), answer), render(rng, background, items, border)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -232,8 +280,10 @@ class ConflictRecipe(ShardRecipe):
     """The suite's fine-tuning mixture as WebDataset shards: ``samples_per_task`` of each task, shuffled together."""
 
     name: ClassVar[str] = "conflict_suite"
-    metrics: ClassVar[dict[str, list[str]]] = {task: ["exact_match"] for task in TASKS}
+    metrics: ClassVar[dict[str, list[str]]] = {task: ["exact_match"] for task in DOMAINS}
 
+    mixture: str = "conflict"
+    """Which five tasks (:data:`MIXTURES`)."""
     samples_per_task: int = 100
     """Samples of each of the five tasks."""
     seed: int = 0
@@ -242,7 +292,9 @@ class ConflictRecipe(ShardRecipe):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        order = [task for task in TASKS for _ in range(self.samples_per_task)]
+        if self.mixture not in MIXTURES:
+            raise ValueError(f"unknown mixture {self.mixture!r} (known: {', '.join(MIXTURES)})")
+        order = [task for task in MIXTURES[self.mixture] for _ in range(self.samples_per_task)]
         random.Random(f"order:{self.seed}").shuffle(order)
         self._order = order
 
