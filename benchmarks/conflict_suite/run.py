@@ -188,6 +188,12 @@ ROWS: dict[str, Row] = {
             "r=8 of 8, score, index pairing",
         ),
         Row(
+            "mixlora-r4of4",
+            "mixlora",
+            {"r": 4, "alpha": 8.0, "factors": 4},
+            "r=4 of 4 (every factor, half the parameters)",
+        ),
+        Row(
             "mixlora-score-t2",
             "mixlora",
             {"r": 4, "alpha": 8.0, "factors": 8, "weighting": "score", "temperature": 2.0},
@@ -233,7 +239,7 @@ MODES: dict[str, Mode] = {
         steps=4,
         batch=8,
         lrs=(1e-3, 3e-3),
-        seeds=(0, 1, 2),
+        seeds=(0, 1),
     ),
     "quick": Mode(BaseSettings(), 400, 20, 20, steps=60, batch=16, lrs=(3e-3,), seeds=(0, 1, 2, 3, 4)),
     "full": Mode(BaseSettings(), 1500, 40, 80, steps=450, batch=16, lrs=(1e-3, 3e-3), seeds=(0, 1, 2, 3, 4)),
