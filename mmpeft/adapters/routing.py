@@ -306,7 +306,7 @@ class Router(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)  # nn.Linear's default
         self.shared_gate: torch.Tensor | None = None
         """A block router's gate for the current forward (:func:`share_block_routers`), read by every adapter of
-        the block."""
+        the block; ``None`` outside the block's forward."""
         # Plain attributes, not submodules: the context is shared by every router of the model.
         self.context = RoutingContext()
         self.name = ""
@@ -436,6 +436,11 @@ def share_block_routers(
         if label is not None:
             context.groups[block_path] = label
         block.register_forward_pre_hook(_route_block(router, block_path, width), with_kwargs=True)
+        # The gate lives for the block's forward only. Kept on the router after it, the gate of a checkpointed layer's
+        # recomputation (whose graph saves every tensor for real) held that layer's recomputed activations until the
+        # next forward: all layers' at the end of backward (issue 17). always_call: also when the recomputation
+        # stops early, by an exception, inside the block.
+        block.register_forward_hook(_clear_block_gate(router), always_call=True)
         routers[block_path] = router
     return routers
 
@@ -450,6 +455,13 @@ def _route_block(router: Router, path: str, width: int) -> Callable[..., None]:
                 f"{width}, got {got}; use router: projection for this block"
             )
         router.shared_gate = router(x)
+
+    return hook
+
+
+def _clear_block_gate(router: Router) -> Callable[..., None]:
+    def hook(_module: nn.Module, _args: tuple, _output: Any) -> None:
+        router.shared_gate = None
 
     return hook
 
