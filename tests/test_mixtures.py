@@ -784,3 +784,19 @@ def test_a_block_router_keeps_checkpointing_s_memory_saving():
     assert all(gate is None for gate in gates["block"])  # no gate (nor graph) outlives its block's forward
     # One router per MLP instead of three: the block router may save a little less, never more.
     assert peaks["block"] <= 1.02 * peaks["projection"], peaks
+
+
+def test_mixlora_pool_defaults_to_the_rank_so_every_instance_weights_every_factor():
+    """``factors`` unset: a pool of ``r`` (the setting that trained best at equal parameters on the conflict suite);
+    every instance then uses all of them, each with its own score-derived weight."""
+    config = MixLoRAConfig(r=6)
+    assert config.factors == 6 and config.weighting == "score" and config.pairing == "index"
+    assert MixLoRAConfig(r=4, factors=16).factors == 16
+    with pytest.raises(ValueError, match="factors"):
+        MixLoRAConfig(r=8, factors=4)
+    adapter = MixLoRA(D_IN, D_OUT, MixLoRAConfig(r=5, dropout=0.0))
+    bind_routers(adapter, RoutingContext(), "layer")
+    index_a, weight_a, index_b, weight_b = adapter.route(torch.randn(3, 4, D_IN))
+    assert index_a.tolist() == [list(range(5))] * 3 and index_b.tolist() == [list(range(5))] * 3
+    assert not torch.allclose(weight_a, torch.ones_like(weight_a))  # weighted per instance, not uniform
+    torch.testing.assert_close(weight_a.sum(-1), torch.full((3,), 5.0))

@@ -10,8 +10,11 @@ from mmpeft.adapters.lora.config import LoRAConfig
 
 @dataclass
 class MixLoRAConfig(LoRAConfig):
-    factors: int = 32
-    """Size ``E`` of each pool of rank-1 factors (A-factors and B-factors); each instance uses ``r`` of each."""
+    factors: int | None = None
+    """Size ``E`` of each pool of rank-1 factors (A-factors and B-factors); each instance uses ``r`` of each.
+    ``None`` (default): ``r``, so every instance uses every factor, weighted by its routers' scores; at equal
+    parameters that trained best on the conflict suite (docs/benchmarks.md, MixLoRA ablation: r=8 of 8 above
+    LoRA on 5 of 5 seeds, r=4 of 8 level with it). A larger pool makes each instance choose ``r`` of them."""
 
     weighting: Literal["straight_through", "score"] = "score"
     """How the chosen factors carry their router scores so the routers learn (the released code
@@ -36,5 +39,7 @@ class MixLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.factors is None:
+            self.factors = self.r
         if self.factors < self.r:
             raise ValueError(f"factors (the pool size) must be >= r={self.r}, got {self.factors}")
