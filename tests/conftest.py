@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,6 +56,27 @@ def fake_distribution(folder, name: str, version: str, entry_points: str) -> Non
     dist.mkdir()
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (dist / "entry_points.txt").write_text(entry_points)
+
+
+def register_plugin(source, site, patch: pytest.MonkeyPatch) -> None:
+    """A plugin distribution's source folder (``plugins/<name>``) on ``sys.path``, registered as ``pip install`` would:
+    a dist-info in ``site`` with the entry points of its ``pyproject.toml``."""
+    import tomllib
+
+    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    entry_points = "".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items())
+        for group, points in project["entry-points"].items()
+    )
+    fake_distribution(site, project["name"], project["version"], entry_points)
+    patch.syspath_prepend(str(source))
+    patch.syspath_prepend(str(site))
+
+
+def forget_package(package: str) -> None:
+    """Drop ``package``'s modules, so that another test imports it afresh."""
+    for name in [m for m in sys.modules if m == package or m.startswith(f"{package}.")]:
+        sys.modules.pop(name)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -18,7 +18,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
-from conftest import fake_distribution
+from conftest import forget_package, register_plugin
 from peft import LoraConfig, get_peft_model
 from test_backbone import _batch
 from test_cli import demo_config, mmpeft
@@ -35,15 +35,12 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 def register_dora(site: Path, patch: pytest.MonkeyPatch) -> None:
     """The plugin's source on ``sys.path``, registered as ``dora`` by a dist-info folder in ``site`` (as an install)."""
-    fake_distribution(site, "mmpeft-dora", "0.1.0", "[mmpeft.adapters]\ndora = mmpeft_dora:DoRA\n")
-    patch.syspath_prepend(str(PLUGIN))
-    patch.syspath_prepend(str(site))
+    register_plugin(PLUGIN, site, patch)
 
 
 def forget_dora() -> None:
     """Drop the plugin's modules, so that another test imports it afresh."""
-    for name in [m for m in sys.modules if m == "mmpeft_dora" or m.startswith("mmpeft_dora.")]:
-        sys.modules.pop(name)
+    forget_package("mmpeft_dora")
 
 
 @pytest.fixture

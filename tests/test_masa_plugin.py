@@ -18,7 +18,7 @@ import bitsandbytes as bnb
 import lightning as L
 import pytest
 import torch
-from conftest import fake_distribution
+from conftest import forget_package, register_plugin
 from test_backbone import _batch
 from test_cli import mmpeft
 from test_merge_export import TASKS, adapted_logits, first_batch, plain_logits, write_adapter
@@ -42,15 +42,12 @@ CPU = torch.device("cpu")
 
 def register_masa(site: Path, patch: pytest.MonkeyPatch) -> None:
     """The plugin's source on ``sys.path``, registered as ``masa`` by a dist-info folder in ``site`` (as an install)."""
-    fake_distribution(site, "mmpeft-masa", "0.1.0", "[mmpeft.adapters]\nmasa = mmpeft_masa:MASA\n")
-    patch.syspath_prepend(str(PLUGIN))
-    patch.syspath_prepend(str(site))
+    register_plugin(PLUGIN, site, patch)
 
 
 def forget_masa() -> None:
     """Drop the plugin's modules, so that another test imports it afresh."""
-    for name in [m for m in sys.modules if m == "mmpeft_masa" or m.startswith("mmpeft_masa.")]:
-        sys.modules.pop(name)
+    forget_package("mmpeft_masa")
 
 
 @pytest.fixture
