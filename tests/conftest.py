@@ -33,20 +33,24 @@ def tiny_model_dirs(tmp_path_factory) -> TinyModels:
     return TinyModels(tmp_path_factory.mktemp("tiny"))
 
 
+def tiny_llama_config(layers: int = 2, positions: int = 64) -> LlamaConfig:
+    """A tiny text-only Llama's config (vocabulary 128, hidden 32, MLP 64, 4 heads, 2 key/value heads)."""
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=positions,
+    )
+
+
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     """A tiny text-only Llama in fp32, for adapter math that needs no images."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
 def fake_distribution(folder, name: str, version: str, entry_points: str) -> None:

@@ -753,20 +753,13 @@ def test_a_block_router_keeps_checkpointing_s_memory_saving():
     there, held the recomputed graph of everything before the MLP (checkpointing's recomputation saves for real)
     until the next forward, so every layer's recomputation stayed alive to the end of backward. Counted for real,
     every storage the step creates (the planner's :class:`~mmpeft.activations.StepMemory`, no fake tensor)."""
+    from conftest import tiny_llama_config
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from mmpeft.activations import StepMemory
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    config = tiny_llama_config(layers=8, positions=128)
     ids = torch.randint(0, 128, (2, 96))  # (batch, seq)
     peaks, gates = {}, {}
     for router in ("projection", "block"):
