@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from mmpeft.adapters import AdaptedLinear, AdapterGroup
 from mmpeft.adapters.inject import TowerContext, group_of, tower_contexts, tower_routing_losses
-from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
+from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
 from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
@@ -409,19 +409,33 @@ class MMPeftModule(L.LightningModule):
 
         An adapter group's tensors take its ``lr`` / ``weight_decay``, the projector trained in full
         ``optim.projector_lr`` / ``optim.projector_weight_decay``, each ``None`` falling back to ``optim.lr`` /
-        ``optim.weight_decay``; the group of those defaults comes first (``train/lr`` logs it). Each group's
-        ``name`` says whose tensors it holds.
+        ``optim.weight_decay``; the group of those defaults comes first (``train/lr`` logs it). An adapter group
+        with a ``router_lr`` puts its routers' tensors (its :class:`Router` modules, a shared block router
+        included) at that lr, with the group's weight decay (``adapters[i] routers``). Each group's ``name`` says
+        whose tensors it holds.
         """
         o = self.optim
         owner: dict[int, tuple[float, float, str]] = {}
-        sources: list[tuple[float, float, str]] = []  # in the optimizer's order: the adapter groups, the projector
+        # In the optimizer's order: the adapter groups, their routers with a router_lr of their own, the projector.
+        sources: list[tuple[float, float, str]] = []
         for i, g in enumerate(self.adapter_groups):
             lr, decay = o.lr if g.lr is None else g.lr, o.weight_decay if g.weight_decay is None else g.weight_decay
             sources.append((lr, decay, f"adapters[{i}]"))
+        routers = {
+            i: (g.router_lr, sources[i][1], f"adapters[{i}] routers")
+            for i, g in enumerate(self.adapter_groups)
+            if g.router_lr is not None
+        }
+        sources += routers.values()
         for module in self.model.modules():
             if isinstance(module, AdaptedLinear) and group_of(module) is not None:
+                i = group_of(module)
+                # A block's shared router is a submodule of the block's first adapter only: counted once.
+                routed_ids = {
+                    id(p) for sub in module.adapter.modules() if isinstance(sub, Router) for p in sub.parameters()
+                }
                 for param in module.adapter.parameters():
-                    owner[id(param)] = sources[group_of(module)]
+                    owner[id(param)] = routers[i] if i in routers and id(param) in routed_ids else sources[i]
         if self.backbone.train_projector:
             lr = o.lr if o.projector_lr is None else o.projector_lr
             decay = o.weight_decay if o.projector_weight_decay is None else o.projector_weight_decay
@@ -510,8 +524,9 @@ class MMPeftModule(L.LightningModule):
 
 
 def _layout(groups: list[AdapterGroup]) -> list[AdapterGroup]:
-    """The groups without their optimizer settings (``lr``, ``weight_decay``), which further training may change."""
-    return [dataclasses.replace(g, lr=None, weight_decay=None) for g in groups]
+    """The groups without their optimizer settings (``lr``, ``weight_decay``, ``router_lr``), which further training
+    may change."""
+    return [dataclasses.replace(g, lr=None, weight_decay=None, router_lr=None) for g in groups]
 
 
 def adapter_dir(trainer: L.Trainer) -> Path:

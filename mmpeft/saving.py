@@ -140,6 +140,7 @@ class AdapterSpec:
                     layers=None if g.get("layers") is None else [int(n) for n in g["layers"]],
                     lr=g.get("lr"),
                     weight_decay=g.get("weight_decay"),
+                    router_lr=g.get("router_lr"),
                     routing_losses=bool(g.get("routing_losses", False)),
                 )
                 for g in data["adapters"]

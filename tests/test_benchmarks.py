@@ -201,6 +201,15 @@ def test_conflict_suite_check_trains_every_row_and_compares_each_with_its_lora_p
     assert "environment: python" in text and f"fingerprint {report['setup']['base fingerprint']}" in text
 
 
+def test_conflict_suite_router_lr_rows_set_the_groups_router_lr_as_a_multiple_of_the_runs(tiny_model_dirs):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.conflict_suite.run import MODES, ROWS, module_for
+
+    base = Path(tiny_model_dirs["llava"])
+    assert module_for(base, ROWS["mixlora-rlr10"], 3e-3, MODES["quick"]).adapter_groups[0].router_lr == 3e-2
+    assert module_for(base, ROWS["mixlora"], 3e-3, MODES["quick"]).adapter_groups[0].router_lr is None
+
+
 def test_conflict_suite_paired_difference_and_its_interval_by_hand():
     sys.path.insert(0, str(ROOT))
     from benchmarks.conflict_suite.run import paired

@@ -307,6 +307,53 @@ def test_each_group_trains_with_its_own_learning_rate_and_weight_decay(tmp_path,
     assert (after[projector] - before[projector]).abs().max().item() == pytest.approx(1e-4, rel=1e-3)
 
 
+def test_router_lr_puts_a_groups_router_tensors_in_an_adamw_group_of_their_own(tiny_model_dirs):
+    path = tiny_model_dirs["llava"]
+    module = MMPeftModule(
+        Backbone(pretrained=path),
+        [
+            AdapterGroup("mixlora", ["attention"], {"r": 2, "factors": 4}, router_lr=3e-3),
+            AdapterGroup(
+                "asymlora", ["mlp"], {**LORA, "heads": 2, "router": "block"}, weight_decay=0.1, router_lr=1e-2
+            ),
+            AdapterGroup("lora", ["all-linear"], LORA, part="vision", layers=[-1], router_lr=5.0),  # no router
+        ],
+        Optim(lr=2e-4),
+    )
+    module.model = model_of(path)  # as configure_model loads and injects it
+    inject_model_adapters(module.model, module.adapter_groups, module.routing_context)
+    groups = module.param_groups()
+    names = {id(p): n for n, p in module.named_parameters()}
+    held = {g["name"]: (g["lr"], g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in groups}
+    assert list(held) == ["adapters[0], adapters[2]", "adapters[1]", "adapters[0] routers", "adapters[1] routers"]
+    assert [(lr, decay) for lr, decay, _ in held.values()] == [(2e-4, 0.0), (2e-4, 0.1), (3e-3, 0.0), (1e-2, 0.1)]
+    trainable = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+    assert sorted(n for *_, group in held.values() for n in group) == trainable  # every tensor once
+    # MixLoRA: both routers of every attention projection; its condition projection, A and B stay in adapters[0].
+    text_layers = module.model.config.text_config.num_hidden_layers
+    mixlora = held["adapters[0] routers"][2]
+    assert len(mixlora) == text_layers * 4 * 2
+    assert all(n.endswith((".adapter.router_a.weight", ".adapter.router_b.weight")) for n in mixlora)
+    assert {n.rsplit(".", 1)[-1] for n in held["adapters[0], adapters[2]"][2] if "self_attn" in n} == {
+        "A",
+        "B",
+        "condition",
+    }
+    # AsymLoRA routed per block: one router per MLP block, kept by its first projection, in the routers' group.
+    asym = held["adapters[1] routers"][2]
+    assert asym == [
+        f"model.model.language_model.layers.{i}.mlp.gate_proj.adapter.router.weight" for i in range(text_layers)
+    ]
+    assert not any("router" in n for n in held["adapters[1]"][2])
+    assert len(held["adapters[1]"][2]) == text_layers * 3 * 2  # gate, up, down: A and B
+    # The LoRA group has no router: its router_lr changes nothing.
+    vision = [n for n in held["adapters[0], adapters[2]"][2] if n.startswith("model.model.vision_tower.")]
+    assert len(vision) == 6 * 2  # its 6 projections' A and B, at the defaults' lr
+    assert not any(lr == 5.0 for lr, *_ in held.values())
+    with pytest.raises(ConfigError, match=r"adapters\[1\] \(mixlora\).router_lr must be > 0, got -0.1"):
+        AdapterGroup("mixlora", router_lr=-0.1).resolve(1)
+
+
 # -- saving and loading ---------------------------------------------------------------------------
 
 
@@ -314,7 +361,7 @@ def test_an_adapter_in_the_vision_tower_and_projector_saves_and_loads_with_its_p
     base = tiny_model_dirs["qwen2_vl"]
     groups = [
         AdapterGroup("lora", ["attention"], LORA),
-        AdapterGroup("moelora", ["fc2"], {**LORA, "experts": 2}, part="vision", layers=[-1], lr=5e-5),
+        AdapterGroup("moelora", ["fc2"], {**LORA, "experts": 2}, part="vision", layers=[-1], lr=5e-5, router_lr=1e-3),
         AdapterGroup("lora", ["all-linear"], LORA, part="projector", weight_decay=0.01),
     ]
     model = model_of(base, "nf4").eval()

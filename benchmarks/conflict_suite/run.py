@@ -87,6 +87,9 @@ class Row:
     """``RoutingLosses`` fields that differ from the project's defaults."""
     plugin: str | None = None
     """A plugin's source folder under ``plugins/``, registered for this run (as ``pip install`` would)."""
+    router_lr: float | None = None
+    """The routers' learning rate as a multiple of the run's (``AdapterGroup.router_lr = router_lr * lr``);
+    ``None``: the routers train at the run's lr."""
 
 
 # Equal trainable parameters. With the adapters on all 7 linear layers of each decoder layer
@@ -198,6 +201,27 @@ ROWS: dict[str, Row] = {
             "mixlora",
             {"r": 4, "alpha": 8.0, "factors": 8, "weighting": "score", "temperature": 2.0},
             "r=4 of 8, score, temperature 2",
+        ),
+        # The routers' learning rate (issue 17), from the defaults (the row mixlora): a multiple of the run's lr.
+        *(
+            Row(
+                f"mixlora-rlr{scale:g}",
+                "mixlora",
+                {"r": 4, "alpha": 8.0, "factors": 8},
+                f"r=4 of 8, router lr {scale:g}x",
+                router_lr=scale,
+            )
+            for scale in (0.1, 10.0, 30.0)
+        ),
+        *(
+            Row(
+                f"mixlora-r8-rlr{scale:g}",
+                "mixlora",
+                {"r": 8, "alpha": 16.0, "factors": 8},
+                f"r=8 of 8, router lr {scale:g}x",
+                router_lr=scale,
+            )
+            for scale in (0.1, 10.0, 30.0)
         ),
     )
 }
@@ -315,7 +339,14 @@ def module_for(base: Path, row: Row, lr: float, mode: Mode):
 
     return MMPeftModule(
         Backbone(pretrained=str(base), quantization="nf4", double_quant=True),
-        adapters=[AdapterGroup(name=row.adapter, targets=["all-linear"], config=dict(row.config))],
+        adapters=[
+            AdapterGroup(
+                name=row.adapter,
+                targets=["all-linear"],
+                config=dict(row.config),
+                router_lr=None if row.router_lr is None else row.router_lr * lr,
+            )
+        ],
         optim=Optim(lr=lr),
         routing=RoutingLosses(**row.routing),  # the project's defaults unless the row says otherwise
         evaluation=Evaluation(generate=True, max_new_tokens=mode.max_new_tokens),
@@ -711,6 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "adapter": row.adapter,
             "config": row.config,
             "routing": row.routing,
+            "router_lr": row.router_lr,
             "describe": row.describe,
             "trainable_params": counts[row.name],
             "lr_search": {lr: search[row.name, lr]["val"]["mean"] for lr in mode.lrs} if len(mode.lrs) > 1 else {},

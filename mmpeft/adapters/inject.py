@@ -96,6 +96,13 @@ class AdapterGroup:
     weight_decay: float | None = None
     """AdamW weight decay of this group's adapters; ``None``: ``optim.weight_decay``."""
 
+    router_lr: float | None = None
+    """Peak learning rate of this group's router tensors (the weights and biases of its adapters'
+    :class:`~mmpeft.adapters.routing.Router` modules, a block router shared by the group's layers included; not
+    MixLoRA's ``condition`` projection), in an AdamW parameter group of their own (``adapters[i] routers``) with
+    the group's weight decay and the same schedule; ``None``: the group's lr. A group without routers (LoRA)
+    ignores it."""
+
     routing_losses: bool = False
     """Whether the routers of a vision or projector group join the routing losses (load balance and z-loss;
     the task-aware ones need one row per sample, which a tower's rows, images, are not). Language groups
@@ -106,10 +113,10 @@ class AdapterGroup:
         where = f"adapters[{index}] ({self.name})"
         if self.part not in PARTS:
             raise ConfigError(f"{where}.part: {self.part!r} is not one of {', '.join(PARTS)}")
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "router_lr"):
             value = getattr(self, key)
-            if value is not None and not (value > 0 if key == "lr" else value >= 0):
-                raise ConfigError(f"{where}.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {value}")
+            if value is not None and not (value >= 0 if key == "weight_decay" else value > 0):
+                raise ConfigError(f"{where}.{key} must be {'>= 0' if key == 'weight_decay' else '> 0'}, got {value}")
         cls = load_adapter(self.name)
         config = registry.build_config(cls.config_class, self.config, f"{where}.config")
         return cls, config
