@@ -201,6 +201,45 @@ def test_conflict_suite_check_trains_every_row_and_compares_each_with_its_lora_p
     assert "environment: python" in text and f"fingerprint {report['setup']['base fingerprint']}" in text
 
 
+def test_conflict_suite_second_base_knows_the_second_mixtures_words_and_the_first_base_is_unchanged():
+    """``BaseSettings.vocabulary``: the default base keeps its settings (so its cache key and fingerprint) and its
+    general data to the byte; the ``format`` base's general answers use every word of the second mixture's answers,
+    which the default's never do; ``--mixture format`` trains on it."""
+    import hashlib
+    import random
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.conflict_suite.base import BaseSettings
+    from benchmarks.conflict_suite.data import MIXTURES, general_samples, task_sample
+    from benchmarks.conflict_suite.run import VOCABULARY, base_settings
+
+    assert "vocabulary" not in BaseSettings().as_dict() and BaseSettings(vocabulary="format").as_dict()["vocabulary"]
+    assert BaseSettings().key() != BaseSettings(vocabulary="format").key()
+    assert base_settings(BaseSettings(), "general") == BaseSettings()
+    second = base_settings(BaseSettings(), "format")  # 11 question families instead of 7: as much of each
+    assert (second.vocabulary, second.steps, second.pool) == ("format", 4714, 25142)
+    digest = hashlib.sha256()
+    for sample in general_samples(40, 0):
+        digest.update(repr(sample.messages).encode())
+        digest.update(sample.images[0].tobytes())
+    assert digest.hexdigest()[:16] == "7416b6cc785042d4"  # the data base 181214ec4f89c605 was trained on
+
+    def words(samples) -> set[str]:
+        return {w for s in samples for w in s.messages[-1]["content"][0]["text"].split()}
+
+    for vocabulary in ("general", "format"):
+        known = words(general_samples(1000, 0, vocabulary))
+        for task in MIXTURES["format"]:
+            knows_all = vocabulary == "format" or task == "colour_en"  # the general base answers colours in English
+            answers = {
+                w for i in range(60) for w in task_sample(task, random.Random(i))[0][-1]["content"][0]["text"].split()
+            }
+            assert (answers <= known) == knows_all, (vocabulary, task, answers - known)
+    assert VOCABULARY == {"conflict": "general", "format": "format"}
+    with pytest.raises(ValueError, match="BaseSettings.vocabulary: unknown vocabulary 'latin'"):
+        BaseSettings(vocabulary="latin")
+
+
 def test_conflict_suite_router_lr_rows_set_the_groups_router_lr_as_a_multiple_of_the_runs(tiny_model_dirs):
     sys.path.insert(0, str(ROOT))
     from benchmarks.conflict_suite.run import MODES, ROWS, module_for

@@ -11,6 +11,10 @@ cosine decay, plain torch: this is the benchmark's set-up, not the product) on
 init and data), and saves model and processor with ``save_pretrained``, so it loads back through
 ``AutoModelForImageTextToText.from_pretrained`` / ``load_backbone`` exactly as a real checkpoint.
 
+The second mixture's base (``BaseSettings(vocabulary="format")``, what ``run.py --mixture format`` uses) is the
+same build on general data that also answers in that mixture's words (French colours and counts, spelled colours,
+grid rows and columns; ``data.general_sample``), so none of its answer tokens is new to the base.
+
 The folder is ``.cache/mmpeft/conflict_suite/base-<hash of the settings and library versions>/``,
 written atomically (``mmpeft.files.staged_dir``); ``base.json`` in it holds the settings, the
 training time, the final loss, the base's greedy exact-match accuracy on held-out general questions
@@ -43,7 +47,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.conflict_suite.data import general_samples
+from benchmarks.conflict_suite.data import VOCABULARIES, general_samples
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.files import read_json, staged_dir
 from mmpeft.metrics import normalize_answer
@@ -78,9 +82,26 @@ class BaseSettings:
     held_out: int = 300
     """Held-out general samples the base's accuracy is measured on."""
     seed: int = 0
+    vocabulary: str = "general"
+    """What the general answers use (``data.VOCABULARIES``): ``general``, the skills' own words; ``format``, also the
+    second mixture's answer words (French, spelled colours, grid rows and columns) under their own instructions."""
+
+    def __post_init__(self) -> None:
+        if self.vocabulary not in VOCABULARIES:
+            raise ValueError(
+                f"BaseSettings.vocabulary: unknown vocabulary {self.vocabulary!r} (known: {', '.join(VOCABULARIES)})"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as the key and ``base.json`` hold them. ``vocabulary`` only when it is not ``general``, so
+        the bases built before the field existed keep their key, their cache folder and their fingerprint."""
+        settings = asdict(self)
+        if self.vocabulary == "general":
+            del settings["vocabulary"]
+        return settings
 
     def key(self) -> str:
-        text = json.dumps({**asdict(self), "version": VERSION, **library_versions()}, sort_keys=True)
+        text = json.dumps({**self.as_dict(), "version": VERSION, **library_versions()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -122,7 +143,7 @@ def ensure_base(cache: Path, settings: BaseSettings, progress: bool = True) -> t
     """The cached base model folder for ``settings`` (built first if missing) and its ``base.json``."""
     out = base_dir(cache, settings)
     info = read_json(out / "base.json")
-    if isinstance(info, dict) and info.get("settings") == asdict(settings) and (out / "config.json").is_file():
+    if isinstance(info, dict) and info.get("settings") == settings.as_dict() and (out / "config.json").is_file():
         return out, {**info, "cached": True}
     with staged_dir(out) as staging:
         with deterministic():
@@ -177,7 +198,7 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     model, processor = _model_and_processor(s)
     encoder = ChatEncoder(processor, ["general"], max_length=96)
-    samples = general_samples(s.pool + s.held_out, s.seed)
+    samples = general_samples(s.pool + s.held_out, s.seed, s.vocabulary)
     items = [encoder.encode(sample) for sample in samples[: s.pool]]
     held_out = samples[s.pool :]
     encoded = time.perf_counter() - started
@@ -217,7 +238,7 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
     processor.save_pretrained(out)
     tail = losses[-max(1, s.steps // 20) :]
     return {
-        "settings": asdict(s),
+        "settings": s.as_dict(),
         "version": VERSION,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trained": "every weight (vision tower, projector, language model), float32, AdamW",
@@ -232,6 +253,10 @@ def _build(out: Path, s: BaseSettings, progress: bool) -> dict[str, Any]:
 
 
 SKILLS = (
+    ("Say in French what", "colour in French"),
+    ("Say in French how", "count in French"),
+    ("Spell", "spelled colour"),
+    ("Give the row", "row/column"),
     ("What color is the shape on", "left/right colour"),
     ("What shape is on", "left/right shape"),
     ("What color", "colour"),

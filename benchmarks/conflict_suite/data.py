@@ -6,7 +6,9 @@ Every image is a 32 x 32 canvas (the tiny LLaVA processor's input size, so nothi
 
 **General skills** (:func:`general_sample`, the base model's full pretraining): colour, shape,
 count and position questions in one generic wording each family, on random neutral or pastel
-backgrounds, so the base knows the skills before any adapter sees the mixture.
+backgrounds, so the base knows the skills before any adapter sees the mixture. The second
+mixture's base (vocabulary ``format``) also answers in that mixture's words: French, spelled
+colours, grid rows and columns, each under its own explicit instruction.
 
 **The fine-tuning mixture** (:class:`ConflictRecipe`), five tasks over the same skills. Each task
 draws its images in its own *domain* (a fixed background colour, and for one task a border),
@@ -200,10 +202,28 @@ def distinct_items(rng: random.Random, n: int) -> dict[int, tuple[str, str]]:
 # -- general skills (the base model's pretraining) ----------------------------------------------
 
 
-def general_sample(rng: random.Random) -> tuple[list[dict[str, Any]], Image.Image]:
-    """One generic colour / shape / count / position question on a random background."""
+FAMILIES = {"general": 7, "format": 11}
+"""What the base's general pretraining answers with (``BaseSettings.vocabulary``), and how many question families it
+draws from: ``general``, the seven skill families' own words; ``format``, also four families that answer in the
+second mixture's words."""
+VOCABULARIES = tuple(FAMILIES)
+
+
+def general_sample(rng: random.Random, vocabulary: str = "general") -> tuple[list[dict[str, Any]], Image.Image]:
+    """One generic colour / shape / count / position question on a random background.
+
+    With ``vocabulary="format"`` four more families (4 draws in 11) answer in the words of the second mixture's
+    tasks, each under its own explicit instruction, never the mixture's wordings or domains: the colour in French
+    (``rouge``), the colour spelled out (``r e d``), the count in French (``trois``) and a shape's grid row and
+    column (``row 1 column 2``). The base then has produced every answer token of that mixture; the fine-tuning
+    still has to learn which convention each image domain wants. ``general`` draws exactly as before (the same
+    random numbers), so the default base's data and weights do not change."""
+    if vocabulary not in VOCABULARIES:
+        raise ValueError(f"unknown vocabulary {vocabulary!r} (known: {', '.join(VOCABULARIES)})")
     background = random_background(rng)
-    kind = rng.randrange(7)
+    kind = rng.randrange(FAMILIES[vocabulary])
+    if kind >= 7:
+        return format_sample(rng, background, kind - 7)
     if kind == 0:
         items = random_items(rng, 1)
         shape, colour = next(iter(items.values()))
@@ -234,10 +254,34 @@ def general_sample(rng: random.Random) -> tuple[list[dict[str, Any]], Image.Imag
     return chat("Describe the image.", f"{NUMBER_WORDS[n]} shapes: " + ", ".join(parts)), render(rng, background, items)
 
 
-def general_samples(count: int, seed: int) -> list[Sample]:
+def format_sample(
+    rng: random.Random, background: tuple[int, int, int], family: int
+) -> tuple[list[dict[str, Any]], Image.Image]:
+    """The ``format`` vocabulary's families (0..3): French colour, spelled colour, French count, grid row and
+    column, each asked explicitly."""
+    if family in (0, 1):
+        items = random_items(rng, 1)
+        shape, colour = next(iter(items.values()))
+        question, answer = (
+            (f"Say in French what color the {shape} is.", FRENCH[colour])
+            if family == 0
+            else (f"Spell the color of the {shape}.", " ".join(colour))
+        )
+        return chat(question, answer), render(rng, background, items)
+    if family == 2:
+        n = rng.randint(1, 4)
+        question = "Say in French how many shapes there are."
+        return chat(question, FRENCH_NUMBERS[n]), render(rng, background, random_items(rng, n))
+    items = distinct_items(rng, rng.randint(1, 4))
+    cell, (shape, colour) = rng.choice(sorted(items.items()))
+    answer = f"row {cell // 2 + 1} column {cell % 2 + 1}"
+    return chat(f"Give the row and column of the {colour} {shape}.", answer), render(rng, background, items)
+
+
+def general_samples(count: int, seed: int, vocabulary: str = "general") -> list[Sample]:
     out = []
     for i in range(count):
-        messages, image = general_sample(random.Random(f"general:{seed}:{i}"))
+        messages, image = general_sample(random.Random(f"general:{seed}:{i}"), vocabulary)
         out.append(Sample(key=f"general-{i:06d}", task="general", messages=messages, images=[image]))
     return out
 

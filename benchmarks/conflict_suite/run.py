@@ -1,12 +1,15 @@
 """Task-conflict quality suite: the mixture adapters against LoRA, at equal trainable parameters and at equal rank.
 
     python benchmarks/conflict_suite/run.py [--check | --quick | --full] [--mixture conflict|format]
-        [--jobs 2] [--out results.json] [--rows a,b,...] [--lrs 0.003] [--seeds N]
+        [--vocabulary general|format] [--jobs 2] [--out results.json] [--rows a,b,...] [--lrs 0.003] [--seeds N]
 
 1. **Base model** (``base.py``): a small LLaVA (text hidden 128, 2 layers; CLIP hidden 64) trained in
    full on general colour / shape / count / position questions, cached in
    ``.cache/mmpeft/conflict_suite/base-<hash>/`` and loaded like any checkpoint. Its build is
    deterministic; its fingerprint (SHA-256 of the weights) is printed and stored with every result.
+   Each mixture has its base (:data:`VOCABULARY`): the second mixture's general data also answer in
+   that mixture's words (French, spelled colours, grid rows and columns); ``--vocabulary general``
+   trains it on the first base instead.
 2. **Data** (``data.py``): two mixtures of five fine-tuning tasks, told apart only by their images'
    domain. ``conflict`` (the default): the same question wanting a digit or a sentence, a colour or a
    shape. ``format``: the same question wanting English or French, a word or its spelling, and a
@@ -68,9 +71,21 @@ import torch  # noqa: E402
 from adapter_overhead import loadavg, start_run  # noqa: E402
 
 from benchmarks.conflict_suite.base import BaseSettings, ensure_base  # noqa: E402
-from benchmarks.conflict_suite.data import MIXTURES, ConflictRecipe  # noqa: E402
+from benchmarks.conflict_suite.data import FAMILIES, MIXTURES, VOCABULARIES, ConflictRecipe  # noqa: E402
 
 CACHE = ROOT / ".cache" / "mmpeft" / "conflict_suite"
+VOCABULARY = {"conflict": "general", "format": "format"}
+"""Each mixture's base (``BaseSettings.vocabulary``): the second mixture's base has produced its answer words."""
+
+
+def base_settings(base: BaseSettings, vocabulary: str) -> BaseSettings:
+    """``base`` with ``vocabulary``, its steps and its pool of distinct samples larger by as much as its data has
+    more question families, so that each of the seven general families gets as many samples, and as many distinct
+    ones, as in the first base (``format``: 4,714 steps, a pool of 25,142)."""
+    more = FAMILIES[vocabulary] / FAMILIES["general"]
+    return replace(base, vocabulary=vocabulary, steps=int(base.steps * more), pool=int(base.pool * more))
+
+
 PARAM_TOLERANCE = 0.05
 
 
@@ -602,6 +617,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "the rows: " + ", ".join(ROWS) + ")"
         ),
     )
+    p.add_argument(
+        "--vocabulary",
+        choices=VOCABULARIES,
+        help="the base's general answer vocabulary (default: the mixture's, VOCABULARY; general = the first base)",
+    )
     p.add_argument("--lrs", help="comma-separated learning rates instead of the mode's grid")
     p.add_argument("--seeds", type=int, help="the first N seeds instead of the mode's")
     p.add_argument(
@@ -651,6 +671,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mode = replace(mode, lrs=tuple(float(v) for v in args.lrs.split(",")))
     if args.seeds:
         mode = replace(mode, seeds=tuple(range(args.seeds)))
+    mode = replace(mode, base=base_settings(mode.base, args.vocabulary or VOCABULARY[args.mixture]))
     rows = rows_of(args.rows.split(",") if args.rows else table_rows())
     tasks = list(MIXTURES[args.mixture])
     base, base_info = ensure_base(CACHE, mode.base)
@@ -689,6 +710,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_new_tokens": mode.max_new_tokens,
         "quantization": "nf4 + double quant",
         "routing_losses": "defaults (load_balance 0.01, z_loss 0.001) unless the row says otherwise",
+        "base vocabulary": mode.base.vocabulary,
         "base fingerprint": base_info.get("fingerprint"),
         "jobs": args.jobs,
     }

@@ -4,7 +4,9 @@
 
 For every task of both mixtures: the share of its answer tokens (300 samples, the suite's tokenizer)
 that never occur in the answers of the base model's general training (its 16,000 samples), with a
-few of those tokens. docs/benchmarks.md quotes it next to the second mixture's results.
+few of those tokens; for each base vocabulary (``BaseSettings.vocabulary``: ``general``, the first
+mixture's base, and ``format``, the second's). docs/benchmarks.md quotes it next to the second
+mixture's results.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.conflict_suite.base import BaseSettings, base_dir  # noqa: E402
-from benchmarks.conflict_suite.data import MIXTURES, general_samples, task_sample  # noqa: E402
+from benchmarks.conflict_suite.data import MIXTURES, VOCABULARIES, general_samples, task_sample  # noqa: E402
 from benchmarks.conflict_suite.run import CACHE  # noqa: E402
 
 
@@ -38,19 +40,20 @@ def main() -> None:
         raise SystemExit(f"no base model in {folder}: run benchmarks/conflict_suite/run.py --quick first")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    trained = collections.Counter(
-        t for s in general_samples(settings.pool, settings.seed) for t in ids(answer(s.messages))
-    )
-    print(f"distinct answer tokens in the base's general training: {len(trained)}")
-    for mixture, tasks in MIXTURES.items():
-        for task in tasks:
-            used = collections.Counter()
-            for i in range(300):
-                used.update(ids(answer(task_sample(task, random.Random(f"x{i}"))[0])))
-            unseen = [t for t in used if not trained[t]]
-            share = sum(used[t] for t in unseen) / sum(used.values())
-            examples = [tokenizer.decode([t]) for t in unseen][:6]
-            print(f"{mixture:9s} {task:15s} never a training target: {share:4.0%}  e.g. {examples}")
+    for vocabulary in VOCABULARIES:
+        trained = collections.Counter(
+            t for s in general_samples(settings.pool, settings.seed, vocabulary) for t in ids(answer(s.messages))
+        )
+        print(f"base vocabulary {vocabulary}: distinct answer tokens in the base's general training: {len(trained)}")
+        for mixture, tasks in MIXTURES.items():
+            for task in tasks:
+                used = collections.Counter()
+                for i in range(300):
+                    used.update(ids(answer(task_sample(task, random.Random(f"x{i}"))[0])))
+                unseen = [t for t in used if not trained[t]]
+                share = sum(used[t] for t in unseen) / sum(used.values())
+                examples = [tokenizer.decode([t]) for t in unseen][:6]
+                print(f"  {mixture:9s} {task:15s} never a training target: {share:4.0%}  e.g. {examples}")
 
 
 if __name__ == "__main__":
