@@ -72,6 +72,7 @@ from mmpeft.models.backbone import (
     inject_model_adapters,
 )
 from mmpeft.objective import lm_losses, routed
+from mmpeft.packing import Layout
 from mmpeft.speed import Speed, apply_to_adapters
 
 aten = torch.ops.aten
@@ -85,7 +86,7 @@ def training_loss(
 ) -> torch.Tensor:
     """The loss a training step backpropagates, as :meth:`MMPeftModule.training_step` computes it."""
     with routed(context, batch):
-        loss, _ = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk)
+        loss, _ = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk, Layout.of(batch))
         aux = routing_losses(context, routing)
     extra = weighted_sum(aux, routing)
     return loss if extra is None else loss + extra

@@ -42,6 +42,7 @@ from mmpeft.models.backbone import (
     load_processor,
 )
 from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
+from mmpeft.packing import Layout, model_inputs
 from mmpeft.planner import Preflight, preflight
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
 from mmpeft.speed import Speed, apply_to_adapters
@@ -270,11 +271,13 @@ class MMPeftModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
         with routed(self.routing_context, batch):
-            loss, self.sample_losses = lm_losses(self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk)
+            loss, self.sample_losses = lm_losses(
+                self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk, Layout.of(batch)
+            )
             aux = tower_routing_losses(
                 self.tower_contexts, self.routing, routing_losses(self.routing_context, self.routing)
             )  # the vision and projector groups' routers only where the group asks (routing_losses: true)
-        size = batch["labels"].shape[0]
+        size = batch["task_ids"].shape[0]  # samples, not a packed batch's rows
         self.log("train/loss", loss, batch_size=size, prog_bar=True)
         for name, value in aux.items():
             self.log(f"train/aux/{name}", value, batch_size=size)
@@ -289,7 +292,7 @@ class MMPeftModule(L.LightningModule):
         """Log how many samples were skipped so far, by reason (``data/skipped/<reason>``)."""
         for reason, count in batch.get("skipped", {}).items():
             self._skipped[reason] += count
-            self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=batch["labels"].shape[0])
+            self.log(f"data/skipped/{reason}", float(self._skipped[reason]), batch_size=batch["task_ids"].shape[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The generators as they were when the checkpoint was taken, right before the step that followed it.
@@ -319,9 +322,11 @@ class MMPeftModule(L.LightningModule):
             )
             metrics.update_answers(answers, batch["references"], task_ids)
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
+        packed = Layout.of(batch)
         with routed(self.routing_context, batch):
-            logits = kept_logits(self.model, inputs, keep)  # (n_kept, vocab)
-        metrics.update_forced(logits, targets, task_ids[keep.nonzero(as_tuple=True)[0]], task_ids)
+            logits = kept_logits(self.model, model_inputs(self.model, inputs, packed), keep)  # (n_kept, vocab)
+        samples = keep.nonzero(as_tuple=True)[0] if packed is None else packed.sample.to(keep.device)[keep]
+        metrics.update_forced(logits, targets, task_ids[samples], task_ids)
         self._count_skipped(batch)
         return F.cross_entropy(logits.float(), targets)
 

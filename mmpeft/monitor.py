@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from mmpeft.adapters.routing import RoutingContext, RoutingStats
+from mmpeft.packing import PACKING
 from mmpeft.report import best_point
 
 TOKENS_PER_SEC = "tokens/s"
@@ -40,9 +41,11 @@ TOKENS_PER_SEC = "tokens/s"
 
 
 def real_tokens(batch: dict[str, Any]) -> int:
-    """Tokens the language model reads in ``batch``: its attention mask's ones (every position without a mask)."""
+    """Tokens the language model reads in ``batch``: its attention mask's ones, a packed batch's sample positions
+    (every position without either)."""
     inputs = batch["inputs"]
-    mask = inputs.get("attention_mask")
+    packed = batch.get(PACKING)
+    mask = inputs.get("attention_mask") if packed is None else packed["sample"] >= 0
     return int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
 
 

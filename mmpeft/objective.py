@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpeft.packing import Layout, model_inputs
+
 if TYPE_CHECKING:  # the data pipeline imports this module for IGNORE_INDEX; it needs no adapter code
     from mmpeft.adapters.routing import RoutingContext
 
@@ -46,7 +48,9 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return keep, shifted[keep]
 
 
-def routing_masks(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def routing_masks(
+    inputs: dict[str, torch.Tensor], labels: torch.Tensor, packed: Layout | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The masks routers read: the real tokens ``(batch, seq)`` bool (``None`` without an attention mask) and the
     prompt tokens ``(batch, seq)`` bool, which instance routers pool over: the real tokens before the sample's first
     trained token.
@@ -54,7 +58,14 @@ def routing_masks(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tupl
     Before the *first* trained token, not every untrained one: in a multi-turn chat, a gate computed from later user
     turns would route earlier answers with what comes after them, which generation never has. Generation pools the
     same tokens of its prompt (the ``routing_mask`` :meth:`ChatEncoder.encode_prompt` adds), so every turn routes
-    as it trained."""
+    as it trained.
+
+    A packed batch (``packed``): the same masks in its rows ``(rows, length)``, each sample's prompt taken within
+    the sample."""
+    if packed is not None:
+        trained = packed.unpack(labels, IGNORE_INDEX) != IGNORE_INDEX  # (n, longest)
+        prompt = (trained.cumsum(dim=1) == 0) & packed.mask.to(labels.device)
+        return packed.real().to(labels.device), packed.pack(prompt, False)
     attention = inputs.get("attention_mask")
     attention = None if attention is None else attention.bool()
     trained = labels.to(attention.device if attention is not None else labels.device) != IGNORE_INDEX
@@ -70,11 +81,12 @@ def routed(context: RoutingContext, batch: dict[str, Any], record: bool = True) 
     ``batch`` holds ``inputs``, ``labels`` and ``task_ids`` on the model's device. With ``record``
     the routers' decisions are kept in ``context.records`` for the auxiliary losses and statistics.
     """
-    attention, prompt = routing_masks(batch["inputs"], batch["labels"])
+    packed = Layout.of(batch)
+    attention, prompt = routing_masks(batch["inputs"], batch["labels"], packed)
     task_ids = batch.get("task_ids")
     if task_ids is not None and attention is not None:
         task_ids = task_ids.to(attention.device)
-    return context.step(attention, prompt, task_ids, record=record)
+    return context.step(attention, prompt, task_ids, record=record, packed=packed)
 
 
 # -- the LM loss ----------------------------------------------------------------------------------
@@ -111,23 +123,36 @@ def token_losses(
 
 
 def lm_losses(
-    model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    chunk: int = 0,
+    packed: Layout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the trained tokens, and each sample's own mean.
 
     The per-sample means ``(batch,)`` (detached; NaN for a sample without trained tokens) come
     from the same per-token losses (:func:`token_losses`), for the per-task losses of
-    :mod:`mmpeft.monitor`.
+    :mod:`mmpeft.monitor`. A packed batch (``packed``) gets its position ids here
+    (:func:`~mmpeft.packing.model_inputs`) and a mean per sample, not per row.
     """
     keep, targets = next_token_targets(labels)
-    token_loss = token_losses(model, inputs, keep, targets, chunk)  # (n_kept,)
+    token_loss = token_losses(model, model_inputs(model, inputs, packed), keep, targets, chunk)  # (n_kept,)
     per_position = token_loss.new_zeros(keep.shape).masked_scatter(keep, token_loss.detach())  # (batch, seq)
+    if packed is not None:  # (n, longest): each sample's positions
+        per_position, keep = packed.unpack(per_position), packed.unpack(keep, False)
     return token_loss.mean(), per_position.sum(1) / keep.sum(1)  # (), (batch,)
 
 
-def lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def lm_loss(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    chunk: int = 0,
+    packed: Layout | None = None,
+) -> torch.Tensor:
     """Mean next-token cross-entropy over the trained tokens (see :func:`lm_losses`)."""
-    return lm_losses(model, inputs, labels, chunk)[0]
+    return lm_losses(model, inputs, labels, chunk, packed)[0]
 
 
 # -- the LM head and cross-entropy in chunks ------------------------------------------------------

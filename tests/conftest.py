@@ -84,14 +84,16 @@ def forget_package(package: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The per-family tables: conformance (tests/test_families.py), image tokens (tests/test_images.py) and memory
-    plans (tests/test_estimate_configs.py), a row per family, a column per check."""
+    """The per-family tables: conformance (tests/test_families.py), image tokens (tests/test_images.py), memory
+    plans (tests/test_estimate_configs.py) and packing (tests/test_packing.py), a row per family, a column per
+    check."""
     import sys
 
     for name, title in (
         ("test_families", "family conformance"),
         ("test_images", "image tokens and resolution"),
         ("test_estimate_configs", "memory plan, LoRA on all-linear, 2 samples, CUDA"),
+        ("test_packing", "packed = padded: per-sample losses, routing losses, adapter gradients"),
     ):
         module = sys.modules.get(name)
         if module is not None and module.RESULTS:

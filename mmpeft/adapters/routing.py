@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpeft.errors import MergeError
+from mmpeft.packing import Layout
 
 Level = Literal["token", "instance"]
 
@@ -101,6 +102,9 @@ class RoutingContext:
         """``(batch, seq)`` bool, the tokens an instance router pools over (real and not trained on)."""
         self.task_ids: torch.Tensor | None = None
         """``(batch,)`` each sample's task id."""
+        self.packed: Layout | None = None
+        """A packed batch's layout (:mod:`mmpeft.packing`): the masks above are then ``(rows, length)``, and routers
+        and losses work per sample through it."""
         self.num_tasks: int | None = None
         """Size of the task vocabulary (else inferred from the batch)."""
         self.records: list[RouterRecord] = []
@@ -119,11 +123,13 @@ class RoutingContext:
         prompt_mask: torch.Tensor | None = None,
         task_ids: torch.Tensor | None = None,
         record: bool = True,
+        packed: Layout | None = None,
     ) -> Iterator[RoutingContext]:
         """Route one forward pass with these masks and labels, recording router outputs."""
         self.attention_mask = None if attention_mask is None else attention_mask.bool()
         self.prompt_mask = None if prompt_mask is None else prompt_mask.bool()
         self.task_ids = task_ids
+        self.packed = packed
         self.records = []
         self.recording = record
         try:
@@ -151,6 +157,7 @@ class RoutingContext:
             routing = routing_mask.bool()
             self.prompt_mask = routing if self.attention_mask is None else routing & self.attention_mask
         self.task_ids = None
+        self.packed = None
         self.records = []
         self.recording = False
         self._instance_cache = {}
@@ -188,13 +195,24 @@ class RoutingContext:
         mask = self.attention_mask
         return mask if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2] else None
 
+    def is_packed(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` ``(rows, length, ...)`` lies in the rows of the packed batch being routed."""
+        return self.packed is not None and x.dim() >= 2 and tuple(x.shape[:2]) == self.packed.shape
+
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of ``x`` ``(batch, seq, d)`` over each sample's prompt tokens: ``(batch, d)``.
+        """Mean of ``x`` ``(batch, seq, d)`` over each sample's prompt tokens: ``(batch, d)``; for a packed batch's
+        rows, ``(n, d)`` over each sample's prompt tokens within its row.
 
         Falls back to the real tokens, then to every position, when no matching mask is set.
         """
         if x.dim() != 3:
             raise ValueError(f"instance routing needs (batch, seq, features) inputs, got shape {tuple(x.shape)}")
+        if self.is_packed(x):
+            packed = self.packed
+            mask = self.prompt_mask if self.prompt_mask is not None else packed.real()
+            x, mask = packed.unpack(x), packed.unpack(mask, False)  # (n, longest, d), (n, longest)
+            weights = mask.to(x.dtype).unsqueeze(-1)  # (n, longest, 1)
+            return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (n, d)
         mask = next(
             (m for m in (self.prompt_mask, self.attention_mask) if m is not None and m.shape == x.shape[:2]), None
         )
@@ -202,6 +220,40 @@ class RoutingContext:
             return x.mean(dim=1)
         weights = mask.to(x.dtype).unsqueeze(-1)  # (batch, seq, 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (batch, d)
+
+    def spread(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """An instance router's ``gate`` ``(batch, 1, E)`` for the tokens of ``x``: itself, or for a packed batch's
+        rows each sample's gate at its positions, ``(rows, length, E)``."""
+        return self.packed.spread(gate[:, 0]) if self.is_packed(x) else gate
+
+    def by_sample(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``fn`` of ``x`` ``(batch, seq, d)`` with one operand per sample (batched matrix products with a row per
+        sample): for a packed batch's rows, ``fn`` runs on the padded layout ``(n, longest, d)`` and its result is
+        packed back."""
+        if not self.is_packed(x):
+            return fn(x)
+        return self.packed.pack(fn(self.packed.unpack(x)))
+
+    def sample_records(self) -> Iterator[tuple[RouterRecord, torch.Tensor]]:
+        """Each record of the pass with its mask, in the padded layout: ``(batch, T, E)`` and ``(batch, T)`` bool over
+        the real tokens (token routing) or ones ``(batch, 1)`` (instance routing). A packed batch's token records are
+        unpacked to its samples, so every loss and statistic counts samples and their tokens as in the padded
+        batch."""
+        for record in self.records:
+            if record.level == "token" and self.is_packed(record.probs):
+                packed = self.packed
+                record = RouterRecord(
+                    record.name,
+                    packed.unpack(record.logits),
+                    packed.unpack(record.probs),
+                    packed.unpack(record.selected, False),
+                    record.top_k,
+                    record.level,
+                    packed.unpack(record.gate),
+                )  # (n, longest, E) each
+                yield record, packed.mask.to(record.probs.device)
+            else:
+                yield record, _mask(record, self)
 
     def instance_routing(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``, or during generation its value from the prompt's forward pass."""
@@ -329,7 +381,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.level == "instance":
             # During generation, computed on the prompt's pass and reused for every new token.
-            return self.context.instance_routing(self, lambda: self._gate(self.pool(x)))
+            return self.context.instance_routing(self, lambda: self.context.spread(self._gate(self.pool(x)), x))
         return self._gate(x)
 
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
@@ -527,11 +579,11 @@ class RoutingStats:
     def add(self, context: RoutingContext) -> None:
         """Count the records of the pass that just ran under ``context.step(..., record=True)``."""
         task_ids = context.task_ids
-        for record in context.records:
+        for record, mask in context.sample_records():
             experts = record.probs.shape[-1]
             if experts < self.min_experts:
                 continue
-            mask = _mask(record, context).double()  # (batch, T): 1 for each real token (sample)
+            mask = mask.double()  # (batch, T): 1 for each real token (sample)
             probs = record.probs.detach().double()  # (batch, T, E)
             gate = record.gate.detach().double() * mask.unsqueeze(-1)  # (batch, T, E), 0 on padding
             entropy = -(probs * probs.clamp(min=1e-12).log()).sum(-1) / math.log(experts)  # (batch, T)
@@ -746,8 +798,7 @@ def routing_losses(context: RoutingContext, coefficients: RoutingLosses) -> dict
     task_ids = context.task_ids
     num_tasks = context.num_tasks or (int(task_ids.max()) + 1 if task_ids is not None and task_ids.numel() else None)
     pooled: list[tuple[RouterRecord, torch.Tensor]] = []
-    for record in context.records:
-        mask = _mask(record, context)
+    for record, mask in context.sample_records():
         if record.probs.shape[-1] < 2:
             continue  # one expert: nothing to balance
         if coefficients.load_balance and coefficients.load_balance_pooling == "sample":

@@ -219,6 +219,8 @@ class ShardDataModule(L.LightningDataModule):
         mixing: Mixing | None = None,
         max_skip_fraction: float = 0.1,
         group_by_length: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
         prepare: list[RecipeRun] | None = None,
         trust_remote_code: bool = False,
         allow_damaged_shards: bool = False,
@@ -260,6 +262,15 @@ class ShardDataModule(L.LightningDataModule):
                 samples by token length and yields them as k batches of neighbours, in a random order, so less of each
                 batch is padding; 0 or 1: off. The pass's samples and batch counts stay the same; batches become
                 correlated with length (and so with task, see docs/data.md).
+            packing: Lay each batch's samples end to end in as few rows as hold them (whole samples, each attending only
+                to itself; see mmpeft/packing.py and docs/speed.md) instead of padding every sample to the longest.
+                The batch keeps its samples, so steps, losses and gradients are those of the padded batch. Refused for
+                Mllama and Gemma 3 (mmpeft.packing.REFUSED says why).
+            pack_length: The longest packed row in tokens. ``None``: ``max_length``, so a packed batch holds no more
+                tokens per row than the memory plan's worst-case padded batch. Under sdpa and eager attention a row
+                costs the square of its length (a dense block-diagonal mask), so rows much longer than the samples can
+                cost more attention than the padding saved; with flash-attention the cost is per sample
+                (docs/speed.md).
             prepare: Recipes to run before training (once per node) to build missing shards, e.g. the demo's synthetic
                 data.
             trust_remote_code: Allow processor code from the checkpoint's repository.
@@ -276,6 +287,10 @@ class ShardDataModule(L.LightningDataModule):
             self.mixing.check()
         if not 0 <= max_skip_fraction <= 1:
             raise ConfigError(f"data.max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        if pack_length is not None and pack_length < 1:
+            raise ConfigError(
+                f"data.pack_length must be >= 1 (or null: each batch's longest sample), got {pack_length}"
+            )
         if group_by_length < 0:
             raise ConfigError(
                 f"data.group_by_length must be >= 0 (0 or 1: off; k >= 2: pools of k batches), got {group_by_length}"
@@ -383,7 +398,14 @@ class ShardDataModule(L.LightningDataModule):
         if hp.get("image_resolution") is not None:  # the knob's keys depend on the processor's family and settings
             kwargs = resolution_kwargs(processor, hp.image_resolution, hp.processor_kwargs)
             processor = load_processor(hp.processor, hp.trust_remote_code, **kwargs)
-        self.encoder = ChatEncoder(processor, self.tasks, hp.max_length, hp.max_skip_fraction)
+        self.encoder = ChatEncoder(
+            processor,
+            self.tasks,
+            hp.max_length,
+            hp.max_skip_fraction,
+            packing=hp.get("packing", False),
+            pack_length=hp.get("pack_length") or hp.max_length,
+        )
 
     # -- the task vocabulary travels with checkpoints, so task ids never change on resume ---------
     def state_dict(self) -> dict[str, Any]:

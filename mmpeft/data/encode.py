@@ -18,6 +18,7 @@ import difflib
 import inspect
 import logging
 from collections import Counter
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.errors import ConfigError, DataError
 from mmpeft.objective import IGNORE_INDEX
+from mmpeft.packing import PACKING, layout, plan_rows
 
 REPORT_FIRST = 5
 """How many skipped samples per reason are reported with their shard and key."""
@@ -74,8 +76,14 @@ class ChatEncoder:
         max_length: int,
         max_skip_fraction: float = 1.0,
         skip_check_after: int = SKIP_CHECK_AFTER,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         self.processor = processor
+        self.packing = packing
+        """Collate batches packed (:mod:`mmpeft.packing`) rather than padded."""
+        self.pack_length = pack_length
+        """The longest packed row in tokens; ``None``: each batch's longest sample."""
         self.tokenizer = processor.tokenizer
         self.set_tasks(tasks)
         self.max_length = max_length
@@ -391,26 +399,43 @@ class ChatEncoder:
 
         Per-token inputs are padded to the longest sequence (on the left for generation):
         ``input_ids`` with the pad token, the rest (masks, token types, cross-attention masks)
-        with 0. Image inputs whose shapes agree past the first axis are concatenated along it,
-        which is all a processor does with them. Where they differ (patch or tile counts, image
-        sizes, images per sample) or some samples have none, padding them is the processor's own
-        business (Mllama marks the first tile of a padding image, Idefics3 pads with empty
-        images): the batch's images go through the processor together, and its image inputs are
-        taken. The tests check the result against the processor's own batch for every family.
+        with 0. Image inputs: :meth:`_images`.
         """
         longest = max(item["tokens"]["input_ids"].shape[0] for item in items)
-        inputs: dict[str, torch.Tensor] = {}
+        inputs = {
+            name: _stack_padded(rows, longest, self._fill(name), left)  # (batch, seq, ...)
+            for name, rows in self._token_rows(items).items()
+        }
+        return inputs | self._images(items)
+
+    def _fill(self, name: str) -> int:
+        return self.pad_token_id if name == "input_ids" else 0
+
+    @staticmethod
+    def _token_rows(items: list[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
+        """Each per-token input of ``items`` as a list of ``(seq_i, ...)`` tensors, one per item."""
+        out: dict[str, list[torch.Tensor]] = {}
         for name in dict.fromkeys(name for item in items for name in item["tokens"]):
-            fill = self.pad_token_id if name == "input_ids" else 0
             like = next(item["tokens"][name] for item in items if name in item["tokens"])
             # A sample may lack one (no cross-attention mask without images): zeros, as the processor pads it.
-            rows = [
+            out[name] = [
                 item["tokens"].get(
                     name, like.new_zeros((item["tokens"]["input_ids"].shape[0],) + (0,) * (like.dim() - 1))
                 )
                 for item in items
             ]
-            inputs[name] = _stack_padded(rows, longest, fill, left)  # (batch, seq, ...)
+        return out
+
+    def _images(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The image inputs of ``items``, in their order.
+
+        Image inputs whose shapes agree past the first axis are concatenated along it, which is all
+        a processor does with them. Where they differ (patch or tile counts, image sizes, images per
+        sample) or some samples have none, padding them is the processor's own business (Mllama
+        marks the first tile of a padding image, Idefics3 pads with empty images): the batch's
+        images go through the processor together, and its image inputs are taken. The tests check
+        the result against the processor's own batch for every family.
+        """
         names = list(dict.fromkeys(name for item in items for name in item["images"]))
         simple = all(
             all(name in item["images"] for item in items)
@@ -418,35 +443,68 @@ class ChatEncoder:
             for name in names
         )
         if simple:
-            inputs.update({name: torch.cat([item["images"][name] for item in items]) for name in names})
-        elif names:
-            text = [item["text"] for item in items]
-            enc = self.processor(
-                text=text,
-                images=[item["pictures"] for item in items],
-                padding=True,
-                return_tensors="pt",
-                add_special_tokens=self.adds_special_tokens(text[0]),
+            return {name: torch.cat([item["images"][name] for item in items]) for name in names}
+        if not names:
+            return {}
+        text = [item["text"] for item in items]
+        enc = self.processor(
+            text=text,
+            images=[item["pictures"] for item in items],
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=self.adds_special_tokens(text[0]),
+        )
+        # Only its image inputs: its per-token ones are padded on the processor's side and uncut.
+        tokens = enc["input_ids"].shape  # (batch, seq)
+        return {name: value for name, value in enc.items() if name in names and value.shape[:2] != tokens}
+
+    def _packed(self, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """``items`` reordered as :func:`~mmpeft.packing.plan_rows` lays them in rows, and their inputs, labels and
+        :class:`~mmpeft.packing.Layout` packed (see :mod:`mmpeft.packing`)."""
+        lengths = [item["tokens"]["input_ids"].shape[0] for item in items]
+        rows = plan_rows(lengths, self.pack_length or max(lengths))
+        order = [i for row in rows for i in row]
+        items, lengths = [items[i] for i in order], [lengths[i] for i in order]
+        starts = list(accumulate((len(row) for row in rows), initial=0))
+        rows = [list(range(a, b)) for a, b in zip(starts, starts[1:])]  # the same rows, in the new order
+        packed = layout(rows, lengths)
+        width = packed.shape[1]
+        tokens = self._token_rows(items)
+        if "cross_attention_mask" in tokens:
+            raise ConfigError(
+                "data.packing: this model's cross-attention reads each row's own images (Mllama's "
+                "cross_attention_mask), so samples cannot share a row; set data.packing: false"
             )
-            # Only its image inputs: its per-token ones are padded on the processor's side and uncut.
-            tokens = enc["input_ids"].shape  # (batch, seq)
-            inputs.update({name: value for name, value in enc.items() if name in names and value.shape[:2] != tokens})
-        return inputs
+        tokens.pop("attention_mask", None)  # boundaries come from the position ids (see mmpeft.packing)
+        inputs = {
+            name: _stack_padded(
+                [torch.cat([values[i] for i in row]) for row in rows], width, self._fill(name), left=False
+            )  # (rows, width, ...)
+            for name, values in tokens.items()
+        }
+        first = [item["labels"].clone() for item in items]
+        for label in first:
+            label[:1] = IGNORE_INDEX  # never predicted in a padded batch: the previous sample's last token must not
+        labels = _stack_padded([torch.cat([first[i] for i in row]) for row in rows], width, IGNORE_INDEX, left=False)
+        return items, {"inputs": inputs | self._images(items), "labels": labels, PACKING: packed.to_dict()}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the token inputs and concatenate the image inputs of ``items``.
+        """Right-pad the token inputs and concatenate the image inputs of ``items``; with :attr:`packing`, lay the
+        samples in rows instead (:meth:`_packed`, in the rows' sample order).
 
         Items encoded with their prompt (evaluation) add ``prompt_inputs``, the prompts padded on
         the left for generation, and ``references``, each sample's list of reference answers.
         """
-        inputs = self._pad(items)
-        labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
-        for row, item in enumerate(items):
-            labels[row, : item["labels"].numel()] = item["labels"]
+        if self.packing:
+            items, batch = self._packed(items)
+        else:
+            inputs = self._pad(items)
+            labels = torch.full(inputs["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)  # (batch, seq)
+            for row, item in enumerate(items):
+                labels[row, : item["labels"].numel()] = item["labels"]
+            batch = {"inputs": inputs, "labels": labels}
         skipped, self.skipped = dict(self.skipped), Counter()
-        batch = {
-            "inputs": inputs,
-            "labels": labels,
+        batch |= {
             "task_ids": torch.tensor([item["task_id"] for item in items]),  # (batch,)
             "keys": [item["key"] for item in items],
             "skipped": skipped,

@@ -70,11 +70,16 @@ class MixLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(self.A.dtype)
-        index_a, weight_a, index_b, weight_b = self.router_a.context.instance_routing(self, lambda: self.route(x))
+        context = self.router_a.context
+        index_a, weight_a, index_b, weight_b = context.instance_routing(self, lambda: self.route(x))
         chosen_a = self.A[index_a] * weight_a.unsqueeze(-1)  # (batch, r, d_in)
         chosen_b = self.B.T[index_b] * weight_b.unsqueeze(-1)  # (batch, r, d_out)
-        z = torch.bmm(self.dropout(x), chosen_a.transpose(1, 2))  # (batch, seq, r)
-        return torch.bmm(z, chosen_b) * self.scaling  # (batch, seq, d_out)
+
+        def per_sample(x: torch.Tensor) -> torch.Tensor:  # (batch, seq, d_in): a sample per row
+            z = torch.bmm(self.dropout(x), chosen_a.transpose(1, 2))  # (batch, seq, r)
+            return torch.bmm(z, chosen_b) * self.scaling  # (batch, seq, d_out)
+
+        return context.by_sample(x, per_sample)  # a packed batch's rows: per sample, then packed back
 
 
 def in_index_order(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,222 @@
+"""Padding-free packed batches: a batch's samples laid end to end in a few rows (``data.packing``).
+
+A padded batch is ``(batch, longest)``: every shorter sample is filled up to the longest one, and
+multimodal samples differ wildly in length (an image is 64 to thousands of tokens). A packed batch
+holds the same samples, whole and in the same order of their tokens, in ``rows`` rows of at most
+``capacity`` tokens each (:func:`plan_rows`), so only the shorter rows' ends are padding.
+
+What keeps a packed batch exact (every sample's loss and every gradient as in the padded batch):
+
+- **Positions restart at 0 for every sample**, and the batch carries no 2-D ``attention_mask``:
+  transformers then reads the boundaries from the position ids (``find_packed_sequence_indices``)
+  and keeps attention inside each sample, with a block-diagonal mask under sdpa and eager, and with
+  flash-attention's variable-length kernels on CUDA. The models' own mask rules still apply inside
+  a sample (Gemma 3's bidirectional image tokens, PaliGemma's prefix).
+- **Multimodal RoPE** (the Qwen-VL family): each sample's 3-D positions come from the model's own
+  ``get_rope_index`` on that sample alone (:func:`model_positions`), and the row gets the 4-row form
+  ``(text, t, h, w)`` these models accept for packed input; the text row marks the boundaries.
+- **Labels**: a sample's first token is never predicted in a padded batch; in a row its label is
+  ignored too, so the token before it (the previous sample's last) predicts nothing.
+- **Routers see samples**: the :class:`Layout` maps every position to its sample. Instance routers
+  pool each sample's prompt, the routing losses and statistics count samples and their tokens
+  exactly as in the padded batch (:meth:`Layout.unpack` gives them the padded layout), and
+  per-sample losses and per-task metrics come out per sample.
+
+Image inputs are the padded batch's, in sample order: every family but Mllama scatters image
+features into image-token positions in token order, which packing keeps.
+
+Two families are refused (:data:`REFUSED`, checked on the first packed forward): Mllama, whose
+cross-attention reads each row's own images, and Gemma 3, whose sliding-window layers get a wrong
+mask from transformers for packed rows (measured; tests/test_packing.py keeps the measurement, so
+a transformers that fixes it shows up as a failing test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmpeft.errors import ConfigError
+
+PACKING = "packing"
+"""Where a packed batch keeps its :class:`Layout` tensors (``batch["packing"]``)."""
+
+
+def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The samples (indices into ``lengths``) of each row: whole samples, as few rows as fit, balanced.
+
+    The number of rows starts at ``ceil(total / capacity)`` (no fewer can hold the tokens) and grows
+    until longest-first placement into the least-filled row keeps every row within ``capacity``;
+    balancing the rows keeps the longest row, and so the padding of the others, small. A sample
+    longer than ``capacity`` gets a row of its own. Within a row samples keep their batch order, and
+    rows are ordered by their first sample, so the plan is a deterministic function of ``lengths``.
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))  # longest first, ties by index
+    alone = [i for i in order if lengths[i] >= capacity]  # rows of their own
+    rest = [i for i in order if lengths[i] < capacity]
+    rows: list[list[int]] = [[i] for i in alone]
+    if rest:
+        count = -(-sum(lengths[i] for i in rest) // capacity)  # ceil
+        while True:
+            fill, placed = [0] * count, [[] for _ in range(count)]
+            for i in rest:
+                row = min(range(count), key=lambda r: (fill[r], r))
+                fill[row] += lengths[i]
+                placed[row].append(i)
+            if max(fill) <= capacity:
+                break
+            count += 1
+        rows += placed
+    return sorted((sorted(row) for row in rows if row), key=lambda row: row[0])
+
+
+@dataclass
+class Layout:
+    """Where each sample of a packed batch lies: ``n`` samples in ``rows`` rows of ``length`` positions.
+
+    Built by :func:`layout` on the data side and moved to the device with the batch (a dict of
+    tensors under :data:`PACKING`); :meth:`of` reads it back.
+    """
+
+    sample: torch.Tensor
+    """``(rows, length)`` long: the sample (its index in the batch) at each position; -1 on padding."""
+
+    position: torch.Tensor
+    """``(rows, length)`` long: each position's offset in its sample; the padding of a row counts from 0 as a
+    sequence of its own, so transformers finds the boundaries."""
+
+    index: torch.Tensor
+    """``(n, longest)`` long: sample ``i``'s token ``j`` is at flat position ``index[i, j]`` of the rows (0 past its
+    end)."""
+
+    mask: torch.Tensor
+    """``(n, longest)`` bool: ``j`` is within sample ``i`` (the padded batch's real tokens)."""
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"sample": self.sample, "position": self.position, "index": self.index, "mask": self.mask}
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> Layout | None:
+        """The layout of a collated batch, ``None`` when it is padded."""
+        packed = batch.get(PACKING)
+        return None if packed is None else cls(**packed)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, length)``."""
+        return tuple(self.sample.shape)  # type: ignore[return-value]
+
+    @property
+    def samples(self) -> int:
+        return self.mask.shape[0]
+
+    def unpack(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``x`` ``(rows, length, ...)`` in the padded layout ``(n, longest, ...)``, ``fill`` past each sample's
+        end."""
+        flat = x.reshape(-1, *x.shape[2:])  # (rows * length, ...)
+        out = flat[self.index.to(x.device)]  # (n, longest, ...)
+        mask = self.mask.to(x.device).reshape(*self.mask.shape, *([1] * (x.dim() - 2)))
+        return torch.where(mask, out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+    def pack(self, x: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``x`` ``(n, longest, ...)`` in the padded layout back in the rows ``(rows, length, ...)``, ``fill`` on
+        padding (the inverse of :meth:`unpack`, differentiable)."""
+        mask = self.mask.to(x.device)
+        rows, length = self.shape
+        out = x.new_full((rows * length, *x.shape[2:]), fill)
+        out = out.index_put((self.index.to(x.device)[mask],), x[mask])  # (rows * length, ...)
+        return out.reshape(rows, length, *x.shape[2:])
+
+    def spread(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """``per_sample`` ``(n, ...)`` at every position of its sample: ``(rows, length, ...)`` (padding takes the
+        first sample's)."""
+        return per_sample[self.sample.to(per_sample.device).clamp(min=0)]
+
+    def real(self) -> torch.Tensor:
+        """``(rows, length)`` bool: the positions holding a sample's token."""
+        return self.sample >= 0
+
+
+def layout(rows: list[list[int]], lengths: list[int]) -> Layout:
+    """The :class:`Layout` of samples of ``lengths`` placed in ``rows`` (each a list of sample indices, in the
+    order their tokens go)."""
+    n, longest = len(lengths), max(lengths, default=0)
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0)
+    sample = torch.full((len(rows), width), -1, dtype=torch.long)
+    position = torch.zeros((len(rows), width), dtype=torch.long)
+    index = torch.zeros((n, longest), dtype=torch.long)
+    mask = torch.arange(longest).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)  # (n, longest)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            span = slice(start, start + lengths[i])
+            sample[r, span] = i
+            position[r, span] = torch.arange(lengths[i])
+            index[i, : lengths[i]] = r * width + torch.arange(start, start + lengths[i])
+            start += lengths[i]
+        position[r, start:] = torch.arange(width - start)  # the padding: a sequence of its own
+    return Layout(sample, position, index, mask)
+
+
+# -- positions: the model's own rules, per sample --------------------------------------------------
+
+REFUSED = {
+    "mllama": "its cross-attention layers read each row's own images (cross_attention_mask), so samples cannot "
+    "share a row",
+    "gemma3": "transformers builds its sliding-window layers' mask with the image blocks as an or-mask, and for packed "
+    "rows it looks that mask up at each token's position within its sample instead of within the row (masking_utils."
+    "remap_positions_for_packed_sequence), so tokens would attend to the wrong positions; with only full-attention "
+    "layers the packed losses are exact (tests/test_packing.py)",
+}
+"""Model types (``config.model_type``) whose packed batches would not be exact, and why."""
+
+
+def check_packable(model: nn.Module) -> None:
+    """Raise :class:`~mmpeft.errors.ConfigError` naming the family and the reason where packing would not be exact."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in REFUSED:
+        raise ConfigError(
+            f"data.packing: {model_type} models cannot be packed: {REFUSED[model_type]}; set data.packing: false"
+        )
+
+
+def rope_index_owner(model: nn.Module) -> nn.Module | None:
+    """The module whose ``get_rope_index`` computes the model's multimodal (3-D) RoPE positions, if it has one."""
+    return next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+
+
+def model_positions(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout) -> torch.Tensor:
+    """The ``position_ids`` of a packed batch for ``model``.
+
+    ``(rows, length)`` offsets within each sample for 1-D RoPE. For multimodal RoPE, the model's
+    ``get_rope_index`` runs on the samples in the padded layout (each sample as it would be alone,
+    its images' grids in order) and the result is packed into ``(4, rows, length)``: the text
+    positions first, which these models read the sample boundaries from, then ``(t, h, w)``.
+    """
+    text = packed.position.to(inputs["input_ids"].device)  # (rows, length)
+    owner = rope_index_owner(model)
+    if owner is None:
+        return text
+    ids = packed.unpack(inputs["input_ids"])  # (n, longest)
+    kwargs = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw") if inputs.get(name) is not None}
+    if "mm_token_type_ids" in inputs:
+        kwargs["mm_token_type_ids"] = packed.unpack(inputs["mm_token_type_ids"])
+    mask = packed.mask.to(ids.device).long()  # (n, longest)
+    rope, _ = owner.get_rope_index(ids, attention_mask=mask, **kwargs)  # (3, n, longest)
+    spatial = packed.pack(rope.permute(1, 2, 0)).permute(2, 0, 1)  # (3, rows, length)
+    return torch.cat([text.unsqueeze(0), spatial.to(text.dtype)])  # (4, rows, length)
+
+
+def model_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout | None) -> dict[str, torch.Tensor]:
+    """``inputs`` as ``model`` takes them: a packed batch gains its ``position_ids`` (:func:`model_positions`)."""
+    if packed is None:
+        return inputs
+    check_packable(model)
+    return {**inputs, "position_ids": model_positions(model, inputs, packed)}
