@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.conflict_suite.base import BaseSettings, base_dir  # noqa: E402
 from benchmarks.conflict_suite.data import MIXTURES, VOCABULARIES, general_samples, task_sample  # noqa: E402
-from benchmarks.conflict_suite.run import CACHE  # noqa: E402
+from benchmarks.conflict_suite.run import CACHE, base_settings  # noqa: E402
 
 
 def answer(messages) -> str:
@@ -41,8 +41,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     for vocabulary in VOCABULARIES:
+        pool = base_settings(settings, vocabulary).pool  # the samples the suite's base of that vocabulary trains on
         trained = collections.Counter(
-            t for s in general_samples(settings.pool, settings.seed, vocabulary) for t in ids(answer(s.messages))
+            t for s in general_samples(pool, settings.seed, vocabulary) for t in ids(answer(s.messages))
         )
         print(f"base vocabulary {vocabulary}: distinct answer tokens in the base's general training: {len(trained)}")
         for mixture, tasks in MIXTURES.items():
