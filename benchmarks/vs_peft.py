@@ -2,7 +2,7 @@
 its own.
 
     python benchmarks/vs_peft.py [--hidden H] [--layers L] [--vocab V] [--max-len T] [--batch B]
-                                 [--batches K] [--rank R] [--rounds N] [--quick | --check] [--out FILE]
+                                 [--batches K] [--rank R] [--rounds N] [--attn A] [--quick | --check] [--out FILE]
 
 One process loads the same local checkpoint (LLaVA architecture, the tiny demo's vision tower,
 a text model ``--hidden`` wide and ``--layers`` deep with a ``--vocab``-row embedding and LM
@@ -16,23 +16,44 @@ quantization every time:
   loss), as PEFT's documentation trains;
 - mmpeft variants: ``load_backbone`` (QLoRA preparation, non-reentrant checkpointing), LoRA
   injected on every linear layer of the language model, a step as ``MMPeftModule`` trains
-  (``lm_loss``: logits only where a trained token is predicted), with the ``model.speed``
+  (``lm_losses``: logits only where a trained token is predicted), with the ``model.speed``
   levers (mmpeft/speed.py) set per variant: ``levers off`` (whole logits of the trained
   positions, out-of-place adapter add, input grads as PEFT sets them, every layer recomputed),
   then each lever alone (``+ loss_chunk``, ``+ inplace_add``, ``- input_grads``,
   ``checkpoint_every 2``, ``+ length-grouped batches`` as ``data.group_by_length`` makes
-  them), ``defaults`` (``model.speed`` as shipped, batches as they come) and ``all levers``.
+  them, ``+ packed batches`` as ``data.packing`` makes them), ``defaults`` (``model.speed`` as
+  shipped, batches as they come), ``all levers`` (batches length-grouped, not packed) and
+  ``all levers + packed batches`` (the same, packed to ``ALL_LEVERS_PACK`` times ``--max-len``).
 
 All get AdamW with the same learning rate and the same initial adapter weights (mmpeft's ``A``
 copied into ``lora_A``; every ``B`` set to the same small random values, so the adapters change
 the loss). Before training, the script checks that every variant computes the same loss as PEFT
 on the first batch (dropout off; relative difference at most 1e-4 in float32 on a CPU, 2e-2
-under bf16 on CUDA). Batches: ``--batches`` batches of ``--batch`` samples of mixed lengths up
-to ``--max-len`` tokens, each an image prompt then random text, the last ``--answer`` fraction
-(default an eighth) of each sample labelled as the answer, padded on the right to the batch's
-longest sample. Every variant trains on the same samples in the same batches, except
+under bf16 on CUDA); the packed variants on that batch packed as they pack it, which checks
+that packing leaves the loss as it is.
+
+Batches: ``--batches`` batches of ``--batch`` image samples of mixed lengths up to
+``--max-len`` tokens, the last ``--answer`` fraction (default an eighth) of each sample
+labelled as the answer, padded on the right to the batch's longest sample. Each sample is
+LLaVA's chat template around one 32 x 32 image, which the tiny vision tower turns into 16
+image tokens, then random text: the image region is the same size in every sample (LLaVA
+gives every image the same number of tokens) and the lengths differ by their text, drawn
+uniformly between a quarter of ``--max-len`` (at least the prompt and 16 tokens) and
+``--max-len``. Every variant trains on the same samples in the same batches, except
 ``length-grouped``, which regroups the same samples with :func:`mmpeft.data.stream.length_groups`
-(the pool is all ``--batches`` batches, as ``data.group_by_length: K`` pools K batches).
+(the pool is all ``--batches`` batches, as ``data.group_by_length: K`` pools K batches), and
+the packed variants, which pack each length-grouped batch as ``data.packing`` collates it
+(:func:`pack`: :func:`mmpeft.packing.plan_rows` and :func:`mmpeft.packing.layout`, no
+attention mask, per-sample position ids, each sample's first label ignored) into rows of at
+most ``data.pack_length`` tokens: ``+ packed batches`` with ``pack_length`` ``None`` (each
+batch's longest sample), then 2 and 4 times ``--max-len`` (``PACK_FACTORS``). Every mmpeft
+step passes the batch's :class:`~mmpeft.packing.Layout` (``None`` when padded) to
+``lm_losses`` inside ``routed``, as ``MMPeftModule.training_step`` does. A table gives each
+layout's rows, positions and padded positions (their share of all positions); it also lists
+the as-given batches packed to their longest sample, which no variant trains on. Another
+table puts each packed variant against its padded twin (``+ length-grouped batches``, or
+``all levers``): padded share, pass time (per-round ratio, median and 95% interval) and peak
+memory.
 
 Each round runs a pass over its batches (forward, backward, ``optimizer.step()``,
 ``zero_grad()`` per batch) of every variant, the order rotated every round. Reported: pass
@@ -42,6 +63,11 @@ a pass above what was allocated before it: on CUDA from the allocator's statisti
 from torch's profiler memory events (every tensor allocation and free of the pass, summed in
 time order), measured in one extra untimed pass. The targets of issue 7 (step time <= 0.85x,
 peak memory <= 0.7x PEFT's) are judged with ``verdict``.
+
+``--attn``: every model's attention implementation (``model.backbone.attn_implementation``;
+default transformers' choice, sdpa). It decides what packing costs: ``sdpa`` and ``eager``
+compute each packed row's whole ``(width x width)`` block-diagonal mask, ``flash_attention_2``
+(CUDA, the ``flash-attn`` package) only each sample's own square.
 
 ``--check``: a small model and two short rounds, only to check the losses agree and print the
 tables (well under a minute on a CPU).
@@ -58,6 +84,7 @@ import shlex
 import statistics
 import sys
 import time
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +114,8 @@ from mmpeft.adapters.quant import keep_standard_layout  # noqa: E402
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
 from mmpeft.data.stream import length_groups  # noqa: E402
 from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
-from mmpeft.objective import (
-    IGNORE_INDEX,  # noqa: E402
-    lm_loss,  # noqa: E402
-)
+from mmpeft.objective import IGNORE_INDEX, lm_losses, routed  # noqa: E402
+from mmpeft.packing import PACKING, Layout, layout, plan_rows  # noqa: E402
 from mmpeft.speed import Speed  # noqa: E402
 
 TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
@@ -138,13 +163,21 @@ def mixed_batches(
 # -- the two sides --------------------------------------------------------------------------
 
 
-def build_peft(model_dir: Path, device: torch.device, names: list[str], r: int, alpha: float, dropout: float) -> Runner:
+def build_peft(
+    model_dir: Path,
+    device: torch.device,
+    names: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    attn: str | None = None,
+) -> Runner:
     """PEFT's usual QLoRA path on the same checkpoint and quantization config; ``names`` are the full paths of the
-    adapted linears."""
+    adapted linears, ``attn`` the attention implementation (``None``: transformers' choice)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText
 
-    backbone = Backbone(pretrained=str(model_dir))
+    backbone = Backbone(pretrained=str(model_dir), attn_implementation=attn)
     dtype = backbone.torch_dtype(device)
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir),
@@ -185,9 +218,11 @@ def peft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses
 
 
 def mmpeft_loss(runner: Runner, batch: dict[str, Any]) -> torch.Tensor:
-    return lm_loss(
-        runner.model, batch["inputs"], batch["labels"], runner.speed.loss_chunk
-    )  # LoRA has no routers: no routing context needed
+    """The loss as ``MMPeftModule.training_step`` computes it: ``lm_losses`` with the batch's packing
+    :class:`~mmpeft.packing.Layout` (``None`` when padded), inside ``routed`` (LoRA has no routers, so no routing
+    losses)."""
+    with routed(runner.context, batch):
+        return lm_losses(runner.model, batch["inputs"], batch["labels"], runner.speed.loss_chunk, Layout.of(batch))[0]
 
 
 def mmpeft_step(runner: Runner, batch: dict[str, Any], coefficients: RoutingLosses) -> None:
@@ -251,20 +286,58 @@ def pass_peak_bytes(
 
 OFF = Speed(loss_chunk=0, inplace_add=False, input_grads=True, checkpoint_every=1)
 
+AS_GIVEN, GROUPED = "as given", "length-grouped"
+"""The padded layouts: the batches as they come, and the same samples regrouped by length (:func:`regroup`)."""
 
-def variants(check: bool) -> list[tuple[str, Speed, bool]]:
-    """(name, model.speed, length-grouped batches) of every mmpeft variant, the baseline first."""
+PACK_FACTORS = (2, 4)
+"""The packed variants' capacities besides ``None`` (``pack_length``), as multiples of ``--max-len``."""
+
+ALL_LEVERS_PACK = 2
+"""``all levers + packed batches`` packs ``all levers``' length-grouped batches to this many times ``--max-len``."""
+
+
+def packed_name(pack_length: int | None, source: str = GROUPED) -> str:
+    """The layout of ``source``'s batches packed to ``pack_length`` (``None``: each batch's longest sample)."""
+    return f"{source}, packed to " + ("the longest" if pack_length is None else str(pack_length))
+
+
+def pack_lengths(max_len: int) -> list[int | None]:
+    """The ``pack_length`` of every packed variant: ``None`` (each batch's longest sample), then
+    :data:`PACK_FACTORS` times ``max_len``."""
+    return [None, *(k * max_len for k in PACK_FACTORS)]
+
+
+def variants(check: bool, max_len: int) -> list[tuple[str, Speed, str]]:
+    """(name, model.speed, batch layout) of every mmpeft variant, the baseline first.
+
+    The layout is ``as given``, ``length-grouped`` or the length-grouped batches packed (:func:`packed_name`).
+    ``all levers`` keeps its batches padded (the variant of the earlier runs) and ``all levers + packed batches``
+    packs them to :data:`ALL_LEVERS_PACK` times ``max_len``.
+    """
     chunk = 16 if check else Speed().loss_chunk  # --check: several chunks even for its few answer tokens
-    return [
-        ("levers off", OFF, False),
-        (f"+ loss_chunk {chunk}", dataclasses.replace(OFF, loss_chunk=chunk), False),
-        ("+ inplace_add", dataclasses.replace(OFF, inplace_add=True), False),
-        ("- input_grads", dataclasses.replace(OFF, input_grads=False), False),
-        ("checkpoint_every 2", dataclasses.replace(OFF, checkpoint_every=2), False),
-        ("+ length-grouped batches", OFF, True),
-        ("defaults", dataclasses.replace(Speed(), loss_chunk=chunk), False),
-        ("all levers", dataclasses.replace(Speed(), loss_chunk=chunk, checkpoint_every=2), True),
+    packing = [
+        ("+ packed batches" + ("" if n is None else f", pack_length {n}"), OFF, packed_name(n))
+        for n in pack_lengths(max_len)
     ]
+    levers = dataclasses.replace(Speed(), loss_chunk=chunk, checkpoint_every=2)
+    levers_packed = ALL_LEVERS_PACK * max_len
+    return [
+        ("levers off", OFF, AS_GIVEN),
+        (f"+ loss_chunk {chunk}", dataclasses.replace(OFF, loss_chunk=chunk), AS_GIVEN),
+        ("+ inplace_add", dataclasses.replace(OFF, inplace_add=True), AS_GIVEN),
+        ("- input_grads", dataclasses.replace(OFF, input_grads=False), AS_GIVEN),
+        ("checkpoint_every 2", dataclasses.replace(OFF, checkpoint_every=2), AS_GIVEN),
+        ("+ length-grouped batches", OFF, GROUPED),
+        *packing,
+        ("defaults", dataclasses.replace(Speed(), loss_chunk=chunk), AS_GIVEN),
+        ("all levers", levers, GROUPED),
+        (f"all levers + packed batches, pack_length {levers_packed}", levers, packed_name(levers_packed)),
+    ]
+
+
+def unpacked(name: str) -> str:
+    """The variant a packed variant differs from only by packing: its padded, length-grouped twin."""
+    return "all levers" if name.startswith("all levers") else "+ length-grouped batches"
 
 
 def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
@@ -297,8 +370,69 @@ def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def pack(batch: dict[str, Any], pack_length: int | None) -> dict[str, Any]:
+    """A right-padded ``batch`` as ``data.packing`` collates the same samples (``ChatEncoder._packed``).
+
+    The rows come from :func:`mmpeft.packing.plan_rows` (capacity ``pack_length``, or the batch's
+    longest sample), the samples are reordered as the rows hold them, and each per-token tensor
+    goes into the rows with the :class:`~mmpeft.packing.Layout`'s ``pack``; the attention mask is
+    dropped (the boundaries come from the position ids), each sample's first label is ignored (the
+    previous sample's last token must predict nothing), and the per-sample image inputs follow
+    the new order. ``batch["packing"]`` holds the layout, as the collated batch does.
+    """
+    lengths = batch["lengths"]
+    plan = plan_rows(lengths, pack_length or max(lengths))
+    order = [i for row in plan for i in row]
+    lengths = [lengths[i] for i in order]
+    starts = list(accumulate((len(row) for row in plan), initial=0))
+    packed = layout([list(range(a, b)) for a, b in zip(starts, starts[1:])], lengths)  # the rows, in the new order
+    ids = batch["inputs"]["input_ids"]  # (batch, longest)
+    inputs = {}
+    for key, value in batch["inputs"].items():
+        if key == "attention_mask":
+            continue
+        if value.shape[:2] == ids.shape:  # per token: (batch, longest, ...) -> (rows, width, ...)
+            inputs[key] = packed.pack(value[order][:, : max(lengths)], 0)
+        elif value.shape[0] == ids.shape[0]:  # per sample: pixel_values, image sizes
+            inputs[key] = value[order]
+        else:
+            raise SystemExit(f"pack: cannot reorder {key} of shape {tuple(value.shape)} by sample")
+    labels = batch["labels"][order][:, : max(lengths)].clone()  # (batch, longest)
+    labels[:, 0] = IGNORE_INDEX
+    return {
+        "inputs": inputs,
+        "labels": packed.pack(labels, IGNORE_INDEX),  # (rows, width)
+        "task_ids": batch["task_ids"][order],
+        "lengths": lengths,
+        PACKING: packed.to_dict(),
+    }
+
+
+def on_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """``batch`` on ``device`` with its ``lengths`` and, packed, its layout."""
+    out = to_device(batch, device, dtype) | {"lengths": batch["lengths"]}
+    if PACKING in batch:
+        out[PACKING] = {k: v.to(device) for k, v in batch[PACKING].items()}
+    return out
+
+
 def padded_tokens(batches: list[dict[str, Any]]) -> int:
-    return sum(len(b["lengths"]) * max(b["lengths"]) for b in batches)
+    """The positions of ``batches``: rows x width, real tokens and padding."""
+    return sum(b["labels"].numel() for b in batches)
+
+
+def padding_table(layouts: dict[str, list[dict[str, Any]]]) -> str:
+    """Per layout of the same samples: rows, positions, and the padded positions' share of all positions."""
+    lines = [
+        "| batches | rows per pass | positions | real tokens | padded positions | padded share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, batches in layouts.items():
+        positions, real = padded_tokens(batches), sum(sum(b["lengths"]) for b in batches)
+        rows = sum(b["labels"].shape[0] for b in batches)
+        padded = positions - real
+        lines.append(f"| {name} | {rows} | {positions:,} | {real:,} | {padded:,} | {padded / positions:.1%} |")
+    return "\n".join(lines)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -323,6 +457,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--attn",
+        default=None,
+        help="attention implementation of every model (sdpa, eager, flash_attention_2; default: transformers' choice, "
+        "sdpa), as model.backbone.attn_implementation",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -358,12 +498,17 @@ def main(argv: list[str] | None = None) -> None:
     lora = {"r": args.rank, "alpha": alpha, "dropout": args.dropout}
 
     ours: dict[str, Runner] = {}
-    for name, speed, _ in variants(args.check):
+    for name, speed, _ in variants(args.check, max_len):
         ours[name] = build_runner(Variant(name, "lora", lora), model_dir, device, True, args.seed, speed)
+        if args.attn:
+            ours[name].model.set_attn_implementation(args.attn)
     base = ours["levers off"]
     lm_path = get_path(base.model, LANGUAGE_MODEL_PATHS, "language model")[0]
     names = [f"{lm_path}.{n}" for n, m in language_model(base.model).named_modules() if isinstance(m, AdaptedLinear)]
-    theirs = build_peft(model_dir, device, names, args.rank, alpha, args.dropout)
+    theirs = build_peft(model_dir, device, names, args.rank, alpha, args.dropout, args.attn)
+    attention = {language_model(r.model).config._attn_implementation for r in [*ours.values(), theirs]}
+    if len(attention) != 1 or (args.attn and attention != {args.attn}):
+        raise AssertionError(f"the models' attention implementations differ from --attn {args.attn}: {attention}")
     adapted = 0
     for runner in ours.values():  # the same generator every time: every variant and PEFT get the same B
         adapted = same_initial_adapters(runner, theirs, lm_path, args.seed)
@@ -377,8 +522,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = next(p.dtype for p in base.model.parameters() if p.is_floating_point())
     image_token = base.model.config.image_token_id
     raw = mixed_batches(model_dir, args.batches, args.batch, max_len, image_token, args.seed, args.answer)
-    as_given = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in raw]
-    grouped = [to_device(b, device, dtype) | {"lengths": b["lengths"]} for b in regroup(raw, args.seed)]
+    regrouped = regroup(raw, args.seed)
+    built = {AS_GIVEN: raw, GROUPED: regrouped, packed_name(None, AS_GIVEN): [pack(b, None) for b in raw]}
+    built |= {packed_name(n): [pack(b, n) for b in regrouped] for n in pack_lengths(max_len)}
+    layouts = {name: [on_device(b, device, dtype) for b in batches] for name, batches in built.items()}
+    as_given = layouts[AS_GIVEN]
     text = language_model(base.model).config
     setup = {
         "family": "llava",
@@ -390,6 +538,7 @@ def main(argv: list[str] | None = None) -> None:
         "trainable_params": trainable[0],
         "lora": lora,
         "quantization": "nf4 + double quant (bitsandbytes)",
+        "attention": attention.pop(),
         "gradient_checkpointing": (
             "mmpeft non-reentrant; PEFT as prepare_model_for_kbit_training leaves it (torch's default, reentrant)"
         ),
@@ -397,16 +546,23 @@ def main(argv: list[str] | None = None) -> None:
         "batches_per_pass": args.batches,
         "max_len": max_len,
         "lengths": [b["lengths"] for b in raw],
-        "padded_tokens_per_pass": {"as given": padded_tokens(raw), "length-grouped": padded_tokens(grouped)},
+        "padded_tokens_per_pass": {name: padded_tokens(batches) for name, batches in built.items()},
         "rounds": args.rounds,
     }
     print("setup: " + ", ".join(f"{k} {v}" for k, v in setup.items()))
+    print()
+    print(padding_table(built))
+    print()
 
     loss_theirs = first_loss(theirs, peft_loss, as_given[0])
     tolerance = 1e-4 if device.type == "cpu" else 2e-2
     firsts = {}
-    for name, runner in ours.items():
-        firsts[name] = first_loss(runner, mmpeft_loss, as_given[0])
+    for name, _, batches in variants(args.check, max_len):
+        runner, first = ours[name], as_given[0]
+        if PACKING in layouts[batches][0]:  # packing is exact: the first batch packed as this variant packs
+            pack_length = next(n for n in pack_lengths(max_len) if packed_name(n) == batches)
+            first = on_device(pack(raw[0], pack_length), device, dtype)
+        firsts[name] = first_loss(runner, mmpeft_loss, first)
         rel = abs(firsts[name] - loss_theirs) / abs(loss_theirs)
         if not rel <= tolerance:
             raise AssertionError(
@@ -415,15 +571,16 @@ def main(argv: list[str] | None = None) -> None:
             )
     worst = max(abs(v - loss_theirs) / abs(loss_theirs) for v in firsts.values())
     print(
-        f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants), "
+        f"first-step losses agree: mmpeft {firsts['levers off']:.6f} (all {len(ours)} variants, "
+        "packed ones on the first batch packed), "
         f"PEFT {loss_theirs:.6f} "
         f"(largest relative difference {worst:.1e} <= {tolerance:.0e})"
     )
 
     coefficients = RoutingLosses()
     sides: dict[str, tuple[Runner, Any, list[dict[str, Any]]]] = {"peft": (theirs, peft_step, as_given)}
-    for name, _, grouping in variants(args.check):
-        sides[name] = (ours[name], mmpeft_step, grouped if grouping else as_given)
+    for name, _, batches in variants(args.check, max_len):
+        sides[name] = (ours[name], mmpeft_step, layouts[batches])
     before = {
         name: [p.detach().clone() for p in r.optimizer.param_groups[0]["params"]] for name, (r, _, _) in sides.items()
     }
@@ -438,9 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         name: pass_peak_bytes(runner, step, batches, coefficients, device)
         for name, (runner, step, batches) in sides.items()
     }
-    tokens = {
-        name: sum(int(b["inputs"]["attention_mask"].sum()) for b in batches) for name, (_, _, batches) in sides.items()
-    }
+    tokens = {name: sum(sum(b["lengths"]) for b in batches) for name, (_, _, batches) in sides.items()}
     order = list(sides)
     rounds: list[dict[str, float]] = []
     for k in range(args.rounds):
@@ -458,8 +613,11 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = summarise(rounds, peaks, tokens, device)
     elapsed = time.perf_counter() - started
+    shares = {name: 1 - sum(sum(b["lengths"]) for b in bs) / padded_tokens(bs) for name, bs in built.items()}
     print()
     print(variant_table(rows, device))
+    print()
+    print(packing_table({name: batches for name, _, batches in variants(args.check, max_len)}, rounds, peaks, shares))
     print()
     print(target_table(rows))
     print()
@@ -472,6 +630,7 @@ def main(argv: list[str] | None = None) -> None:
                     "environment": env,
                     "setup": setup,
                     "first_losses": {"peft": loss_theirs, **firsts},
+                    "padded_share": shares,
                     "rows": rows,
                     "rounds": rounds,
                     "peak_bytes": peaks,
@@ -519,6 +678,30 @@ def variant_table(rows: list[dict[str, Any]], device: torch.device) -> str:
             cells.append(f"{t['median']:.3f}x [{t['ci95'][0]:.3f}-{t['ci95'][1]:.3f}]")
         cells += [mib(row["peak_bytes"]), f"{row['memory_x_peft']:.3f}x", f"{row['memory_x_levers off']:.3f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def packing_table(
+    variant_layouts: dict[str, str],
+    rounds: list[dict[str, float]],
+    peaks: dict[str, int],
+    shares: dict[str, float],
+) -> str:
+    """Issue 18: each packed variant against its padded, length-grouped twin (:func:`unpacked`): padded share,
+    pass time (per round: median, 95% interval) and peak memory."""
+    lines = [
+        "| packed variant | against | padded share | time x against [95% CI] | peak memory x against |",
+        "|---|---|---|---|---|",
+    ]
+    for name, batches in variant_layouts.items():
+        if batches not in (AS_GIVEN, GROUPED) and name != "peft":
+            ref = unpacked(name)
+            values = [r[name] / r[ref] for r in rounds]
+            low, high = median_ci(values)
+            lines.append(
+                f"| {name} | {ref} | {shares[batches]:.1%} (against {shares[variant_layouts[ref]]:.1%}) | "
+                f"{statistics.median(values):.3f}x [{low:.3f}-{high:.3f}] | {peaks[name] / peaks[ref]:.3f}x |"
+            )
     return "\n".join(lines)
 
 

@@ -67,13 +67,34 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     result = run_check("vs_peft")
     out = result.stdout
     agree = [line for line in out.splitlines() if line.startswith("first-step losses agree: mmpeft ")]
-    assert len(agree) == 1 and "(all 8 variants)" in agree[0]
+    assert len(agree) == 1 and "(all 12 variants, packed ones on the first batch packed)" in agree[0]
     relative = float(agree[0].split("largest relative difference ")[1].split()[0])
     assert relative <= 1e-4
     setup = next(line for line in out.splitlines() if line.startswith("setup: "))
     padded = setup.split("padded_tokens_per_pass ")[1].split("}")[0] + "}"
-    padding = ast.literal_eval(padded)  # {'as given': n, 'length-grouped': m}: the same samples, regrouped
+    padding = ast.literal_eval(padded)  # {'as given': n, 'length-grouped': m, ...}: the same samples, regrouped
     assert padding["length-grouped"] <= padding["as given"]
+    # Packing (issue 18): the same real tokens in fewer positions; rows of 2x --max-len (256) hold no padding here.
+    layouts = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[1].isdigit():
+            layouts[cells[0]] = [int(c.replace(",", "")) for c in cells[1:5]] + [float(cells[5].rstrip("%"))]
+    grouped = "length-grouped"
+    assert set(layouts) == {
+        "as given",
+        grouped,
+        "as given, packed to the longest",
+        f"{grouped}, packed to the longest",
+        f"{grouped}, packed to 256",
+        f"{grouped}, packed to 512",
+    }
+    for name, (rows, positions, real, padded, share) in layouts.items():
+        assert rows > 0 and real == layouts["as given"][2] and positions == real + padded, name
+        assert abs(share - 100 * padded / positions) < 0.05 and positions == padding[name], name
+    assert layouts["as given, packed to the longest"][1] <= layouts["as given"][1]
+    assert layouts[f"{grouped}, packed to the longest"][1] <= layouts[grouped][1]
+    assert layouts[f"{grouped}, packed to 256"][3] == 0 and layouts[f"{grouped}, packed to 256"][0] == 2
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -87,8 +108,12 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
         "- input_grads",
         "checkpoint_every 2",
         "+ length-grouped batches",
+        "+ packed batches",
+        "+ packed batches, pack_length 256",
+        "+ packed batches, pack_length 512",
         "defaults",
         "all levers",
+        "all levers + packed batches, pack_length 256",
     }
     for name, cells in rows.items():
         seconds, rate, peak = float(cells[1].split()[0]), float(cells[2]), float(cells[5])
@@ -97,6 +122,17 @@ def test_vs_peft_check_gives_the_same_first_loss_and_a_row_per_variant():
     assert rows["peft"][3].startswith("1.000x") and rows["levers off"][4].startswith("1.000x")
     # The chunked loss never holds the (positions x vocabulary) logits; the memory measure must see it.
     assert float(rows["+ loss_chunk 16"][7].rstrip("x")) < 1.0
+    # Each packed variant against its padded twin, with the padded shares of both.
+    packing = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in rows and "x [" in cells[3]:
+            packing[cells[0]] = cells
+    assert set(packing) == {name for name in rows if "packed" in name}
+    assert packing["all levers + packed batches, pack_length 256"][1] == "all levers"
+    assert packing["+ packed batches, pack_length 256"][2] == "0.0% (against 12.3%)"
+    for cells in packing.values():
+        assert float(cells[3].split("x")[0]) > 0 and float(cells[4].rstrip("x")) > 0
     targets = [
         line for line in out.splitlines() if line.startswith(("| defaults |", "| all levers |")) and "<= 0.85x" in line
     ]
