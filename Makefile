@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # PyTorch's CPU index), else PyPI's, the CUDA build. TORCH=<wheel file or requirement> installs another.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): CI has 2 cores, and most of a test's time is single-threaded Python (imports,
+# subprocess start-up, tiny models), so two processes share them better than one.
+TEST_WORKERS ?= 2
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -30,7 +33,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff format --check --quiet .
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=20
 
 clean:
 	rm -rf .cache runs lightning_logs

@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mmpeft.adapters import AdapterGroup
+from mmpeft.adapters.inject import TowerContext, tower_routing_losses
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.memory import meta_model
 from mmpeft.models.backbone import (
@@ -81,15 +82,46 @@ CUDA_BLOCK = 512
 """PyTorch's CUDA caching allocator hands out multiples of 512 bytes (its smallest block size)."""
 
 
+@dataclass
+class StepLosses:
+    """What one training step computes: the LM loss, each sample's mean, and the unweighted routing losses."""
+
+    lm: torch.Tensor
+    """``()`` the mean next-token loss over the batch's trained tokens."""
+
+    samples: torch.Tensor
+    """``(batch,)`` each sample's mean (detached; NaN without trained tokens)."""
+
+    aux: dict[str, torch.Tensor]
+    """Each enabled routing loss, unweighted (:func:`~mmpeft.adapters.routing.routing_losses`)."""
+
+    total: torch.Tensor
+    """``()`` what the step backpropagates: ``lm`` plus the weighted routing losses."""
+
+
+def step_losses(
+    model: nn.Module,
+    context: RoutingContext,
+    batch: dict[str, Any],
+    speed: Speed,
+    routing: RoutingLosses,
+    towers: list[TowerContext] | tuple = (),
+) -> StepLosses:
+    """The losses of a training step over ``batch`` (padded or packed), as :meth:`MMPeftModule.training_step` logs and
+    backpropagates them; ``towers``: the vision and projector groups' contexts, whose routing losses count only
+    where their group asks (``routing_losses: true``)."""
+    with routed(context, batch):
+        lm, samples = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk, Layout.of(batch))
+        aux = tower_routing_losses(list(towers), routing, routing_losses(context, routing))
+    extra = weighted_sum(aux, routing)
+    return StepLosses(lm, samples, aux, lm if extra is None else lm + extra)
+
+
 def training_loss(
     model: nn.Module, context: RoutingContext, batch: dict[str, Any], speed: Speed, routing: RoutingLosses
 ) -> torch.Tensor:
-    """The loss a training step backpropagates, as :meth:`MMPeftModule.training_step` computes it."""
-    with routed(context, batch):
-        loss, _ = lm_losses(model, batch["inputs"], batch["labels"], speed.loss_chunk, Layout.of(batch))
-        aux = routing_losses(context, routing)
-    extra = weighted_sum(aux, routing)
-    return loss if extra is None else loss + extra
+    """The loss a training step backpropagates (:func:`step_losses`)."""
+    return step_losses(model, context, batch, speed, routing).total
 
 
 # -- counting: every storage an operator creates, until it is freed --------------------------------

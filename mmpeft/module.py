@@ -25,9 +25,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import get_cosine_schedule_with_warmup
 
+from mmpeft.activations import step_losses
 from mmpeft.adapters import AdaptedLinear, AdapterGroup
-from mmpeft.adapters.inject import TowerContext, group_of, tower_contexts, tower_routing_losses
-from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses, routing_losses, weighted_sum
+from mmpeft.adapters.inject import TowerContext, group_of, tower_contexts
+from mmpeft.adapters.routing import Router, RoutingContext, RoutingLosses
 from mmpeft.checkpoint import ADAPTER_KEY, RNG_KEY, AtomicCheckpointIO, rng_states, set_rng_states
 from mmpeft.data.contract import TaskData
 from mmpeft.errors import ConfigError
@@ -41,7 +42,7 @@ from mmpeft.models.backbone import (
     load_backbone,
     load_processor,
 )
-from mmpeft.objective import kept_logits, lm_losses, next_token_targets, routed
+from mmpeft.objective import kept_logits, next_token_targets, routed
 from mmpeft.packing import Layout, model_inputs
 from mmpeft.planner import Preflight, preflight
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
@@ -270,23 +271,15 @@ class MMPeftModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Recorded in every stage: the routing statistics of mmpeft/monitor.py; only training adds losses.
-        with routed(self.routing_context, batch):
-            loss, self.sample_losses = lm_losses(
-                self.model, batch["inputs"], batch["labels"], self.speed.loss_chunk, Layout.of(batch)
-            )
-            aux = tower_routing_losses(
-                self.tower_contexts, self.routing, routing_losses(self.routing_context, self.routing)
-            )  # the vision and projector groups' routers only where the group asks (routing_losses: true)
+        step = step_losses(self.model, self.routing_context, batch, self.speed, self.routing, self.tower_contexts)
+        self.sample_losses = step.samples
         size = batch["task_ids"].shape[0]  # samples, not a packed batch's rows
-        self.log("train/loss", loss, batch_size=size, prog_bar=True)
-        for name, value in aux.items():
+        self.log("train/loss", step.lm, batch_size=size, prog_bar=True)
+        for name, value in step.aux.items():
             self.log(f"train/aux/{name}", value, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
-        extra = weighted_sum(aux, self.routing)
-        if extra is not None:
-            loss = loss + extra
         self._count_skipped(batch)
-        return loss
+        return step.total
 
     def _count_skipped(self, batch: dict[str, Any]) -> None:
         """Log how many samples were skipped so far, by reason (``data/skipped/<reason>``)."""

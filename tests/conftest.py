@@ -83,30 +83,57 @@ def forget_package(package: str) -> None:
         sys.modules.pop(name)
 
 
+TABLES = {
+    "test_families": "family conformance",
+    "test_images": "image tokens and resolution",
+    "test_estimate_configs": "memory plan, LoRA on all-linear, 2 samples, CUDA",
+    "test_packing": "packed = padded: per-sample losses, routing losses, adapter gradients",
+}
+"""The per-family tables: a test module's ``RESULTS`` (family -> check -> outcome) and ``CHECKS`` (the columns)."""
+
+_tables: dict[str, tuple[tuple[str, ...], dict[str, dict[str, str]]]] = {}
+"""The tables as reported, merged in the process that prints them (the controller under pytest-xdist)."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After a test of a table module, its table so far travels with the test's report: under pytest-xdist the tests
+    run in worker processes, and only reports reach the process that prints the summary."""
+    outcome = yield
+    report = outcome.get_result()
+    module = getattr(item, "module", None)
+    name = getattr(module, "__name__", "")
+    if report.when == "teardown" and name in TABLES and module.RESULTS:
+        rows = {family: dict(row) for family, row in module.RESULTS.items()}
+        report.user_properties.append(("family_table", (name, tuple(module.CHECKS), rows)))
+
+
+def pytest_runtest_logreport(report) -> None:
+    for key, value in report.user_properties:
+        if key == "family_table":
+            name, checks, rows = value
+            merged = _tables.setdefault(name, (tuple(checks), {}))[1]
+            for family, row in rows.items():
+                merged.setdefault(family, {}).update(row)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The per-family tables: conformance (tests/test_families.py), image tokens (tests/test_images.py), memory
-    plans (tests/test_estimate_configs.py) and packing (tests/test_packing.py), a row per family, a column per
-    check."""
-    import sys
+    """The per-family tables (:data:`TABLES`): a row per family, a column per check."""
+    from mmpeft.models.tiny import FAMILIES
 
-    for name, title in (
-        ("test_families", "family conformance"),
-        ("test_images", "image tokens and resolution"),
-        ("test_estimate_configs", "memory plan, LoRA on all-linear, 2 samples, CUDA"),
-        ("test_packing", "packed = padded: per-sample losses, routing losses, adapter gradients"),
-    ):
-        module = sys.modules.get(name)
-        if module is not None and module.RESULTS:
-            _family_table(terminalreporter, module, f"{title} (tests/{name}.py)")
+    for name, title in TABLES.items():
+        if name in _tables:
+            checks, rows = _tables[name]
+            order = sorted(rows, key=lambda f: (list(FAMILIES).index(f) if f in FAMILIES else len(FAMILIES), f))
+            _family_table(terminalreporter, checks, {f: rows[f] for f in order}, f"{title} (tests/{name}.py)")
 
 
-def _family_table(terminalreporter, module, title: str) -> None:
-    checks = module.CHECKS
-    width = max(len(f) for f in module.RESULTS)
+def _family_table(terminalreporter, checks: tuple[str, ...], rows: dict[str, dict[str, str]], title: str) -> None:
+    width = max(len(f) for f in rows)
     terminalreporter.write_sep("=", title)
-    widths = [max(len(c), *(len(row.get(c, "-")) for row in module.RESULTS.values())) for c in checks]
+    widths = [max(len(c), *(len(row.get(c, "-")) for row in rows.values())) for c in checks]
     terminalreporter.write_line(f"{'family':<{width}}  " + "  ".join(c.center(w) for c, w in zip(checks, widths)))
-    for family, row in module.RESULTS.items():
+    for family, row in rows.items():
         # A check a failing test never reached shows "-": the failure is in the first of them.
         cells = [row.get(c, "-").center(w) for c, w in zip(checks, widths)]
         terminalreporter.write_line(f"{family:<{width}}  " + "  ".join(cells))

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "mmpeft.flags",
             "mmpeft.compat",
             "mmpeft.registry",
+            "mmpeft.packing",
             "mmpeft.objective",
         ],
     ),
