@@ -300,10 +300,9 @@ def test_a_packed_pass_has_the_same_batches_with_under_5_percent_padding(tiny_mo
     pads = {name: pad_share(batches) for name, batches in runs.items()}
     real = {all_ - pad for pad, all_ in pads.values()}
     assert len(real) == 1  # the same real tokens
-    # Rows of up to max_length (256) tokens, pack_length's default, take a whole batch of 4: no padding at all. Rows
-    # of 120 tokens (about two samples) leave under 5%, in stream order and length-grouped.
-    assert pads["padded"] == (779, 3740) and pads["grouped"] == (195, 3156)
-    assert pads["packed"][0] == pads["grouped+packed"][0] == 0
+    # Rows no wider than each batch's longest sample (pack_length's default) pack nothing here: no two of a batch's
+    # samples fit beside each other. Rows of 120 tokens (about two samples) leave under 5% once length-grouped.
+    assert pads["padded"] == pads["packed"] == (779, 3740) and pads["grouped"] == pads["grouped+packed"] == (195, 3156)
     assert pads["packed 120"] == (165, 3126) and pads["grouped+packed 120"] == (37, 2998)
     for name in ("packed 120", "grouped+packed 120"):
         assert all(b["labels"].shape[1] <= 120 for b in runs[name])
