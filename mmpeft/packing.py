@@ -34,7 +34,9 @@ a transformers that fixes it shows up as a failing test).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -144,6 +146,16 @@ class Layout:
         return self.sample >= 0
 
 
+def packed_order(lengths: list[int], capacity: int) -> tuple[list[int], list[list[int]], Layout]:
+    """The order samples of ``lengths`` take in their rows (:func:`plan_rows` with ``capacity``), the rows as
+    indices into that order, and the :class:`Layout` of the samples in that order."""
+    plan = plan_rows(lengths, capacity)
+    order = [i for row in plan for i in row]
+    starts = list(accumulate((len(row) for row in plan), initial=0))
+    rows = [list(range(a, b)) for a, b in zip(starts, starts[1:])]  # the same rows, in the new order
+    return order, rows, layout(rows, [lengths[i] for i in order])
+
+
 def layout(rows: list[list[int]], lengths: list[int]) -> Layout:
     """The :class:`Layout` of samples of ``lengths`` placed in ``rows`` (each a list of sample indices, in the
     order their tokens go)."""
@@ -187,9 +199,15 @@ def check_packable(model: nn.Module) -> None:
         )
 
 
+_rope_owners: WeakKeyDictionary[nn.Module, nn.Module | None] = WeakKeyDictionary()
+
+
 def rope_index_owner(model: nn.Module) -> nn.Module | None:
-    """The module whose ``get_rope_index`` computes the model's multimodal (3-D) RoPE positions, if it has one."""
-    return next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    """The module whose ``get_rope_index`` computes the model's multimodal (3-D) RoPE positions, if it has one
+    (looked up once per model: it is asked at every packed step)."""
+    if model not in _rope_owners:
+        _rope_owners[model] = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+    return _rope_owners[model]
 
 
 def model_positions(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout) -> torch.Tensor:

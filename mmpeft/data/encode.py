@@ -18,7 +18,6 @@ import difflib
 import inspect
 import logging
 from collections import Counter
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.errors import ConfigError, DataError
 from mmpeft.objective import IGNORE_INDEX
-from mmpeft.packing import PACKING, layout, plan_rows
+from mmpeft.packing import PACKING, packed_order
 
 REPORT_FIRST = 5
 """How many skipped samples per reason are reported with their shard and key."""
@@ -462,12 +461,8 @@ class ChatEncoder:
         """``items`` reordered as :func:`~mmpeft.packing.plan_rows` lays them in rows, and their inputs, labels and
         :class:`~mmpeft.packing.Layout` packed (see :mod:`mmpeft.packing`)."""
         lengths = [item["tokens"]["input_ids"].shape[0] for item in items]
-        rows = plan_rows(lengths, self.pack_length or max(lengths))
-        order = [i for row in rows for i in row]
-        items, lengths = [items[i] for i in order], [lengths[i] for i in order]
-        starts = list(accumulate((len(row) for row in rows), initial=0))
-        rows = [list(range(a, b)) for a, b in zip(starts, starts[1:])]  # the same rows, in the new order
-        packed = layout(rows, lengths)
+        order, rows, packed = packed_order(lengths, self.pack_length or max(lengths))
+        items = [items[i] for i in order]
         width = packed.shape[1]
         tokens = self._token_rows(items)
         if "cross_attention_mask" in tokens:
