@@ -182,12 +182,18 @@ def layout(rows: list[list[int]], lengths: list[int]) -> Layout:
 REFUSED = {
     "mllama": "its cross-attention layers read each row's own images (cross_attention_mask), so samples cannot "
     "share a row",
-    "gemma3": "transformers builds its sliding-window layers' mask with the image blocks as an or-mask, and for packed "
-    "rows it looks that mask up at each token's position within its sample instead of within the row (masking_utils."
-    "remap_positions_for_packed_sequence), so tokens would attend to the wrong positions; with only full-attention "
-    "layers the packed losses are exact (tests/test_packing.py)",
 }
 """Model types (``config.model_type``) whose packed batches would not be exact, and why."""
+
+OWN_MASKS = {
+    "gemma3": "transformers builds its sliding-window layers' mask with the image blocks as an or-mask, and for "
+    "packed rows it looks that mask up at each token's position within its sample instead of within the row "
+    "(masking_utils.remap_positions_for_packed_sequence), so tokens would attend to the wrong positions "
+    "(measured in tests/test_packing.py)",
+}
+"""Model types whose masks transformers gets wrong for packed rows, and why: their attention masks are built per
+sample by the model's own ``create_masks_for_generate`` and laid block-diagonally in the rows (:func:`sample_masks`).
+"""
 
 
 def check_packable(model: nn.Module) -> None:
@@ -199,15 +205,80 @@ def check_packable(model: nn.Module) -> None:
         )
 
 
-_rope_owners: WeakKeyDictionary[nn.Module, nn.Module | None] = WeakKeyDictionary()
+_owners: WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = WeakKeyDictionary()
+
+
+def module_with(model: nn.Module, method: str) -> nn.Module | None:
+    """The first module of ``model`` with a callable ``method`` (looked up once per model and method: it is asked at
+    every packed step)."""
+    found = _owners.setdefault(model, {})
+    if method not in found:
+        found[method] = next((m for m in model.modules() if callable(getattr(m, method, None))), None)
+    return found[method]
 
 
 def rope_index_owner(model: nn.Module) -> nn.Module | None:
-    """The module whose ``get_rope_index`` computes the model's multimodal (3-D) RoPE positions, if it has one
-    (looked up once per model: it is asked at every packed step)."""
-    if model not in _rope_owners:
-        _rope_owners[model] = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
-    return _rope_owners[model]
+    """The module whose ``get_rope_index`` computes the model's multimodal (3-D) RoPE positions, if it has one."""
+    return module_with(model, "get_rope_index")
+
+
+MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
+"""Attention implementations that take the dense masks :func:`sample_masks` builds. The flash-attention ones read the
+boundaries from the position ids and honour no mask function in either layout, so they need none."""
+
+
+def sample_masks(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout) -> dict[str, torch.Tensor] | None:
+    """The attention masks of ``model``'s layer types for a packed batch, each ``(rows, 1, length, length)``: every
+    sample's own mask, as the model's ``create_masks_for_generate`` builds it for the sample in the padded layout
+    (its token types included), on the row's diagonal; a row's padding attends causally to itself (a sequence of its
+    own, as transformers treats it); nothing crosses a boundary. ``None`` under flash-attention."""
+    config = model.config
+    implementation = config.get_text_config()._attn_implementation
+    if implementation not in MASKED_IMPLEMENTATIONS:
+        if implementation and "flash" in implementation:
+            return None
+        raise ConfigError(
+            f"data.packing: {config.model_type} packs under attention implementations "
+            f"{', '.join(MASKED_IMPLEMENTATIONS)} or flash-attention, not {implementation!r}"
+        )
+    builder = module_with(model, "create_masks_for_generate")
+    device = inputs["input_ids"].device
+    dtype = model.get_input_embeddings().weight.dtype
+    n, longest = packed.mask.shape
+    mask = packed.mask.to(device)
+    extra = {"token_type_ids": packed.unpack(inputs["token_type_ids"])} if "token_type_ids" in inputs else {}
+    masks = builder.create_masks_for_generate(
+        config=config,
+        inputs_embeds=torch.empty((n, longest, 0), dtype=dtype, device=device),  # read for its shape, dtype, device
+        attention_mask=mask.long(),
+        cache=None,
+        position_ids=torch.arange(longest, device=device).expand(n, -1),
+        is_first_iteration=True,
+        **extra,
+    )
+    if not isinstance(masks, dict):
+        masks = {"full_attention": masks}
+    return {kind: _block_diagonal(value, packed, mask, dtype) for kind, value in masks.items()}
+
+
+def _block_diagonal(per_sample: torch.Tensor | None, packed: Layout, mask: torch.Tensor, dtype: torch.dtype):
+    """``per_sample`` ``(n, 1, longest, longest)`` masks (``None``: causal) laid in the rows: ``(rows, 1, length,
+    length)``, bool or additive float like the model's own."""
+    rows, length = packed.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    if per_sample is None:
+        longest = mask.shape[1]
+        per_sample = (causal[:longest, :longest] & mask[:, None, :]).unsqueeze(1)  # (n, 1, longest, longest)
+    allowed = per_sample if per_sample.dtype == torch.bool else per_sample == 0  # additive masks: 0 where attended
+    out = torch.zeros(rows, 1, length, length, dtype=torch.bool, device=mask.device)
+    for r, end in enumerate((packed.sample >= 0).sum(1).tolist()):  # a row's padding: a causal sequence of its own
+        out[r, 0, end:, end:] = causal[: length - end, : length - end]
+    for i, (flat, size) in enumerate(zip(packed.index[:, 0].tolist(), mask.sum(1).tolist())):
+        r, start = divmod(flat, length)
+        out[r, 0, start : start + size, start : start + size] = allowed[i, 0, :size, :size]
+    if per_sample.dtype == torch.bool:
+        return out
+    return torch.zeros(out.shape, dtype=dtype, device=out.device).masked_fill(~out, torch.finfo(dtype).min)
 
 
 def model_positions(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout) -> torch.Tensor:
@@ -233,8 +304,13 @@ def model_positions(model: nn.Module, inputs: dict[str, torch.Tensor], packed: L
 
 
 def model_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout | None) -> dict[str, torch.Tensor]:
-    """``inputs`` as ``model`` takes them: a packed batch gains its ``position_ids`` (:func:`model_positions`)."""
+    """``inputs`` as ``model`` takes them: a packed batch gains its ``position_ids`` (:func:`model_positions`), and for
+    the families of :data:`OWN_MASKS` its attention masks (:func:`sample_masks`)."""
     if packed is None:
         return inputs
     check_packable(model)
-    return {**inputs, "position_ids": model_positions(model, inputs, packed)}
+    out = {**inputs, "position_ids": model_positions(model, inputs, packed)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in OWN_MASKS and (masks := sample_masks(model, inputs, packed)) is not None:
+        out["attention_mask"] = masks
+    return out

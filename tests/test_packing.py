@@ -207,10 +207,15 @@ def test_without_per_sample_positions_the_packed_losses_differ(tiny_model_dirs):
     assert largest_gap(want, along) > 1e-2
 
 
-def test_gemma3_is_refused_because_its_sliding_layers_mask_packed_rows_wrongly(tiny_model_dirs):
-    """Gemma 3's refusal, measured: packed per-sample losses differ with its sliding-window layer and agree when
-    every layer is full attention (transformers remaps the image-block or-mask to positions within the sample).
-    When a transformers release fixes it, the first assertion fails: lift the refusal then."""
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gemma3_packs_with_its_own_masks_per_sample_because_transformers_masks_packed_rows_wrongly(
+    attention, tiny_model_dirs
+):
+    """Gemma 3 (mmpeft.packing.OWN_MASKS), measured: with transformers' masks for the packed rows the per-sample
+    losses differ with its sliding-window layers and agree when every layer is full attention (transformers remaps
+    the image-block or-mask to positions within the sample); with each sample's own masks laid block-diagonally
+    (sample_masks) they agree with the sliding layers too, under both mask kinds (bool for sdpa, additive for eager).
+    When a transformers release fixes the remap, the first assertion fails: drop gemma3 from OWN_MASKS then."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     base = tiny_model_dirs["gemma3"]
@@ -221,13 +226,23 @@ def test_gemma3_is_refused_because_its_sliding_layers_mask_packed_rows_wrongly(t
         if variant != "as built":
             config.text_config.layer_types = ["full_attention"] * len(config.text_config.layer_types)
         assert ("sliding_attention" in config.text_config.layer_types) == (variant == "as built")
-        model = AutoModelForImageTextToText.from_pretrained(base, config=config).eval()
+        assert int(padded["inputs"]["attention_mask"].sum(1).max()) > config.text_config.sliding_window  # it cuts
+        model = AutoModelForImageTextToText.from_pretrained(base, config=config, attn_implementation=attention).eval()
+        want = sample_losses(model, padded)
         inputs = {**packed["inputs"], "position_ids": model_positions(model, packed["inputs"], Layout.of(packed))}
-        gaps[variant] = largest_gap(sample_losses(model, padded), sample_losses(model, packed, inputs))
+        gaps[variant] = largest_gap(want, sample_losses(model, packed, inputs))
+        gaps[f"{variant}, own masks"] = largest_gap(
+            want, sample_losses(model, packed, model_inputs(model, packed["inputs"], Layout.of(packed)))
+        )
     assert gaps["as built"] > 1e-2, gaps
     assert gaps["full attention only"] < TOLERANCE, gaps
-    with pytest.raises(ConfigError, match="gemma3 models cannot be packed: transformers builds its sliding-window"):
-        model_inputs(model, packed["inputs"], Layout.of(packed))
+    assert gaps["as built, own masks"] < TOLERANCE and gaps["full attention only, own masks"] < TOLERANCE, gaps
+    masks = model_inputs(model, packed["inputs"], Layout.of(packed))["attention_mask"]
+    rows, width = packed["labels"].shape
+    assert {k: tuple(v.shape) for k, v in masks.items()} == dict.fromkeys(
+        ["full_attention", "sliding_attention"], (rows, 1, width, width)
+    )
+    assert masks["full_attention"].dtype == (torch.bool if attention == "sdpa" else torch.float32)
 
 
 def test_mllama_cannot_be_packed(tiny_model_dirs):
