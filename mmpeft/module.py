@@ -43,7 +43,7 @@ from mmpeft.models.backbone import (
     load_processor,
 )
 from mmpeft.objective import kept_logits, next_token_targets, routed
-from mmpeft.packing import Layout, model_inputs
+from mmpeft.packing import Layout, packed_inputs
 from mmpeft.planner import Preflight, preflight
 from mmpeft.saving import AdapterSpec, apply_adapter, base_summary, read_spec, save_adapter, trainable_tensors
 from mmpeft.speed import Speed, apply_to_adapters
@@ -316,8 +316,8 @@ class MMPeftModule(L.LightningModule):
             metrics.update_answers(answers, batch["references"], task_ids)
         keep, targets = next_token_targets(labels)  # (batch, seq), (n_kept,)
         packed = Layout.of(batch)
-        with routed(self.routing_context, batch):
-            logits = kept_logits(self.model, model_inputs(self.model, inputs, packed), keep)  # (n_kept, vocab)
+        with routed(self.routing_context, batch), packed_inputs(self.model, inputs, packed) as model_in:
+            logits = kept_logits(self.model, model_in, keep)  # (n_kept, vocab)
         samples = keep.nonzero(as_tuple=True)[0] if packed is None else packed.sample.to(keep.device)[keep]
         metrics.update_forced(logits, targets, task_ids[samples], task_ids)
         self._count_skipped(batch)

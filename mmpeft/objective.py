@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpeft.packing import Layout, model_inputs
+from mmpeft.packing import Layout, packed_inputs
 
 if TYPE_CHECKING:  # the data pipeline imports this module for IGNORE_INDEX; it needs no adapter code
     from mmpeft.adapters.routing import RoutingContext
@@ -134,10 +134,11 @@ def lm_losses(
     The per-sample means ``(batch,)`` (detached; NaN for a sample without trained tokens) come
     from the same per-token losses (:func:`token_losses`), for the per-task losses of
     :mod:`mmpeft.monitor`. A packed batch (``packed``) gets its position ids here
-    (:func:`~mmpeft.packing.model_inputs`) and a mean per sample, not per row.
+    (:func:`~mmpeft.packing.packed_inputs`) and a mean per sample, not per row.
     """
     keep, targets = next_token_targets(labels)
-    token_loss = token_losses(model, model_inputs(model, inputs, packed), keep, targets, chunk)  # (n_kept,)
+    with packed_inputs(model, inputs, packed) as model_in:
+        token_loss = token_losses(model, model_in, keep, targets, chunk)  # (n_kept,)
     per_position = token_loss.new_zeros(keep.shape).masked_scatter(keep, token_loss.detach())  # (batch, seq)
     if packed is not None:  # (n, longest): each sample's positions
         per_position, keep = packed.unpack(per_position), packed.unpack(keep, False)

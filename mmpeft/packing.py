@@ -23,16 +23,23 @@ What keeps a packed batch exact (every sample's loss and every gradient as in th
   per-sample losses and per-task metrics come out per sample.
 
 Image inputs are the padded batch's, in sample order: every family but Mllama scatters image
-features into image-token positions in token order, which packing keeps.
+features into image-token positions in token order, which packing keeps. Mllama's cross-attention
+reads the images of its own row: each sample brings the padded batch's image slots (its images,
+then the processor's padding images) into its row, its cross-attention mask moves to those slots,
+and the key and value projections' routers work per sample through the slots' layout
+(:data:`PACKED_IMAGES`), so each sample attends to exactly what it attends to padded.
 
-Two families are refused (:data:`REFUSED`, checked on the first packed forward): Mllama, whose
-cross-attention reads each row's own images, and Gemma 3, whose sliding-window layers get a wrong
-mask from transformers for packed rows (measured; tests/test_packing.py keeps the measurement, so
-a transformers that fixes it shows up as a failing test).
+Gemma 3 (:data:`OWN_MASKS`): transformers 5.25 gets the mask of its sliding-window layers wrong for
+packed rows (measured; tests/test_packing.py keeps the measurement, so a transformers that fixes it
+shows up as a failing test), so its masks are built per sample by the model's own
+``create_masks_for_generate`` and laid block-diagonally in the rows (:func:`sample_masks`).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -45,6 +52,10 @@ from mmpeft.errors import ConfigError
 
 PACKING = "packing"
 """Where a packed batch keeps its :class:`Layout` tensors (``batch["packing"]``)."""
+
+PACKED_IMAGES = "packed_images"
+"""Where a packed batch whose cross-attention reads each row's images (Mllama) keeps the :class:`Layout` of its image
+slots: each sample's slots in its row."""
 
 
 def plan_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -101,14 +112,21 @@ class Layout:
     mask: torch.Tensor
     """``(n, longest)`` bool: ``j`` is within sample ``i`` (the padded batch's real tokens)."""
 
+    images: Layout | None = None
+    """Where cross-attention reads each row's images (Mllama): the layout of the image slots, each sample's
+    slots in its row (:data:`PACKED_IMAGES`)."""
+
     def to_dict(self) -> dict[str, torch.Tensor]:
         return {"sample": self.sample, "position": self.position, "index": self.index, "mask": self.mask}
 
     @classmethod
-    def of(cls, batch: dict[str, Any]) -> Layout | None:
-        """The layout of a collated batch, ``None`` when it is padded."""
-        packed = batch.get(PACKING)
-        return None if packed is None else cls(**packed)
+    def of(cls, batch: dict[str, Any], key: str = PACKING) -> Layout | None:
+        """The layout of a collated batch (its image slots' with ``key`` :data:`PACKED_IMAGES`), ``None`` when it is
+        padded."""
+        packed = batch.get(key)
+        if packed is None:
+            return None
+        return cls(**packed, images=cls.of(batch, PACKED_IMAGES) if key == PACKING else None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,6 +158,18 @@ class Layout:
         """``per_sample`` ``(n, ...)`` at every position of its sample: ``(rows, length, ...)`` (padding takes the
         first sample's)."""
         return per_sample[self.sample.to(per_sample.device).clamp(min=0)]
+
+    def repeat(self, k: int) -> Layout:
+        """The layout with every position made ``k`` consecutive ones (an image slot's ``k`` vision tokens)."""
+        if k == 1:
+            return self
+        steps = torch.arange(k, device=self.index.device)
+        return Layout(
+            self.sample.repeat_interleave(k, dim=1),
+            (self.position.unsqueeze(-1) * k + steps).flatten(1),
+            (self.index.unsqueeze(-1) * k + steps).flatten(1),
+            self.mask.repeat_interleave(k, dim=1),
+        )
 
     def real(self) -> torch.Tensor:
         """``(rows, length)`` bool: the positions holding a sample's token."""
@@ -179,12 +209,6 @@ def layout(rows: list[list[int]], lengths: list[int]) -> Layout:
 
 # -- positions: the model's own rules, per sample --------------------------------------------------
 
-REFUSED = {
-    "mllama": "its cross-attention layers read each row's own images (cross_attention_mask), so samples cannot "
-    "share a row",
-}
-"""Model types (``config.model_type``) whose packed batches would not be exact, and why."""
-
 OWN_MASKS = {
     "gemma3": "transformers builds its sliding-window layers' mask with the image blocks as an or-mask, and for "
     "packed rows it looks that mask up at each token's position within its sample instead of within the row "
@@ -194,15 +218,6 @@ OWN_MASKS = {
 """Model types whose masks transformers gets wrong for packed rows, and why: their attention masks are built per
 sample by the model's own ``create_masks_for_generate`` and laid block-diagonally in the rows (:func:`sample_masks`).
 """
-
-
-def check_packable(model: nn.Module) -> None:
-    """Raise :class:`~mmpeft.errors.ConfigError` naming the family and the reason where packing would not be exact."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in REFUSED:
-        raise ConfigError(
-            f"data.packing: {model_type} models cannot be packed: {REFUSED[model_type]}; set data.packing: false"
-        )
 
 
 _owners: WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = WeakKeyDictionary()
@@ -308,9 +323,63 @@ def model_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layo
     the families of :data:`OWN_MASKS` its attention masks (:func:`sample_masks`)."""
     if packed is None:
         return inputs
-    check_packable(model)
     out = {**inputs, "position_ids": model_positions(model, inputs, packed)}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in OWN_MASKS and (masks := sample_masks(model, inputs, packed)) is not None:
         out["attention_mask"] = masks
     return out
+
+
+_text_models: WeakKeyDictionary[nn.Module, nn.Module | None] = WeakKeyDictionary()
+
+
+def cross_attention_reader(model: nn.Module) -> nn.Module | None:
+    """The outermost module of ``model`` that takes a prepared cross-attention mask with its fully-masked-rows mask
+    (Mllama's text model: ``cross_attention_mask`` and ``full_text_row_masked_out_mask``), if any."""
+    if model not in _text_models:
+        _text_models[model] = next(
+            (
+                m
+                for m in model.modules()
+                if {"cross_attention_mask", "full_text_row_masked_out_mask"}
+                <= set(inspect.signature(m.forward).parameters)
+            ),
+            None,
+        )
+    return _text_models[model]
+
+
+@contextmanager
+def packed_inputs(
+    model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layout | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`model_inputs`, for a forward of ``model`` inside the block.
+
+    Where cross-attention reads each row's images (``packed.images``): a text token that attends to no image (text
+    before the first image, a sample without one) has its cross-attention row fully masked, and Mllama then lets it
+    attend to every vision token of its row, zeroing only the MLP's output (``_prepare_cross_attention_mask``).
+    Padded, that is every vision token of its own sample; packed, it would be other samples'. For the block's
+    forward, those tokens' rows are masked to their own sample's image slots, so they attend to what they attend
+    to padded.
+    """
+    out = model_inputs(model, inputs, packed)
+    reader = None if packed is None or packed.images is None else cross_attention_reader(model)
+    if reader is None:
+        yield out
+        return
+
+    def own_images(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        mask, masked_out = kwargs.get("cross_attention_mask"), kwargs.get("full_text_row_masked_out_mask")
+        if mask is None or masked_out is None:
+            return args, kwargs
+        slots = packed.images
+        vision = slots.repeat(mask.shape[-1] // slots.shape[1]).sample.to(mask.device)  # (rows, V)
+        own = packed.sample.to(mask.device).unsqueeze(-1) == vision.unsqueeze(1)  # (rows, L, V)
+        other = ~own.unsqueeze(1) & (masked_out == 0)  # (rows, 1, L, V)
+        return args, {**kwargs, "cross_attention_mask": mask.masked_fill(other, torch.finfo(mask.dtype).min)}
+
+    handle = reader.register_forward_pre_hook(own_images, with_kwargs=True)
+    try:
+        yield out
+    finally:
+        handle.remove()

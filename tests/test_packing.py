@@ -25,10 +25,9 @@ from mmpeft.adapters import AdapterGroup
 from mmpeft.adapters.routing import RoutingContext, RoutingLosses, routing_losses, weighted_sum
 from mmpeft.data.datamodule import ShardDataModule
 from mmpeft.data.encode import ChatEncoder
-from mmpeft.errors import ConfigError
 from mmpeft.models.backbone import Backbone, inject_model_adapters, load_backbone, load_processor
 from mmpeft.objective import IGNORE_INDEX, lm_losses, next_token_targets, routed, token_losses
-from mmpeft.packing import REFUSED, Layout, layout, model_inputs, model_positions, plan_rows
+from mmpeft.packing import Layout, layout, model_inputs, model_positions, packed_inputs, plan_rows
 
 CPU = torch.device("cpu")
 shards = test_length_grouping.shards  # the fixture: 72 synthetic samples, 31 to 57 tokens with the tiny LLaVA
@@ -46,7 +45,6 @@ TOLERANCE = 1e-4
 CHECKS = tuple(ADAPTERS)
 RESULTS: dict[str, dict[str, str]] = {}
 """family -> adapter -> "ok", "refused" or the failure, printed as a table by conftest's terminal summary."""
-PACKED = sorted(set(SUPPORTED) - set(REFUSED))
 
 
 def encoder(base: str, packing: bool, pack_length: int | None = None) -> ChatEncoder:
@@ -146,12 +144,6 @@ def test_layout_unpacks_and_packs_back():
 def test_packed_batches_are_exact_for_every_adapter(family, tiny_model_dirs):
     base = tiny_model_dirs[family]
     padded = collated(base, family, packing=False)
-    if family in REFUSED:
-        model = load_backbone(Backbone(base, quantization="none", gradient_checkpointing=False), CPU)
-        with pytest.raises(ConfigError, match=rf"data.packing: {family} models cannot be packed"):
-            model_inputs(model, padded["inputs"], layout([[0]], [padded["inputs"]["input_ids"].shape[1]]))
-        RESULTS[family] = dict.fromkeys(CHECKS, "refused")
-        return
     packed = collated(base, family, packing=True)
     rows, width = packed["labels"].shape
     assert rows < padded["labels"].shape[0] and "attention_mask" not in packed["inputs"]
@@ -245,10 +237,36 @@ def test_gemma3_packs_with_its_own_masks_per_sample_because_transformers_masks_p
     assert masks["full_attention"].dtype == (torch.bool if attention == "sdpa" else torch.float32)
 
 
-def test_mllama_cannot_be_packed(tiny_model_dirs):
-    with pytest.raises(ConfigError, match="data.packing: this model's cross-attention"):
-        collated(tiny_model_dirs["mllama"], "mllama", True)
-    assert "mllama" in REFUSED
+def test_mllama_rows_carry_each_samples_image_slots_and_its_text_attends_only_its_own(tiny_model_dirs):
+    """Mllama's cross-attention reads its row's images. Each sample brings the padded batch's image slots (its images,
+    then the processor's padding images) into its row and its cross-attention mask moves to them; a row with fewer
+    samples is filled with copies no token reads. The negative control: without packed_inputs' hook, text that
+    attends to no image (a text-only sample after others in its row) attends to the row's every vision token, as
+    Mllama lets fully masked rows do, and its loss moves."""
+    base = tiny_model_dirs["mllama"]
+    padded, packed = collated(base, "mllama", False), collated(base, "mllama", True, rows_of=3)
+    tokens, slots = Layout.of(packed), Layout.of(packed).images
+    n, per_sample = len(padded["keys"]), padded["inputs"]["pixel_values"].shape[1]
+    assert packed["labels"].shape[0] == 1 and slots.shape == (1, n * per_sample)
+    assert slots.sample.tolist() == [[i for i in range(n) for _ in range(per_sample)]]
+    cross = tokens.unpack(packed["inputs"]["cross_attention_mask"])  # (n, longest, row slots, tiles)
+    for i in range(n):
+        mine = slice(i * per_sample, (i + 1) * per_sample)
+        real = tokens.mask[i]
+        assert torch.equal(cross[i][real][:, mine], padded["inputs"]["cross_attention_mask"][i][real])
+        assert int(cross[i][real].sum()) == int(cross[i][real][:, mine].sum())  # nothing outside its own slots
+        for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+            assert torch.equal(packed["inputs"][name][0, mine], padded["inputs"][name][i]), name
+    model = load_backbone(Backbone(base, quantization="none", gradient_checkpointing=False), CPU).eval()
+    want = sample_losses(model, padded)
+    with packed_inputs(model, packed["inputs"], tokens) as inputs:
+        exact = sample_losses(model, packed, inputs)
+    unhooked = sample_losses(model, packed, model_inputs(model, packed["inputs"], tokens))
+    assert largest_gap(want, exact) < TOLERANCE
+    assert abs(want["text0"] - unhooked["text0"]) > 1e-2
+    two = collated(base, "mllama", True)  # rows of 2x the longest: 2 rows, the second with one sample and filler
+    assert two["inputs"]["pixel_values"].shape[:2] == (2, 2 * per_sample)
+    assert Layout.of(two).images.sample[1].tolist() == [2] * per_sample + [-1] * per_sample
 
 
 def test_generation_inputs_and_labels_are_those_of_the_padded_batch(tiny_model_dirs):

@@ -105,6 +105,7 @@ class RoutingContext:
         self.packed: Layout | None = None
         """A packed batch's layout (:mod:`mmpeft.packing`): the masks above are then ``(rows, length)``, and routers
         and losses work per sample through it."""
+        self._repeated: dict[int, Layout] = {}
         self.num_tasks: int | None = None
         """Size of the task vocabulary (else inferred from the batch)."""
         self.records: list[RouterRecord] = []
@@ -129,7 +130,7 @@ class RoutingContext:
         self.attention_mask = None if attention_mask is None else attention_mask.bool()
         self.prompt_mask = None if prompt_mask is None else prompt_mask.bool()
         self.task_ids = task_ids
-        self.packed = packed
+        self.packed, self._repeated = packed, {}
         self.records = []
         self.recording = record
         try:
@@ -195,21 +196,55 @@ class RoutingContext:
         mask = self.attention_mask
         return mask if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2] else None
 
-    def is_packed(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` ``(rows, length, ...)`` lies in the rows of the packed batch being routed."""
-        return self.packed is not None and x.dim() >= 2 and tuple(x.shape[:2]) == self.packed.shape
+    def layout_of(self, x: torch.Tensor) -> Layout | None:
+        """The layout ``x`` lies in, when it lies in the rows of the packed batch being routed: the tokens'
+        ``(rows, length, ...)``, or the image slots' ``(rows, slots * k, ...)`` (``k`` vision tokens a slot, the
+        inputs of Mllama's cross-attention keys and values); ``None`` for anything else (a padded batch, a vision
+        tower's images)."""
+        if self.packed is None or x.dim() < 2:
+            return None
+        if tuple(x.shape[:2]) == self.packed.shape:
+            return self.packed
+        slots = self.packed.images  # where cross-attention reads the row's image slots (Mllama)
+        if slots is None or x.shape[0] != slots.shape[0] or x.shape[1] % slots.shape[1]:
+            return None
+        k = x.shape[1] // slots.shape[1]
+        if k not in self._repeated:
+            self._repeated[k] = slots.repeat(k)
+        return self._repeated[k]
+
+    def sequences(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(batch', seq, ...)`` with one row per sequence of the batch (a sample, or a packed row).
+
+        The language model's inputs have one already. Mllama's cross-attention keys and values read its images'
+        tiles, ``(batch * images * tiles, patches, d)``, consecutive per sample: their rows fold into ``(batch,
+        images * tiles * patches, d)``, so routers, pooling and losses see each sample's images as one sequence.
+        """
+        rows = self._rows()
+        if rows is None or x.dim() < 3 or x.shape[0] == rows or x.shape[0] % rows:
+            return x
+        return x.reshape(rows, -1, *x.shape[2:])
+
+    def _rows(self) -> int | None:
+        """The number of sequences of the batch being routed, ``None`` when nothing tells."""
+        if self.packed is not None:
+            return self.packed.shape[0]
+        mask = self.attention_mask if self.attention_mask is not None else self.prompt_mask
+        if mask is not None:
+            return mask.shape[0]
+        return None if self.task_ids is None else self.task_ids.shape[0]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of ``x`` ``(batch, seq, d)`` over each sample's prompt tokens: ``(batch, d)``; for a packed batch's
-        rows, ``(n, d)`` over each sample's prompt tokens within its row.
+        rows, ``(n, d)`` over each sample's prompt tokens within its row (:meth:`sequences` first).
 
         Falls back to the real tokens, then to every position, when no matching mask is set.
         """
         if x.dim() != 3:
             raise ValueError(f"instance routing needs (batch, seq, features) inputs, got shape {tuple(x.shape)}")
-        if self.is_packed(x):
-            packed = self.packed
-            mask = self.prompt_mask if self.prompt_mask is not None else packed.real()
+        x = self.sequences(x)
+        if (packed := self.layout_of(x)) is not None:
+            mask = self.prompt_mask if packed is self.packed and self.prompt_mask is not None else packed.real()
             x, mask = packed.unpack(x), packed.unpack(mask, False)  # (n, longest, d), (n, longest)
             weights = mask.to(x.dtype).unsqueeze(-1)  # (n, longest, 1)
             return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (n, d)
@@ -223,25 +258,41 @@ class RoutingContext:
 
     def spread(self, gate: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """An instance router's ``gate`` ``(batch, 1, E)`` for the tokens of ``x``: itself, or for a packed batch's
-        rows each sample's gate at its positions, ``(rows, length, E)``."""
-        return self.packed.spread(gate[:, 0]) if self.is_packed(x) else gate
+        rows each sample's gate at its positions, ``(rows, length, E)``; for folded rows (:meth:`sequences`), at
+        ``x``'s own rows."""
+        folded = self.sequences(x)
+        packed = self.layout_of(folded)
+        out = gate if packed is None else packed.spread(gate[:, 0])  # (batch, 1, E) or (rows, length, E)
+        if folded is x:
+            return out
+        if packed is None:
+            return out.repeat_interleave(x.shape[0] // out.shape[0], dim=0)  # (batch', 1, E)
+        return out.reshape(*x.shape[:2], -1)  # (batch', seq, E)
 
     def by_sample(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``fn`` of ``x`` ``(batch, seq, d)`` with one operand per sample (batched matrix products with a row per
-        sample): for a packed batch's rows, ``fn`` runs on the padded layout ``(n, longest, d)`` and its result is
-        packed back."""
-        if not self.is_packed(x):
-            return fn(x)
-        return self.packed.pack(fn(self.packed.unpack(x)))
+        sample), on :meth:`sequences` of ``x``: for a packed batch's rows, ``fn`` runs on the padded layout ``(n,
+        longest, d)`` and its result is packed back."""
+        folded = self.sequences(x)
+        packed = self.layout_of(folded)
+        out = fn(folded) if packed is None else packed.pack(fn(packed.unpack(folded)))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def sample_records(self) -> Iterator[tuple[RouterRecord, torch.Tensor]]:
         """Each record of the pass with its mask, in the padded layout: ``(batch, T, E)`` and ``(batch, T)`` bool over
-        the real tokens (token routing) or ones ``(batch, 1)`` (instance routing). A packed batch's token records are
-        unpacked to its samples, so every loss and statistic counts samples and their tokens as in the padded
-        batch."""
+        the real tokens (token routing) or ones ``(batch, 1)`` (instance routing). Token records of folded rows
+        (:meth:`sequences`) fold too, and a packed batch's token records are unpacked to its samples, so every loss
+        and statistic counts samples and their tokens as in the padded batch."""
         for record in self.records:
-            if record.level == "token" and self.is_packed(record.probs):
-                packed = self.packed
+            if record.level == "token" and self.sequences(record.probs) is not record.probs:
+                record = RouterRecord(
+                    record.name,
+                    *(self.sequences(t) for t in (record.logits, record.probs, record.selected)),
+                    record.top_k,
+                    record.level,
+                    self.sequences(record.gate),
+                )
+            if record.level == "token" and (packed := self.layout_of(record.probs)) is not None:
                 record = RouterRecord(
                     record.name,
                     packed.unpack(record.logits),

@@ -264,8 +264,8 @@ class ShardDataModule(L.LightningDataModule):
                 correlated with length (and so with task, see docs/data.md).
             packing: Lay each batch's samples end to end in as few rows as hold them (whole samples, each attending only
                 to itself; see mmpeft/packing.py and docs/speed.md) instead of padding every sample to the longest.
-                The batch keeps its samples, so steps, losses and gradients are those of the padded batch. Refused for
-                Mllama and Gemma 3 (mmpeft.packing.REFUSED says why).
+                The batch keeps its samples, so steps, losses and gradients are those of the padded batch, for every
+                family (Mllama's images and Gemma 3's masks follow their samples; mmpeft/packing.py says how).
             pack_length: The longest packed row in tokens. ``None``: each batch's longest sample, so no row is wider
                 than the padded batch's and attention never costs more than padding's (sdpa and eager compute a row's
                 whole square; docs/speed.md measures wider rows costing more time on a CPU). Length-grouped batches

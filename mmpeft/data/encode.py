@@ -25,7 +25,7 @@ import torch
 from mmpeft.data.sample import Sample, SampleError, parse_sample
 from mmpeft.errors import ConfigError, DataError
 from mmpeft.objective import IGNORE_INDEX
-from mmpeft.packing import PACKING, packed_order
+from mmpeft.packing import PACKED_IMAGES, PACKING, Layout, layout, packed_order
 
 REPORT_FIRST = 5
 """How many skipped samples per reason are reported with their shard and key."""
@@ -465,12 +465,13 @@ class ChatEncoder:
         items = [items[i] for i in order]
         width = packed.shape[1]
         tokens = self._token_rows(items)
-        if "cross_attention_mask" in tokens:
-            raise ConfigError(
-                "data.packing: this model's cross-attention reads each row's own images (Mllama's "
-                "cross_attention_mask), so samples cannot share a row; set data.packing: false"
-            )
         tokens.pop("attention_mask", None)  # boundaries come from the position ids (see mmpeft.packing)
+        images = self._images(items)
+        batch: dict[str, Any] = {}
+        over_images = [name for name, values in tokens.items() if values[0].dim() >= 2]
+        if over_images:
+            images, slots = self._row_images(tokens, images, over_images, rows)
+            batch[PACKED_IMAGES] = slots.to_dict()
         inputs = {
             name: _stack_padded(
                 [torch.cat([values[i] for i in row]) for row in rows], width, self._fill(name), left=False
@@ -481,7 +482,49 @@ class ChatEncoder:
         for label in first:
             label[:1] = IGNORE_INDEX  # never predicted in a padded batch: the previous sample's last token must not
         labels = _stack_padded([torch.cat([first[i] for i in row]) for row in rows], width, IGNORE_INDEX, left=False)
-        return items, {"inputs": inputs | self._images(items), "labels": labels, PACKING: packed.to_dict()}
+        return items, batch | {"inputs": inputs | images, "labels": labels, PACKING: packed.to_dict()}
+
+    @staticmethod
+    def _row_images(
+        tokens: dict[str, list[torch.Tensor]],
+        images: dict[str, torch.Tensor],
+        over_images: list[str],
+        rows: list[list[int]],
+    ) -> tuple[dict[str, torch.Tensor], Layout]:
+        """Image inputs in slots per row, for models whose per-token inputs run over the sample's images (Mllama's
+        cross-attention mask ``(seq, images, tiles)``): cross-attention reads the images of its own row.
+
+        Each sample keeps the padded batch's ``slots`` image slots (its images, then the processor's padding
+        images), so every sample's cross-attention reads exactly what it reads padded. A row's slots are its
+        samples' in order, then copies of its first sample's to the widest row's count (no token reads them).
+        ``tokens[name]`` for ``over_images`` are moved to their sample's slots in place; returns the image inputs
+        ``(rows, width, ...)`` and the slots' :class:`~mmpeft.packing.Layout` (a sample of ``slots`` per sample).
+        """
+        slots = max(value.shape[1] for name in over_images for value in tokens[name])
+        n = len(tokens[over_images[0]])
+        laid = layout(rows, [slots] * n)
+        width = laid.shape[1]
+        for name in over_images:
+            values = tokens[name]
+            trailing = [max(value.shape[d] for value in values) for d in range(2, values[0].dim())]
+            for row in rows:
+                for place, i in enumerate(row):
+                    moved = values[i].new_zeros((values[i].shape[0], width, *trailing))  # (seq_i, width, ...)
+                    at = (slice(None), slice(place * slots, place * slots + values[i].shape[1]))
+                    moved[at + tuple(slice(0, size) for size in values[i].shape[2:])] = values[i]
+                    values[i] = moved
+        out = {}
+        for name, value in images.items():
+            if value.dim() < 2 or tuple(value.shape[:2]) != (n, slots):
+                raise DataError(
+                    f"data.packing: image input {name!r} of shape {tuple(value.shape)} is not one per image slot "
+                    f"({n}, {slots}, ...), so it cannot follow its samples into rows; set data.packing: false"
+                )
+            filled = [
+                torch.cat([value[i] for i in row] + [value[row[0]]] * (width // slots - len(row))) for row in rows
+            ]
+            out[name] = torch.stack(filled)  # (rows, width, ...)
+        return out, laid
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Right-pad the token inputs and concatenate the image inputs of ``items``; with :attr:`packing`, lay the
