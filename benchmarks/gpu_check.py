@@ -1,7 +1,8 @@
 """One-shot GPU validation: 7B-shaped LLaVA-1.5 and Qwen2-VL trained in NF4 with LoRA, AsymLoRA and PEFT's LoRA.
 
     python benchmarks/gpu_check.py [--cpu] [--steps N] [--seq T] [--batch B] [--families llava,qwen2_vl]
-                                   [--rank R] [--heads N] [--out FILE]
+                                   [--rank R] [--heads N] [--no-packing] [--packing-batch B] [--packing-seq T]
+                                   [--packing-steps N] [--packing-attn A,...] [--out FILE]
 
 Needs no download. For each family the script builds a model with the published checkpoint's
 shapes (the values are written below in ``SHAPES``, each citing the hub repository whose
@@ -52,10 +53,38 @@ time order, as ``vs_peft.py``) and the resident bytes are counted from the tenso
 config alone: the static breakdown plus one step of the same batch run on the meta device, under
 the same precision), and ``peak / estimate`` its ratio to the measured peak.
 
+Packing (``data.packing``, on unless ``--no-packing``; after both families' rows, whose JSON is
+written first, so that nothing of them is lost if this part breaks): per family, mmpeft's LoRA
+(dropout 0, so that a step is deterministic) on a batch of ``--packing-batch`` samples (default 8)
+of mixed lengths, evenly spread from a quarter of ``--packing-seq`` (default ``--seq``; at least
+the prompt, the image, 16 tokens and the answer: 682 tokens at the 7B shapes) to ``--packing-seq``,
+each with its image and the last eighth labelled, in a seeded order, built as above. Three layouts
+of the same samples train through mmpeft's training step (``training_loss``: ``routed`` +
+``lm_losses`` with the batch's ``Layout``): ``padded`` (right-padded, attention mask), ``packed``
+(``pack_length`` the longest sample) and ``packed 2x`` (twice it), each built from the padded batch
+by ``mmpeft.packing.pack_padded`` as ``ChatEncoder`` collates it; first under the model's default
+attention (sdpa), then under each of ``--packing-attn`` (default ``flash_attention_2``: a row says
+why it is skipped without the ``flash-attn`` package or CUDA), switched with
+``set_attn_implementation`` as ``vs_peft.py --attn`` does. Each row starts from the same adapters
+with a fresh AdamW, takes a warm-up step and ``--packing-steps`` timed steps (default 2; 1 with
+``--cpu``). Checked: every packed row's warm-up loss and adapter gradients (relative L2 difference)
+against the padded row's under the same attention: the loss within 1e-4 in float32 on a CPU and
+2e-2 under bfloat16 on CUDA, the gradients within 1e-4 and ``GRAD_TOLERANCE_BF16`` (a guess until
+a GPU run). The gradients are the check with teeth: with random weights the loss hardly moves
+when samples see each other (relative 2e-7 on the CPU-sized LLaVA), the gradients move by 0.36 to
+0.66. A control row shows it on every run: ``packed 2x`` with positions counting along the row, so
+transformers finds no boundary and samples attend to the ones before them; its gradients must
+differ (a warning if they do not: the check would then be blind). Reported per row: rows x width,
+padded positions of all positions, the first loss and both relative differences, step time
+(median), real tokens per second, resident, step peak and total memory as above, and time and
+peak as a ratio to the padded row. A row that raises (an out-of-memory, a crash in a kernel) gets
+its traceback printed and its status recorded, and the next row runs; at the end the script exits
+non-zero if a row failed or differed, after writing everything (``packing`` in the JSON).
+
 ``--cpu``: the same code path with the models scaled down (2 layers, widths of 64-128, a vocabulary
-of 8192 with the special ids moved into it, 256-token samples with 64 image tokens) so that it
-runs in seconds on two CPU cores (the tests run it); its numbers are CPU-sized checks of the path,
-not GPU numbers. ``--out FILE`` writes everything as JSON.
+of 8192 with the special ids moved into it, 256-token samples with 64 image tokens; packing samples
+of 96 to 256 tokens) so that it runs in seconds on two CPU cores (the tests run it); its numbers are
+CPU-sized checks of the path, not GPU numbers. ``--out FILE`` writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -69,6 +98,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,9 +342,19 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 # -- batches ----------------------------------------------------------------------------------
 
 
-def make_batch(shape: Shape, batch: int, seq: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
+def make_batch(
+    shape: Shape,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    lengths: list[int] | None = None,
+) -> dict:
     """``batch`` samples of ``seq`` tokens as the family's encoder lays them out: prompt, image tokens, text; the last
-    eighth labelled. Random ids of the published vocabulary, random pixel values."""
+    eighth labelled. Random ids of the published vocabulary, random pixel values. With ``lengths`` (each at most
+    ``seq``) sample ``i`` has ``lengths[i]`` tokens, its last eighth labelled, and is padded on the right to ``seq``
+    (the pad id, attention mask 0), as the encoder pads a batch."""
     generator = torch.Generator().manual_seed(seed)
     low, high = shape.text_ids
     n_image = image_tokens(shape)
@@ -343,13 +383,42 @@ def make_batch(shape: Shape, batch: int, seq: int, device: torch.device, dtype: 
         raise SystemExit(f"--seq {seq} is too short for {n_image} image tokens and an answer")
     labels = torch.full((batch, seq), IGNORE_INDEX)  # (batch, seq)
     labels[:, -(seq // 8) :] = ids[:, -(seq // 8) :]
-    inputs |= {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    mask = torch.ones(batch, seq, dtype=torch.long)  # (batch, seq)
+    if lengths is not None:
+        if len(lengths) != batch or not all(shortest_sample(shape) <= n <= seq for n in lengths):
+            raise SystemExit(f"sample lengths {lengths}: {batch} of {shortest_sample(shape)} to {seq} tokens expected")
+        labels.fill_(IGNORE_INDEX)
+        for i, n in enumerate(lengths):
+            labels[i, n - n // 8 : n] = ids[i, n - n // 8 : n]
+            ids[i, n:] = shape.text.get("pad_token_id", shape.text["bos_token_id"])  # Qwen2-VL: <|endoftext|>
+            mask[i, n:] = 0
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = (ids == shape.top["image_token_id"]).long()  # (batch, seq)
+    inputs |= {"input_ids": ids, "attention_mask": mask}
     inputs = {k: v.to(device, dtype=dtype if k == "pixel_values" else None) for k, v in inputs.items()}
     return {
         "inputs": inputs,
         "labels": labels.to(device),
         "task_ids": torch.zeros(batch, dtype=torch.long, device=device),
     }
+
+
+def shortest_sample(shape: Shape) -> int:
+    """The fewest tokens :func:`make_batch` lays a sample in: the prompt, the image tokens, 16 text tokens, then an
+    answer of an eighth of the sample."""
+    before = 4 + image_tokens(shape) + 16
+    return -(-before * 8 // 7)  # n - n // 8 >= before
+
+
+def mixed_lengths(shape: Shape, batch: int, seq: int, seed: int) -> list[int]:
+    """``batch`` sample lengths evenly spread from a quarter of ``seq`` (at least :func:`shortest_sample`) to
+    ``seq``, in a seeded random order (so that packing reorders the samples and their images)."""
+    low = max(seq // 4, shortest_sample(shape))
+    if low > seq:
+        raise SystemExit(f"--packing-seq {seq} is too short for {image_tokens(shape)} image tokens and an answer")
+    spread = [round(low + (seq - low) * i / max(batch - 1, 1)) for i in range(batch)]
+    order = torch.randperm(batch, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [spread[i] for i in order]
 
 
 # -- the runners ------------------------------------------------------------------------------
@@ -433,20 +502,23 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, device: t
     return sum(seen.values())
 
 
-def run_steps(model, optimizer, loss_fn, batch, steps: int, device: torch.device, autocast: bool):
+def run_steps(model, optimizer, loss_fn, batch, steps: int, device: torch.device, autocast: bool, first=None):
     """One warm-up step, then ``steps`` timed steps. Returns (losses of all steps, timed seconds, resident bytes,
-    peak bytes of the timed steps above the resident)."""
+    peak bytes of the timed steps above the resident). ``first``, if given, is called after the warm-up step's
+    backward, before its optimizer step (to read the first gradients)."""
     losses: list[float] = []
 
-    def step() -> None:
+    def step(after_backward=None) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(batch)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
 
-    step()  # warm-up: AdamW's state, first-call costs
+    step(first)  # warm-up: AdamW's state, first-call costs
     gc.collect()
     sync(device)
     resident = resident_bytes(model, optimizer, device)
@@ -524,6 +596,314 @@ def estimate_peak(shape: Shape, adapter: str, adapter_config: dict, args: argpar
             precision="bf16-mixed" if device.type == "cuda" else None,
         )
     return result.peak
+
+
+# -- packing: padded against packed batches, under sdpa and flash-attention -----------------------
+
+PACK_LAYOUTS = (("padded", None), ("packed", 0), ("packed 2x", 2))
+"""The packing rows' layouts: name, and the rows' capacity as a multiple of the longest sample (``None``: padded;
+0: ``pack_length`` ``None``, the batch's longest sample)."""
+
+FLASH = "flash_attention_2"
+
+
+@dataclass
+class PackRow:
+    family: str
+    attention: str
+    """The attention implementation the language model ran under (``config._attn_implementation``)."""
+    layout: str
+    """``padded``, ``packed`` (``pack_length`` the longest sample) or ``packed 2x`` (twice the longest)."""
+    pack_length: int | None
+    rows: int
+    width: int
+    real_tokens: int
+    padded_positions: int
+    """Positions of the batch that hold no sample's token: ``rows x width`` less the real tokens."""
+    status: str
+    """``ok``; ``differs from padded ...`` (a packed row's first loss or gradients off the padded row's by more than
+    the tolerance); ``failed: ...`` (an exception, its traceback printed); ``skipped: ...`` (flash-attention
+    unavailable); for the control, ``ok: differs ...`` or ``weak: ...`` (it does not differ)."""
+    loss_step0: float | None = None
+    relative_to_padded: float | None = None
+    """``|loss - padded loss| / |padded loss|`` at step 0, against the padded row of the same attention."""
+    grad_relative_to_padded: float | None = None
+    """The first step's adapter gradients against the padded row's: ``||g - g_padded|| / ||g_padded||``."""
+    losses: list[float] = dataclasses.field(default_factory=list)
+    step_s: list[float] = dataclasses.field(default_factory=list)
+    step_s_median: float | None = None
+    tokens_per_s: float | None = None
+    """Real tokens (not padding) per second."""
+    resident_bytes: int | None = None
+    step_peak_bytes: int | None = None
+    peak_bytes: int | None = None
+    time_x_padded: float | None = None
+    peak_x_padded: float | None = None
+    error: str | None = None
+    """The traceback of a failed row."""
+
+    @property
+    def padded_share(self) -> float:
+        return self.padded_positions / max(self.rows * self.width, 1)
+
+
+def flash_unavailable(device: torch.device) -> str | None:
+    """Why flash-attention cannot run here (``None`` when it can): the ``flash-attn`` package and CUDA."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn not installed"
+    if device.type != "cuda":
+        return "flash-attn needs CUDA"
+    return None
+
+
+def packing_lengths(shape: Shape, args: argparse.Namespace) -> list[int]:
+    """The packing batch's sample lengths (:func:`mixed_lengths`, a seed of their own)."""
+    return mixed_lengths(shape, args.packing_batch, args.packing_seq, args.seed + 1)
+
+
+def packing_batches(shape: Shape, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The mixed-length batch padded and packed as each of :data:`PACK_LAYOUTS` packs it, on ``device``; and the
+    samples' lengths."""
+    from mmpeft.packing import PACKING, pack_padded
+
+    lengths = packing_lengths(shape, args)
+    padded = make_batch(shape, len(lengths), max(lengths), torch.device("cpu"), dtype, args.seed + 1, lengths)
+    batches = {}
+    for name, factor in PACK_LAYOUTS:
+        if factor is None:
+            batch = padded
+        else:
+            pack_length = factor * max(lengths) or None
+            batch = pack_padded(padded, lengths, pack_length, ignore_index=IGNORE_INDEX)
+            batch[PACKING] = {k: v.to(device) for k, v in batch[PACKING].items()}
+        inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+        batches[name] = {**batch, "inputs": inputs, "labels": batch["labels"].to(device)}
+        batches[name]["task_ids"] = batch["task_ids"].to(device)
+    return batches, lengths
+
+
+def adapter_grads(model: nn.Module) -> torch.Tensor:
+    """The trainable parameters' gradients, flattened, float32, on the CPU (kept out of the device's memory, which
+    the next rows measure)."""
+    grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return torch.cat(grads).float().cpu()  # (trainable,)
+
+
+def relative(x: torch.Tensor | float, reference: torch.Tensor | float) -> float:
+    """``|x - reference| / |reference|`` (L2 norms for tensors)."""
+    if torch.is_tensor(x):
+        return float((x - reference).norm() / reference.norm())
+    return abs(x - reference) / abs(reference)
+
+
+def leaky(batch: dict) -> dict:
+    """``batch`` (packed) with its positions counting along each row instead of restarting per sample: transformers
+    then finds no boundary and every sample attends to the ones before it in its row (the negative control)."""
+    from mmpeft.packing import PACKING
+
+    layout = dict(batch[PACKING])
+    rows, width = layout["position"].shape
+    layout["position"] = torch.arange(width, device=layout["position"].device).expand(rows, -1).clone()
+    return {**batch, PACKING: layout}
+
+
+CONTROL = "packed 2x, boundaries ignored (control)"
+
+
+def check_packing(shape: Shape, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[PackRow]:
+    """The packing rows of ``shape``'s family: mmpeft's LoRA model (dropout 0, so that a training step is
+    deterministic), each layout of :data:`PACK_LAYOUTS` under the model's default attention, then under
+    flash-attention where it runs, and the :data:`CONTROL` row. Every row starts from the same adapters and a fresh
+    AdamW; its warm-up step's loss and adapter gradients are compared with the padded row's of the same attention.
+    A row that raises is recorded with its traceback and the next one runs."""
+    from mmpeft.packing import Layout
+
+    autocast = device.type == "cuda"
+    loss_tolerance = 1e-4 if device.type == "cpu" else 2e-2
+    grad_limit = grad_tolerance(device)
+    lora = {"r": args.rank, "alpha": 2.0 * args.rank, "dropout": 0.0}
+    batches, lengths = packing_batches(shape, args, device, dtype)
+    batches[CONTROL] = leaky(batches["packed 2x"])
+    real = sum(lengths)
+    shapes = {}
+    for name, batch in batches.items():
+        packed = Layout.of(batch)
+        rows, width = packed.shape if packed is not None else tuple(batch["labels"].shape)
+        pack_length = None if packed is None else (max(lengths) if name == "packed" else 2 * max(lengths))
+        shapes[name] = {"rows": rows, "width": width, "pack_length": pack_length}
+    print(f"  lengths {lengths} ({real:,} real tokens); layouts (rows x width):", flush=True)
+    print("  " + ", ".join(f"{n} {s['rows']} x {s['width']}" for n, s in shapes.items() if n != CONTROL), flush=True)
+    print(f"  samples in the rows' order, packed 2x: {batches['packed 2x']['lengths']}", flush=True)
+
+    def empty(attention: str, name: str, status: str, error: str | None = None) -> PackRow:
+        s = shapes[name]
+        positions = s["rows"] * s["width"]
+        r = PackRow(
+            shape.family, attention, name, s["pack_length"], s["rows"], s["width"], real, positions - real, status
+        )
+        r.error = error
+        return r
+
+    try:
+        model, context, speed = mmpeft_model(shape, "lora", lora, device, dtype, args.seed)
+    except Exception:
+        error = traceback.format_exc()
+        print(error, flush=True)
+        return [empty("-", name, failure(error), error) for name in shapes]
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(model: nn.Module = model, initial: dict = initial) -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in initial:
+                    p.copy_(initial[n])
+
+    def loss_fn(b: dict, model: nn.Module = model, context: RoutingContext = context) -> torch.Tensor:
+        return training_loss(model, context, b, speed, RoutingLosses())
+
+    default = language_model(model).config._attn_implementation
+    out: list[PackRow] = []
+    for attention in dict.fromkeys([default, *args.packing_attn]):
+        if attention == FLASH and (why := flash_unavailable(device)) is not None:
+            out.append(PackRow(shape.family, FLASH, "all", None, 0, 0, real, 0, f"skipped: {why}"))
+            print(f"  {shape.family} {FLASH}: skipped, {why}", flush=True)
+            continue
+        try:
+            if attention != default:
+                model.set_attn_implementation(attention)  # every sub-model's, as vs_peft.py --attn
+            got = language_model(model).config._attn_implementation
+            if got != attention:
+                raise AssertionError(f"the language model runs {got!r} after set_attn_implementation({attention!r})")
+        except Exception:
+            error = traceback.format_exc()
+            print(error, flush=True)
+            out += [empty(attention, name, failure(error), error) for name in shapes]
+            continue
+        padded: PackRow | None = None
+        reference: torch.Tensor | None = None  # the padded row's first gradients
+        for name in shapes:
+            r = empty(attention, name, "ok")
+            grads: list[torch.Tensor] = []
+            optimizer = None
+            try:
+                restore()
+                if name == CONTROL:  # one step's loss and gradients, nothing timed
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                        loss = loss_fn(batches[name])
+                    loss.backward()
+                    r.loss_step0, r.losses = float(loss.detach()), [float(loss.detach())]
+                    grads.append(adapter_grads(model))
+                    del loss
+                else:
+                    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                    r.losses, r.step_s, r.resident_bytes, r.step_peak_bytes = run_steps(
+                        model,
+                        optimizer,
+                        loss_fn,
+                        batches[name],
+                        args.packing_steps,
+                        device,
+                        autocast,
+                        first=lambda grads=grads, model=model: grads.append(adapter_grads(model)),
+                    )
+                    r.loss_step0 = r.losses[0]  # the warm-up step's: dropout 0, the adapters' initial values
+                    r.peak_bytes = r.resident_bytes + r.step_peak_bytes
+                    r.step_s_median = statistics.median(r.step_s)
+                    r.tokens_per_s = real / r.step_s_median
+            except Exception:
+                r.error = traceback.format_exc()
+                r.status = failure(r.error)
+                print(r.error, flush=True)
+            del optimizer
+            model.zero_grad(set_to_none=True)
+            free(device)
+            if name == "padded":
+                padded, reference = (r, grads[0]) if r.status == "ok" else (None, None)
+            elif r.status == "ok" and padded is not None and reference is not None:
+                r.relative_to_padded = relative(r.loss_step0, padded.loss_step0)
+                r.grad_relative_to_padded = relative(grads[0], reference)
+                if name != CONTROL:
+                    r.time_x_padded = r.step_s_median / padded.step_s_median
+                    r.peak_x_padded = r.peak_bytes / padded.peak_bytes
+                r.status = judge(r, loss_tolerance, grad_limit)
+            elif r.status == "ok":
+                r.status = "ok, no padded row to compare with"
+            print_pack_row(r)
+            out.append(r)
+    del model, context, initial, restore, loss_fn
+    free(device)
+    return out
+
+
+GRAD_TOLERANCE_BF16 = 0.1
+"""The largest relative difference (L2) of a packed row's first adapter gradients from the padded row's under
+bfloat16 on CUDA: a guess to be set from the first GPU run (different kernels and shapes round differently; float32
+on a CPU agrees to 1e-6). The control row says how far a real packing error moves them (0.36-0.66 on the CPU-sized
+models)."""
+
+
+def grad_tolerance(device: torch.device) -> float:
+    return 1e-4 if device.type == "cpu" else GRAD_TOLERANCE_BF16
+
+
+def failure(error: str) -> str:
+    return f"failed: {error.strip().splitlines()[-1]}"
+
+
+def judge(r: PackRow, loss_tolerance: float, grad_tolerance: float) -> str:
+    """A compared row's status: a packed row must give the padded row's first loss and gradients within the
+    tolerances; the control must not (else the check could not see a packing error)."""
+    close = r.relative_to_padded <= loss_tolerance and r.grad_relative_to_padded <= grad_tolerance
+    if r.layout == CONTROL:
+        if r.grad_relative_to_padded > grad_tolerance:
+            return "ok: differs, as a packing error does"
+        return f"weak: the control's gradients are within {grad_tolerance:.0e}, the check cannot see a packing error"
+    if close:
+        return "ok"
+    return (
+        f"differs from padded (loss {r.relative_to_padded:.1e}, tolerance {loss_tolerance:.0e}; "
+        f"gradients {r.grad_relative_to_padded:.1e}, tolerance {grad_tolerance:.0e})"
+    )
+
+
+def print_pack_row(r: PackRow) -> None:
+    parts = []
+    if r.loss_step0 is not None:
+        parts.append(f"loss at step 0 {r.loss_step0:.6f}")
+    if r.grad_relative_to_padded is not None:
+        parts.append(f"against padded: loss {r.relative_to_padded:.1e}, gradients {r.grad_relative_to_padded:.1e}")
+    if r.step_s_median is not None:
+        parts.append(f"step {r.step_s_median:.3f} s, peak {mib(r.peak_bytes)} MiB")
+    print(f"  {r.family} {r.attention} {r.layout}: " + ", ".join([*parts, r.status]), flush=True)
+
+
+def pack_table(rows: list[PackRow], device: torch.device) -> str:
+    memory = "CUDA allocator" if device.type == "cuda" else "CPU, profiler"
+
+    def cell(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    lines = [
+        "| attention | layout | rows x width | padded positions | loss step 0 | loss vs padded (rel.) "
+        f"| grads vs padded (rel.) | step s median | real tokens / s | resident MiB | step peak MiB ({memory}) "
+        "| peak MiB | time x padded | peak x padded | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        shape = "-" if r.rows == 0 else f"{r.rows} x {r.width}"
+        share = "-" if r.rows == 0 else f"{r.padded_positions:,} / {r.rows * r.width:,} ({r.padded_share:.1%})"
+        memory_cells = [cell(None if b is None else b / 2**20, ".1f") for b in (r.resident_bytes, r.step_peak_bytes)]
+        lines.append(
+            f"| {r.attention} | {r.layout} | {shape} | {share} | {cell(r.loss_step0, '.6f')} "
+            f"| {cell(r.relative_to_padded, '.1e')} | {cell(r.grad_relative_to_padded, '.1e')} "
+            f"| {cell(r.step_s_median, '.3f')} | {cell(r.tokens_per_s, '.1f')} "
+            f"| {' | '.join(memory_cells)} | {cell(None if r.peak_bytes is None else r.peak_bytes / 2**20, '.1f')} "
+            f"| {cell(r.time_x_padded, '.3f')} | {cell(r.peak_x_padded, '.3f')} | {r.status} |"
+        )
+    return "\n".join(lines)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -641,12 +1021,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps per model after a warm-up (default 3; 2 --cpu)")
     p.add_argument("--rank", type=int, default=16, help="r of LoRA and of each AsymLoRA head; alpha is 2 r")
     p.add_argument("--heads", type=int, default=3, help="AsymLoRA's B heads")
+    p.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the families' rows, the packing rows: padded against packed batches of mixed lengths, under the "
+        "default attention and flash-attention (default on)",
+    )
+    p.add_argument("--packing-batch", type=int, default=8, help="samples in the packing rows' batch")
+    p.add_argument(
+        "--packing-attn",
+        default=FLASH,
+        help="comma-separated attention implementations the packing rows run under after the model's default "
+        f"(sdpa), each as vs_peft.py --attn sets it (default {FLASH}, skipped without flash-attn or CUDA; "
+        "e.g. flex_attention on CUDA)",
+    )
+    p.add_argument("--packing-seq", type=int, default=None, help="the longest packing sample (default --seq)")
+    p.add_argument(
+        "--packing-steps",
+        type=int,
+        default=None,
+        help="timed steps per packing row after a warm-up (default 2; 1 --cpu)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.seq = args.seq or (256 if args.cpu else 2048)
     args.steps = args.steps or (2 if args.cpu else 3)
+    args.packing_seq = args.packing_seq or args.seq
+    args.packing_attn = [a for a in args.packing_attn.split(",") if a]
+    args.packing_steps = args.packing_steps or (1 if args.cpu else 2)
     unknown = set(args.families.split(",")) - set(SHAPES)
     if unknown:
         p.error(f"--families: unknown {sorted(unknown)}; known: {', '.join(SHAPES)}")
@@ -710,13 +1115,54 @@ def main(argv: list[str] | None = None) -> None:
         report["setup"]["families"][family] = {"source": shape.source, **dataclasses.asdict(shape)}
         report.setdefault("step0_relative_difference", {})[family] = rel
         all_rows += rows
+    report["rows"] = [dataclasses.asdict(r) for r in all_rows]
+    failed: list[str] = []
+    weak: list[str] = []
+    if args.packing:
+        write_report(report, args.out, started)  # the rows above are kept, whatever the packing part does
+        report["packing"] = {"setup": {"batch": args.packing_batch, "longest": args.packing_seq}, "rows": []}
+        report["packing"]["setup"] |= {"steps": args.packing_steps, "attention": ["default", *args.packing_attn]}
+        report["packing"]["setup"] |= {"loss_tolerance": tolerance, "grad_tolerance": grad_tolerance(device)}
+        for family in args.families.split(","):
+            shape = scaled_down(SHAPES[family]) if args.cpu else SHAPES[family]
+            print(
+                f"\n### packing, {family}: {args.packing_batch} samples of mixed lengths up to {args.packing_seq} "
+                "tokens, LoRA; padded, packed (pack_length the longest) and packed 2x (twice it)",
+                flush=True,
+            )
+            report["packing"]["setup"].setdefault("lengths", {})[family] = packing_lengths(shape, args)
+            try:
+                rows = check_packing(shape, args, device, dtype)
+            except Exception:  # check_packing records its rows' failures; this is anything else
+                error = traceback.format_exc()
+                print(error, flush=True)
+                rows = [PackRow(family, "-", "all", None, 0, 0, 0, 0, f"failed: {error.strip().splitlines()[-1]}")]
+                rows[0].error = error
+            print(f"\n{family} packing (first loss of each packed row against the padded row of its attention):")
+            print(pack_table(rows, device))
+            report["packing"]["rows"] += [dataclasses.asdict(r) | {"padded_share": r.padded_share} for r in rows]
+            failed += [f"{r.family} {r.attention} {r.layout}: {r.status}" for r in rows if not ok(r)]
+            weak += [f"{r.family} {r.attention} {r.layout}: {r.status}" for r in rows if r.status.startswith("weak")]
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f} s; load average at end: {loadavg()}")
-    report["rows"] = [dataclasses.asdict(r) for r in all_rows]
-    report["total_s"] = elapsed
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out, started)
+    for line in weak:
+        print(f"warning: {line}")
+    if failed:
+        raise SystemExit("packing check failed:\n  " + "\n  ".join(failed))
+
+
+def ok(r: PackRow) -> bool:
+    """Whether a packing row passed (ran and, packed, gave the padded row's first loss and gradients), was skipped
+    or is a control that does not differ (a warning: the check is weak, packing is not wrong)."""
+    return r.status.startswith(("ok", "skipped", "weak"))
+
+
+def write_report(report: dict[str, Any], out: str | None, started: float) -> None:
+    report["total_s"] = time.perf_counter() - started
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ uniformly between a quarter of ``--max-len`` (at least the prompt and 16 tokens)
 ``length-grouped``, which regroups the same samples with :func:`mmpeft.data.stream.length_groups`
 (the pool is all ``--batches`` batches, as ``data.group_by_length: K`` pools K batches), and
 the packed variants, which pack each length-grouped batch as ``data.packing`` collates it
-(:func:`pack`: :func:`mmpeft.packing.packed_order`, no
+(:func:`pack`: :func:`mmpeft.packing.pack_padded`, no
 attention mask, per-sample position ids, each sample's first label ignored) into rows of at
 most ``data.pack_length`` tokens: ``+ packed batches`` with ``pack_length`` ``None`` (each
 batch's longest sample), then 2 and 4 times ``--max-len`` (``PACK_FACTORS``). Every mmpeft
@@ -114,7 +114,7 @@ from mmpeft.adapters.routing import RoutingContext, RoutingLosses  # noqa: E402
 from mmpeft.data.stream import length_groups  # noqa: E402
 from mmpeft.models.backbone import LANGUAGE_MODEL_PATHS, Backbone, get_path, language_model, quantization_config  # noqa: E402
 from mmpeft.objective import IGNORE_INDEX, lm_losses, routed  # noqa: E402
-from mmpeft.packing import PACKING, Layout, packed_order  # noqa: E402
+from mmpeft.packing import PACKING, Layout, pack_padded  # noqa: E402
 from mmpeft.speed import Speed  # noqa: E402
 
 TARGETS = {"step time": 0.85, "peak memory": 0.70}  # mmpeft / PEFT, at most
@@ -370,37 +370,10 @@ def regroup(batches: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
 
 
 def pack(batch: dict[str, Any], pack_length: int | None) -> dict[str, Any]:
-    """A right-padded ``batch`` as ``data.packing`` collates the same samples (``ChatEncoder._packed``).
-
-    The rows come from :func:`mmpeft.packing.packed_order` (capacity ``pack_length``, or the batch's
-    longest sample), the samples are reordered as the rows hold them, and each per-token tensor
-    goes into the rows with the :class:`~mmpeft.packing.Layout`'s ``pack``; the attention mask is
-    dropped (the boundaries come from the position ids), each sample's first label is ignored (the
-    previous sample's last token must predict nothing), and the per-sample image inputs follow
-    the new order. ``batch["packing"]`` holds the layout, as the collated batch does.
-    """
-    order, _, packed = packed_order(batch["lengths"], pack_length or max(batch["lengths"]))
-    lengths = [batch["lengths"][i] for i in order]
-    ids = batch["inputs"]["input_ids"]  # (batch, longest)
-    inputs = {}
-    for key, value in batch["inputs"].items():
-        if key == "attention_mask":
-            continue
-        if value.shape[:2] == ids.shape:  # per token: (batch, longest, ...) -> (rows, width, ...)
-            inputs[key] = packed.pack(value[order][:, : max(lengths)], 0)
-        elif value.shape[0] == ids.shape[0]:  # per sample: pixel_values, image sizes
-            inputs[key] = value[order]
-        else:
-            raise SystemExit(f"pack: cannot reorder {key} of shape {tuple(value.shape)} by sample")
-    labels = batch["labels"][order][:, : max(lengths)].clone()  # (batch, longest)
-    labels[:, 0] = IGNORE_INDEX
-    return {
-        "inputs": inputs,
-        "labels": packed.pack(labels, IGNORE_INDEX),  # (rows, width)
-        "task_ids": batch["task_ids"][order],
-        "lengths": lengths,
-        PACKING: packed.to_dict(),
-    }
+    """A right-padded ``batch`` as ``data.packing`` collates the same samples (``ChatEncoder._packed``):
+    :func:`mmpeft.packing.pack_padded` with the batch's ``lengths`` (rows from
+    :func:`mmpeft.packing.packed_order`, capacity ``pack_length`` or the batch's longest sample)."""
+    return pack_padded(batch, batch["lengths"], pack_length, ignore_index=IGNORE_INDEX)
 
 
 def on_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

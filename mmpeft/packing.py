@@ -383,3 +383,86 @@ def packed_inputs(
         yield out
     finally:
         handle.remove()
+
+
+def pack_padded(
+    batch: dict[str, Any],
+    lengths: list[int],
+    pack_length: int | None = None,
+    images: list[int] | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Any]:
+    """A right-padded ``batch`` as ``data.packing`` collates the same samples (``ChatEncoder._packed``).
+
+    For benchmarks and checks that build padded batches themselves. The rows come from
+    :func:`packed_order` (capacity ``pack_length``, or the batch's longest sample; ``lengths`` are
+    the samples' real tokens), the samples are reordered as the rows hold them, and each per-token
+    tensor ``(batch, seq)`` goes into the rows with the :class:`Layout`'s ``pack``; the attention
+    mask is dropped (the boundaries come from the position ids), each sample's first label is
+    ignored (the previous sample's last token must predict nothing), and the image inputs follow
+    the new sample order: ``images`` gives each sample's number of images (default one each), an
+    input with a row per image (LLaVA's ``pixel_values`` ``(images, 3, H, W)``, Qwen2-VL's
+    ``image_grid_thw`` ``(images, 3)``) moves by image, and with ``image_grid_thw`` an input with a
+    row per patch (Qwen2-VL's ``pixel_values`` ``(patches, d)``, each image's ``t * h * w`` patches
+    contiguous) moves by patch. Returns ``inputs``, ``labels`` (``ignore_index`` on padding),
+    ``task_ids`` (if ``batch`` has them) and ``lengths`` in the new order, and the layout under
+    :data:`PACKING`, as the collated batch holds it.
+
+    Not for inputs that run over the images per token (Mllama's ``cross_attention_mask``: the
+    encoder lays those in image slots) nor for videos: a ``ValueError`` names the input.
+    """
+    ids = batch["inputs"]["input_ids"]  # (batch, seq)
+    n = ids.shape[0]
+    if len(lengths) != n:
+        raise ValueError(f"pack_padded: {len(lengths)} lengths for a batch of {n} samples")
+    per_sample = [1] * n if images is None else list(images)
+    if len(per_sample) != n:
+        raise ValueError(f"pack_padded: {len(per_sample)} image counts (images) for a batch of {n} samples")
+    order, _, packed = packed_order(lengths, pack_length or max(lengths))
+    longest = max(lengths)
+    first = list(accumulate(per_sample, initial=0))  # sample i's images: first[i] to first[i + 1]
+    image_order = torch.tensor([j for i in order for j in range(first[i], first[i + 1])], dtype=torch.long)
+    patch_order = None
+    grid = batch["inputs"].get("image_grid_thw")
+    if grid is not None:
+        if grid.shape[0] != first[-1]:
+            raise ValueError(
+                f"pack_padded: image_grid_thw has {grid.shape[0]} images, the samples {first[-1]} (images)"
+            )
+        start = list(accumulate(grid.prod(-1).tolist(), initial=0))  # image j's patches: start[j] to start[j + 1]
+        patch_order = torch.tensor(
+            [p for j in image_order.tolist() for p in range(start[j], start[j + 1])], dtype=torch.long
+        )
+    inputs = {}
+    for key, value in batch["inputs"].items():
+        if key == "attention_mask":
+            continue
+        if value.shape[:2] == ids.shape:  # per token
+            if value.dim() > 2:
+                raise ValueError(
+                    f"pack_padded: per-token input {key!r} of shape {tuple(value.shape)} runs over the images; "
+                    "only the encoder's collate packs it (image slots)"
+                )
+            inputs[key] = packed.pack(value[order][:, :longest], 0)  # (batch, longest) -> (rows, width)
+        elif key.startswith("video") or key.endswith("_videos"):
+            raise ValueError(f"pack_padded: cannot move the video input {key!r} with its samples")
+        elif value.shape[0] == len(image_order):  # per image: (images, ...)
+            inputs[key] = value[image_order.to(value.device)]
+        elif patch_order is not None and value.shape[0] == len(patch_order):  # per patch: (patches, d)
+            inputs[key] = value[patch_order.to(value.device)]
+        else:
+            raise ValueError(
+                f"pack_padded: cannot reorder {key!r} of shape {tuple(value.shape)} by sample "
+                f"({n} samples, {len(image_order)} images)"
+            )
+    labels = batch["labels"][order][:, :longest].clone()  # (batch, longest)
+    labels[:, 0] = ignore_index
+    out = {
+        "inputs": inputs,
+        "labels": packed.pack(labels, ignore_index),  # (rows, width)
+        "lengths": [lengths[i] for i in order],
+        PACKING: packed.to_dict(),
+    }
+    if batch.get("task_ids") is not None:
+        out["task_ids"] = batch["task_ids"][order]
+    return out

@@ -299,9 +299,12 @@ def test_conflict_suite_paired_difference_and_its_interval_by_hand():
 @pytest.mark.slow
 def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp_path):
     """The one-shot GPU check's CPU-sized mode: the same code path as on the GPU (models built on meta, NF4 layer by
-    layer), both families, mmpeft's LoRA and AsymLoRA and PEFT's LoRA, the same step-0 loss as PEFT."""
+    layer), both families, mmpeft's LoRA and AsymLoRA and PEFT's LoRA, the same step-0 loss as PEFT; then the
+    packing rows: padded, packed and packed 2x batches of mixed lengths give the same first loss and gradients, the
+    control (no sample boundaries) does not, and flash-attention is skipped on a CPU."""
     out = tmp_path / "gpu_check.json"
-    result = run_script("gpu_check", "--cpu", "--out", str(out))
+    # One thread: the suite runs in two processes on two cores; two threads each would fight over them.
+    result = run_script("gpu_check", "--cpu", "--threads", "1", "--out", str(out))
     text = result.stdout
     assert text.startswith("command: python benchmarks/gpu_check.py --cpu")
     assert "torch " in text and "transformers " in text and "bitsandbytes " in text
@@ -339,6 +342,51 @@ def test_gpu_check_cpu_mode_trains_both_families_with_both_adapters_and_peft(tmp
         assert r["peak_bytes"] == r["resident_bytes"] + r["step_peak_bytes"] > 0
         assert len(r["step_s"]) == report["setup"]["steps"] and all(s > 0 for s in r["step_s"])
         assert all(math.isfinite(loss) for loss in r["losses"])
+
+    # The packing rows, per family: (attention, layout) -> the table's cells.
+    packing: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for line in text.splitlines():
+        if line.startswith("### packing, "):
+            family = line.removeprefix("### packing, ").split(":")[0]
+            packing[family] = {}
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 15 and cells[0] in ("sdpa", "flash_attention_2"):
+            packing[family][cells[0], cells[1]] = cells
+    control = "packed 2x, boundaries ignored (control)"
+    assert set(packing) == {"llava", "qwen2_vl"}
+    for family, rows in packing.items():
+        sdpa = {("sdpa", name) for name in ("padded", "packed", "packed 2x", control)}
+        assert set(rows) == sdpa | {("flash_attention_2", "all")}, (family, sorted(rows))
+        assert "flash-attn not installed" in rows["flash_attention_2", "all"][14]
+        padded = rows["sdpa", "padded"]
+        for name in ("packed", "packed 2x"):
+            cells = rows["sdpa", name]
+            assert cells[14] == "ok", (family, cells)
+            loss, first = float(cells[4]), float(padded[4])
+            assert abs(loss - first) <= 1e-4 * abs(first) and float(cells[5]) <= 1e-4, (family, cells)
+            assert float(cells[6]) <= 1e-4, (family, cells)  # the first step's adapter gradients
+            time_x, peak_x = float(cells[12]), float(cells[13])
+            assert math.isfinite(time_x) and time_x > 0 and 0 < peak_x < 1.5, (family, cells)
+        # samples seeing each other move the gradients far beyond the tolerance
+        assert float(rows["sdpa", control][6]) > 1e-2 and rows["sdpa", control][14].startswith("ok: differs")
+
+        def share(cells: list[str]) -> float:  # "640 / 2,048 (31.2%)"
+            padding, positions = cells[3].split(" (")[0].replace(",", "").split(" / ")
+            return int(padding) / int(positions)
+
+        assert share(rows["sdpa", "packed 2x"]) < share(rows["sdpa", "packed"]) <= share(padded)
+        assert share(padded) > 0.2  # mixed lengths: the padded batch is a fifth padding or more
+    assert report["packing"]["setup"]["batch"] == 8 and report["packing"]["setup"]["grad_tolerance"] == 1e-4
+    rows = report["packing"]["rows"]
+    assert len(rows) == 2 * 5
+    for r in rows:
+        if r["status"].startswith("skipped"):
+            continue
+        assert r["real_tokens"] == sum(report["packing"]["setup"]["lengths"][r["family"]])
+        assert r["rows"] * r["width"] == r["real_tokens"] + r["padded_positions"]
+        if r["layout"] != control:
+            assert r["peak_bytes"] == r["resident_bytes"] + r["step_peak_bytes"] > 0
+            assert len(r["step_s"]) == report["packing"]["setup"]["steps"] == 1
 
 
 def test_gpu_check_shapes_have_the_published_parameter_counts(monkeypatch):
