@@ -27,7 +27,7 @@ from mmpeft.data.datamodule import ShardDataModule
 from mmpeft.data.encode import ChatEncoder
 from mmpeft.models.backbone import Backbone, inject_model_adapters, load_backbone, load_processor
 from mmpeft.objective import IGNORE_INDEX, lm_losses, next_token_targets, routed, token_losses
-from mmpeft.packing import Layout, layout, model_inputs, model_positions, packed_inputs, plan_rows
+from mmpeft.packing import Layout, layout, model_inputs, model_positions, pack_padded, packed_inputs, plan_rows
 
 CPU = torch.device("cpu")
 shards = test_length_grouping.shards  # the fixture: 72 synthetic samples, 31 to 57 tokens with the tiny LLaVA
@@ -269,6 +269,28 @@ def test_mllama_rows_carry_each_samples_image_slots_and_its_text_attends_only_it
     assert Layout.of(two).images.sample[1].tolist() == [2] * per_sample + [-1] * per_sample
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pack_padded_packs_a_padded_batch_as_the_encoder_collates_it(family, tiny_model_dirs):
+    """mmpeft.packing.pack_padded (the benchmarks' packing of batches they pad themselves) gives the encoder's packed
+    batch: the same rows, labels, layout and image inputs in the same order (LLaVA's images per image, Qwen2-VL's
+    per patch with image_grid_thw), for samples of no, one and two images."""
+    base = tiny_model_dirs[family]
+    enc = encoder(base, False)
+    items = [enc.encode(s) for s in samples(family, copies=2)]
+    lengths = [item["tokens"]["input_ids"].shape[0] for item in items]
+    counts = [len(item["pictures"]) for item in items]
+    assert sorted(set(counts)) == [0, 1, 2]
+    padded = enc.collate(items)
+    enc.packing, enc.pack_length = True, 2 * max(lengths)
+    want = enc.collate(items)
+    got = pack_padded(padded, lengths, enc.pack_length, images=counts)
+    assert got["inputs"].keys() == want["inputs"].keys()
+    for name, value in want["inputs"].items():
+        assert torch.equal(got["inputs"][name], value), name
+    assert torch.equal(got["labels"], want["labels"]) and torch.equal(got["task_ids"], want["task_ids"])
+    assert all(torch.equal(got["packing"][k], v) for k, v in want["packing"].items())
+
+
 def test_generation_inputs_and_labels_are_those_of_the_padded_batch(tiny_model_dirs):
     """Packing reorders the samples into rows; each sample's prompt for generation, its labels and its task stay its
     own, and a sample's first token predicts nothing (it never does in a padded batch)."""
@@ -377,9 +399,12 @@ def test_a_packed_stream_resumes_with_the_rows_an_uninterrupted_epoch_would_give
     assert all(torch.equal(a["packing"]["sample"], b["packing"]["sample"]) for a, b in zip(rest, whole[6:]))
 
 
-def test_training_packed_gives_the_padded_runs_losses_in_a_real_trainer(tmp_path, tiny_model_dirs, shards):
-    """Two steps of AsymLoRA (instance routing, every routing loss) through Lightning, padded and packed: the same
-    logged training losses (the second after an optimizer step on the packed gradients) and validation loss."""
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava", "mllama", "gemma3"])
+def test_training_packed_gives_the_padded_runs_losses_in_a_real_trainer(family, tmp_path, tiny_model_dirs, shards):
+    """Two steps of NF4 AsymLoRA (instance routing, every routing loss) through Lightning, padded and packed: the same
+    logged training losses (the second after an optimizer step on the packed gradients) and validation loss. For
+    LLaVA, and for the two families that need more than positions (Mllama's image slots, Gemma 3's own masks)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
     from test_cli import scalars
@@ -387,15 +412,28 @@ def test_training_packed_gives_the_padded_runs_losses_in_a_real_trainer(tmp_path
     from mmpeft.module import MMPeftModule, Optim
 
     logged = {}
+    base = tiny_model_dirs[family]  # built on first use, from the global generator: before seeding, not between
     for packing in (False, True):
         torch.manual_seed(0)
         module = MMPeftModule(
-            Backbone(pretrained=tiny_model_dirs["llava"], quantization="nf4"),
+            Backbone(pretrained=base, quantization="nf4"),
             [AdapterGroup("asymlora", ["all-linear"], {"r": 4, "heads": 3, "routing": "instance", "dropout": 0.0})],
             Optim(lr=1e-2, warmup=0),
             EVERY_LOSS,
         )
-        data = datamodule(tiny_model_dirs, shards, packing=packing, pack_length=120, shuffle_buffer=0)
+        data = ShardDataModule(
+            train=shards,
+            val=shards,
+            processor=base,
+            batch_size=4,
+            max_length=256,
+            packing=packing,
+            pack_length=120,
+            shuffle_buffer=0,
+        )
+        data.setup("fit")
+        rows = next(iter(data.train_dataloader()))["labels"].shape[0]  # both runs draw the loader's seed
+        assert rows < 4 if packing else rows == 4  # rows of 120 tokens hold several of the family's samples
         version = f"packed{int(packing)}"
         trainer = L.Trainer(
             accelerator="cpu",
