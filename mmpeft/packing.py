@@ -27,7 +27,9 @@ features into image-token positions in token order, which packing keeps. Mllama'
 reads the images of its own row: each sample brings the padded batch's image slots (its images,
 then the processor's padding images) into its row, its cross-attention mask moves to those slots,
 and the key and value projections' routers work per sample through the slots' layout
-(:data:`PACKED_IMAGES`), so each sample attends to exactly what it attends to padded.
+(:data:`PACKED_IMAGES`); text that attends to no image, which Mllama lets attend to every vision
+token of its row, is kept to its own sample's slots for the forward (:func:`packed_inputs`). So
+each sample attends to exactly what it attends to padded.
 
 Gemma 3 (:data:`OWN_MASKS`): transformers 5.25 gets the mask of its sliding-window layers wrong for
 packed rows (measured; tests/test_packing.py keeps the measurement, so a transformers that fixes it
