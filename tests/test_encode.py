@@ -191,3 +191,41 @@ def test_jpeg_and_lone_image_file_forms(processors):
     raw["jpg"] = raw.pop("img0.jpg")
     item = encoder(raw)
     assert item is not None and item["images"]["image_grid_thw"].tolist() == [[1, 8, 10]]
+
+
+GENERATION_PROMPT_NOT_A_PREFIX = {"llava_onevision"}
+"""Templates whose finished assistant turn starts otherwise than their generation prompt (LLaVA-OneVision writes
+``assistant \\n`` after a turn's header, ``assistant\\n`` as the generation prompt)."""
+
+
+def _families() -> list[str]:
+    from test_families import PREFIX_LM, SUPPORTED
+
+    return [family for family in SUPPORTED if family not in PREFIX_LM]
+
+
+@pytest.mark.parametrize("family", _families())
+def test_training_targets_start_where_generation_starts(family, tiny_model_dirs):
+    """Generation continues the generation prompt, so training must target every token after it: the last answer's
+    labels start exactly where the prompt's tokens end, and what the template writes between them (LLaVA's space
+    after ``ASSISTANT:``) is a target too. The answer starts with a letter no tokenizer here merges with the space
+    before it, so that space is a token of its own (it never was a target before, and generation then never wrote
+    it: the conflict suite's ``jaune``). LLaVA-OneVision's template has its own difference (see above)."""
+    from test_families import TASKS
+
+    processor = load_processor(tiny_model_dirs[family])
+    encoder = ChatEncoder(processor, TASKS, max_length=4096)
+    chat = Sample("k", TASKS[0], [user("Name it."), assistant("Zq 42")], [])
+    ids, labels = encoder.encode(chat)["tokens"]["input_ids"], encoder.encode(chat)["labels"]
+    prompt = encoder.encode_prompt(chat)["tokens"]["input_ids"]  # (P,): the generation prompt
+    first = int((labels != IGNORE_INDEX).nonzero()[0])
+    decode = processor.tokenizer.decode
+    if family in GENERATION_PROMPT_NOT_A_PREFIX:
+        assert not torch.equal(ids[: len(prompt)], prompt)
+        assert decode(ids[first:]).startswith("Zq 42")
+        return
+    assert torch.equal(ids[: len(prompt)], prompt)
+    assert first == len(prompt), decode(ids[len(prompt) : first])
+    last = int((labels != IGNORE_INDEX).nonzero()[-1])
+    assert (labels[first : last + 1] != IGNORE_INDEX).all()  # one run, to the end of the turn
+    assert decode(ids[first:]).strip().startswith("Zq 42")

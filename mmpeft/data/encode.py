@@ -169,7 +169,9 @@ class ChatEncoder:
 
         A span is the turn's text as the template wrote it, and the end-of-turn token right after
         it when the template writes one (``</s>``, ``<|im_end|>``, ``<end_of_turn>``, ...), never
-        the role header before it nor the newline after. It is found by searching each turn's
+        the role header before it nor the newline after; where the generation prompt is a prefix of
+        the chat, the span starts where that prompt ends, so what the template writes between it and
+        the answer (a space) is trained too: generation has to write it. It is found by searching each turn's
         text in the rendered chat, in order, from where the turn's own rendering starts: the
         chat up to the turn with the generation prompt where that is a prefix of the whole
         (most templates), else the chat before the turn (templates such as LLaVA-OneVision's,
@@ -183,13 +185,13 @@ class ChatEncoder:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = cursor
-            for prefix in (
-                apply(messages[:i], tokenize=False, add_generation_prompt=True),
-                apply(messages[:i], tokenize=False) if i else "",
+            start, generated = cursor, False
+            for generation, prefix in (
+                (True, apply(messages[:i], tokenize=False, add_generation_prompt=True)),
+                (False, apply(messages[:i], tokenize=False) if i else ""),
             ):
                 if text.startswith(prefix) and len(prefix) >= cursor:
-                    start = len(prefix)
+                    start, generated = len(prefix), generation
                     break
             answer = message_text(message).strip()
             begin = text.find(answer, start) if answer else -1
@@ -199,7 +201,10 @@ class ChatEncoder:
                     f"assistant turn {len(spans) + 1}'s text is not in the chat as its template renders it",
                 )
             end = begin + len(answer)
-            spans.append((begin, end + len(self._end_of_turn(text, end))))
+            # Generation continues from the generation prompt: what the template writes between it and the answer
+            # (LLaVA's space after "ASSISTANT:") is the model's to write too, and a tokenizer that keeps that space
+            # a token of its own (before "jaune", before digits) would otherwise never learn to write it.
+            spans.append((start if generated else begin, end + len(self._end_of_turn(text, end))))
             cursor = spans[-1][1]
         return text, spans
 
