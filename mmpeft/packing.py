@@ -40,7 +40,7 @@ shows up as a failing test), so its masks are built per sample by the model's ow
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
@@ -222,16 +222,21 @@ sample by the model's own ``create_masks_for_generate`` and laid block-diagonall
 """
 
 
-_owners: WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = WeakKeyDictionary()
+_found: WeakKeyDictionary[nn.Module, dict[str, nn.Module | None]] = WeakKeyDictionary()
+
+
+def first_module(model: nn.Module, key: str, test: Callable[[nn.Module], bool]) -> nn.Module | None:
+    """The first module of ``model`` (outermost first) that passes ``test``, looked up once per model and ``key``: it
+    is asked at every packed step."""
+    found = _found.setdefault(model, {})
+    if key not in found:
+        found[key] = next((m for m in model.modules() if test(m)), None)
+    return found[key]
 
 
 def module_with(model: nn.Module, method: str) -> nn.Module | None:
-    """The first module of ``model`` with a callable ``method`` (looked up once per model and method: it is asked at
-    every packed step)."""
-    found = _owners.setdefault(model, {})
-    if method not in found:
-        found[method] = next((m for m in model.modules() if callable(getattr(m, method, None))), None)
-    return found[method]
+    """The first module of ``model`` with a callable ``method``."""
+    return first_module(model, method, lambda m: callable(getattr(m, method, None)))
 
 
 def rope_index_owner(model: nn.Module) -> nn.Module | None:
@@ -332,23 +337,15 @@ def model_inputs(model: nn.Module, inputs: dict[str, torch.Tensor], packed: Layo
     return out
 
 
-_text_models: WeakKeyDictionary[nn.Module, nn.Module | None] = WeakKeyDictionary()
+CROSS_ATTENTION_KWARGS = {"cross_attention_mask", "full_text_row_masked_out_mask"}
 
 
 def cross_attention_reader(model: nn.Module) -> nn.Module | None:
     """The outermost module of ``model`` that takes a prepared cross-attention mask with its fully-masked-rows mask
     (Mllama's text model: ``cross_attention_mask`` and ``full_text_row_masked_out_mask``), if any."""
-    if model not in _text_models:
-        _text_models[model] = next(
-            (
-                m
-                for m in model.modules()
-                if {"cross_attention_mask", "full_text_row_masked_out_mask"}
-                <= set(inspect.signature(m.forward).parameters)
-            ),
-            None,
-        )
-    return _text_models[model]
+    return first_module(
+        model, "cross-attention", lambda m: CROSS_ATTENTION_KWARGS <= set(inspect.signature(m.forward).parameters)
+    )
 
 
 @contextmanager

@@ -406,3 +406,25 @@ def test_gpu_check_shapes_have_the_published_parameter_counts(monkeypatch):
         built = sum(p.numel() for p in model.parameters())
         assert round(built / 1e9, 2) == billions and built == count, (family, built)
         assert gpu_check.image_tokens(gpu_check.SHAPES[family]) == 576
+
+
+def test_conflict_suite_answers_keeps_what_the_metrics_score_and_groups_the_misses_by_reference():
+    """benchmarks/conflict_suite/answers.py: every answer TaskMetrics scores inside kept_answers() is kept (and still
+    scored), and the misses are grouped by normalised reference; outside the block nothing is kept."""
+    import torch
+
+    from benchmarks.conflict_suite.answers import kept_answers, misses
+    from mmpeft.metrics import TaskMetrics
+
+    metrics = TaskMetrics(["colour_fr", "count_fr"], {"colour_fr": ["exact_match"], "count_fr": ["exact_match"]})
+    answers, references = ["yellow", "Rouge.", "orange", "trois"], [["jaune"], ["rouge"], ["jaune"], ["deux"]]
+    with kept_answers() as kept:
+        metrics.update_answers(answers, references, torch.tensor([0, 0, 0, 1]))
+    metrics.update_answers(["x"], [["y"]], torch.tensor([1]))
+    assert kept == [("yellow", "jaune", 0), ("Rouge.", "rouge", 0), ("orange", "jaune", 0), ("trois", "deux", 1)]
+    assert misses(kept, ["colour_fr", "count_fr"]) == {
+        "colour_fr": {"jaune": {"yellow": 1, "orange": 1}},
+        "count_fr": {"deux": {"trois": 1}},
+    }
+    scored = metrics.collection["exact_match"].compute()  # still scored, the answer after the block included
+    assert [round(float(v), 4) for v in scored.values()] == [0.3333, 0.0]

@@ -460,3 +460,34 @@ def test_a_family_that_cannot_run_here_is_refused_with_the_reason(family, tiny_m
     assert re.search(REFUSED[family], line), line
     assert not (tmp_path / "runs" / "fit" / "version_0" / "adapter").exists()
     record(family, "load", "refused")
+
+
+GENERATION_PROMPT_NOT_A_PREFIX = {"llava_onevision"}
+"""Templates whose finished assistant turn starts otherwise than their generation prompt (LLaVA-OneVision writes
+``assistant \\n`` after a turn's header, ``assistant\\n`` as the generation prompt)."""
+
+
+@pytest.mark.parametrize("family", [family for family in SUPPORTED if family not in PREFIX_LM])
+def test_training_targets_start_where_generation_starts(family, tiny_model_dirs):
+    """Generation continues the generation prompt, so training must target every token after it: the last answer's
+    labels start exactly where the prompt's tokens end, and what the template writes between them (LLaVA's space
+    after ``ASSISTANT:``) is a target too. The answer starts with a letter no tokenizer here merges with the space
+    before it, so that space is a token of its own (it never was a target before, and generation then never wrote
+    it: the conflict suite's ``jaune``). LLaVA-OneVision's template has its own difference (see above)."""
+    processor = load_processor(tiny_model_dirs[family])
+    encoder = ChatEncoder(processor, TASKS, max_length=4096)
+    chat = Sample("k", TASKS[0], [user("Name it."), assistant("Zq 42")], [])
+    item = encoder.encode(chat)
+    ids, labels = item["tokens"]["input_ids"], item["labels"]
+    prompt = encoder.encode_prompt(chat)["tokens"]["input_ids"]  # (P,): the generation prompt
+    first = int((labels != IGNORE_INDEX).nonzero()[0])
+    decode = processor.tokenizer.decode
+    if family in GENERATION_PROMPT_NOT_A_PREFIX:
+        assert not torch.equal(ids[: len(prompt)], prompt)
+        assert decode(ids[first:]).startswith("Zq 42")
+        return
+    assert torch.equal(ids[: len(prompt)], prompt)
+    assert first == len(prompt), decode(ids[len(prompt) : first])
+    last = int((labels != IGNORE_INDEX).nonzero()[-1])
+    assert (labels[first : last + 1] != IGNORE_INDEX).all()  # one run, to the end of the turn
+    assert decode(ids[first:]).strip().startswith("Zq 42")

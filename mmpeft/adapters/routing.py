@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -225,6 +225,11 @@ class RoutingContext:
             return x
         return x.reshape(rows, -1, *x.shape[2:])
 
+    def _per_sequence(self, x: torch.Tensor) -> tuple[torch.Tensor, Layout | None]:
+        """:meth:`sequences` of ``x`` and the packed layout it lies in (:meth:`layout_of`), if any."""
+        folded = self.sequences(x)
+        return folded, self.layout_of(folded)
+
     def _rows(self) -> int | None:
         """The number of sequences of the batch being routed, ``None`` when nothing tells."""
         if self.packed is not None:
@@ -242,8 +247,8 @@ class RoutingContext:
         """
         if x.dim() != 3:
             raise ValueError(f"instance routing needs (batch, seq, features) inputs, got shape {tuple(x.shape)}")
-        x = self.sequences(x)
-        if (packed := self.layout_of(x)) is not None:
+        x, packed = self._per_sequence(x)
+        if packed is not None:
             mask = self.prompt_mask if packed is self.packed and self.prompt_mask is not None else packed.real()
             x, mask = packed.unpack(x), packed.unpack(mask, False)  # (n, longest, d), (n, longest)
             weights = mask.to(x.dtype).unsqueeze(-1)  # (n, longest, 1)
@@ -260,8 +265,7 @@ class RoutingContext:
         """An instance router's ``gate`` ``(batch, 1, E)`` for the tokens of ``x``: itself, or for a packed batch's
         rows each sample's gate at its positions, ``(rows, length, E)``; for folded rows (:meth:`sequences`), at
         ``x``'s own rows."""
-        folded = self.sequences(x)
-        packed = self.layout_of(folded)
+        folded, packed = self._per_sequence(x)
         out = gate if packed is None else packed.spread(gate[:, 0])  # (batch, 1, E) or (rows, length, E)
         if folded is x:
             return out
@@ -273,8 +277,7 @@ class RoutingContext:
         """``fn`` of ``x`` ``(batch, seq, d)`` with one operand per sample (batched matrix products with a row per
         sample), on :meth:`sequences` of ``x``: for a packed batch's rows, ``fn`` runs on the padded layout ``(n,
         longest, d)`` and its result is packed back."""
-        folded = self.sequences(x)
-        packed = self.layout_of(folded)
+        folded, packed = self._per_sequence(x)
         out = fn(folded) if packed is None else packed.pack(fn(packed.unpack(folded)))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -284,27 +287,15 @@ class RoutingContext:
         (:meth:`sequences`) fold too, and a packed batch's token records are unpacked to its samples, so every loss
         and statistic counts samples and their tokens as in the padded batch."""
         for record in self.records:
-            if record.level == "token" and self.sequences(record.probs) is not record.probs:
-                record = RouterRecord(
-                    record.name,
-                    *(self.sequences(t) for t in (record.logits, record.probs, record.selected)),
-                    record.top_k,
-                    record.level,
-                    self.sequences(record.gate),
-                )
-            if record.level == "token" and (packed := self.layout_of(record.probs)) is not None:
-                record = RouterRecord(
-                    record.name,
-                    packed.unpack(record.logits),
-                    packed.unpack(record.probs),
-                    packed.unpack(record.selected, False),
-                    record.top_k,
-                    record.level,
-                    packed.unpack(record.gate),
-                )  # (n, longest, E) each
-                yield record, packed.mask.to(record.probs.device)
-            else:
+            if record.level != "token":
                 yield record, _mask(record, self)
+                continue
+            record = _map_tensors(record, self.sequences)
+            packed = self.layout_of(record.probs)
+            if packed is None:
+                yield record, _mask(record, self)
+            else:  # (n, longest, E) each
+                yield _map_tensors(record, packed.unpack), packed.mask.to(record.probs.device)
 
     def instance_routing(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``, or during generation its value from the prompt's forward pass."""
@@ -317,6 +308,13 @@ class RoutingContext:
     def record(self, record: RouterRecord) -> None:
         if self.recording:
             self.records.append(record)
+
+
+def _map_tensors(record: RouterRecord, fn: Callable[[torch.Tensor], torch.Tensor]) -> RouterRecord:
+    """``record`` with ``fn`` applied to each of its ``(batch, T, ...)`` tensors."""
+    return replace(
+        record, logits=fn(record.logits), probs=fn(record.probs), selected=fn(record.selected), gate=fn(record.gate)
+    )
 
 
 def top_k_gate(probs: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
